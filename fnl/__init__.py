@@ -1,0 +1,28 @@
+"""FNL: factorized neural layers with spectral initialisation and Frobenius decay.
+
+Implements "Initialization and Regularization of Factorized Neural Layers" (Khodak, Tenenholtz,
+Mackey, Fusi; ICLR 2022, arXiv 2105.01029). The core imports only torch.
+"""
+from .attention import (
+    add_outval_fd_grad_, add_quekey_fd_grad_, balance_outval_, balance_quekey_, outval_norm_sq, quekey_norm_sq,
+)
+from .base import FactorizedLayer, resolve_rank, spectral_factors
+from .conv import FactorizedConv2d
+from .embedding import FactorizedEmbedding
+from .frobenius import (
+    FrobeniusDecay, factor_parameter_names, factorized_layers, frobenius_norm, frobenius_penalty, param_groups,
+)
+from .linear import FactorizedLinear
+from .model import ModelSummary, collapse, count_macs, count_parameters, factorize, solve_rank_scale, summary
+from .normalize import FrobeniusNormalizer, FrobeniusNormRecorder, load_frobnorms, rescale_to_norm_
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FactorizedConv2d", "FactorizedEmbedding", "FactorizedLayer", "FactorizedLinear", "FrobeniusDecay",
+    "FrobeniusNormRecorder", "FrobeniusNormalizer", "ModelSummary", "add_outval_fd_grad_", "add_quekey_fd_grad_",
+    "balance_outval_", "balance_quekey_", "collapse", "count_macs", "count_parameters", "factor_parameter_names",
+    "factorize", "factorized_layers", "frobenius_norm", "frobenius_penalty", "load_frobnorms", "outval_norm_sq",
+    "param_groups", "quekey_norm_sq", "rescale_to_norm_", "resolve_rank", "solve_rank_scale", "spectral_factors",
+    "summary",
+]

@@ -1,0 +1,258 @@
+"""Shared machinery of the factorized layers (paper sections 2-3; SPEC sections 1-3).
+
+A factorized layer holds a dense weight ``W`` (m x n, read in the layer's own matrix layout) as
+``W = U Vᵀ`` or, with ``square=True``, ``W = U S Vᵀ``, where ``U`` is (m x r), ``V`` is (n x r) and
+``S`` is (r x r), initialised to the identity. This module has the rank rules, the spectral
+initialisation (with the two fixes of SPEC 2) and the Frobenius-decay algebra that every layer
+shares; the layers only say how their matrix maps onto the dense layer's weight and how the
+forward pass runs.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["FactorizedLayer", "gram_frobenius_sq", "resolve_rank", "spectral_factors"]
+
+InitFn = Callable[[Tensor], object]
+
+# Scale of the random values put in the extra columns of one factor when the rank exceeds
+# min(m, n) (SPEC 2 fix): small against the spectral part, non-zero so that the zero columns of the
+# other factor receive gradient.
+_EXTRA_RANK_STD = 1e-3
+
+
+def resolve_rank(rank: Optional[int], rank_scale: Optional[float], base: int) -> int:
+    """The layer's rank from exactly one of ``rank`` / ``rank_scale``.
+
+    Args:
+        rank: an explicit rank, an int >= 1.
+        rank_scale: a finite float > 0; the rank is ``max(1, round(rank_scale * base))``.
+        base: what ``rank_scale`` multiplies (``min(m, n)`` for Linear/Embedding, ``out * kh`` for Conv2d).
+    """
+    if (rank is None) == (rank_scale is None):
+        raise ValueError(
+            f"give exactly one of rank (an int >= 1) or rank_scale (a float > 0); got rank={rank!r}, "
+            f"rank_scale={rank_scale!r}")
+    if rank is not None:
+        if isinstance(rank, bool) or not isinstance(rank, int):
+            raise TypeError(f"rank must be an int >= 1, got {type(rank).__name__} {rank!r}")
+        if rank < 1:
+            raise ValueError(f"rank must be an int >= 1, got {rank}")
+        return rank
+    if isinstance(rank_scale, bool) or not isinstance(rank_scale, (int, float)):
+        raise TypeError(f"rank_scale must be a finite float > 0, got {type(rank_scale).__name__} {rank_scale!r}")
+    if not math.isfinite(rank_scale) or rank_scale <= 0:
+        raise ValueError(f"rank_scale must be a finite float > 0, got {rank_scale!r}")
+    return max(1, round(rank_scale * base))
+
+
+def spectral_factors(weight: Tensor, rank: int, square: bool = False,
+                     generator: Optional[torch.Generator] = None) -> tuple[Tensor, Optional[Tensor], Tensor]:
+    """Spectral factors of a matrix: ``U = P_r sqrt(s_r)``, ``V = Q_r sqrt(s_r)`` (SPEC 2).
+
+    The SVD runs in float64 (float32 inputs too: it is done once and its accuracy is what the
+    Eckart-Young tests check); the factors come back in the input's dtype. For ``rank > min(m, n)``
+    the extra columns of ``U`` hold small random values and those of ``V`` zeros, so the product
+    is the input matrix and the extra rank still receives gradient (the reference left both zero).
+
+    Args:
+        weight: the (m x n) matrix.
+        rank: the number of columns of the factors.
+        square: also return an (r x r) identity ``S``.
+        generator: random generator for the extra columns.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be a matrix, got shape {tuple(weight.shape)}")
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError("weight has non-finite values (inf or nan); spectral init needs a finite weight")
+    m, n = weight.shape
+    k = min(m, n)
+    p, s, qh = torch.linalg.svd(weight.detach().to(torch.float64), full_matrices=False)
+    keep = min(rank, k)
+    root = s[:keep].sqrt()
+    u = weight.new_zeros((m, rank), dtype=torch.float64)
+    v = weight.new_zeros((n, rank), dtype=torch.float64)
+    u[:, :keep] = p[:, :keep] * root
+    v[:, :keep] = qh[:keep].T * root
+    if rank > k:
+        u[:, keep:] = torch.randn((m, rank - keep), generator=generator, dtype=torch.float64,
+                                  device=weight.device) * _EXTRA_RANK_STD
+    sq = torch.eye(rank, dtype=weight.dtype, device=weight.device) if square else None
+    return u.to(weight.dtype), sq, v.to(weight.dtype)
+
+
+class FactorizedLayer(nn.Module):
+    """Base of every factorized layer: factors ``U`` (m x r), optional ``S`` (r x r), ``V`` (n x r).
+
+    Subclasses set ``self.rank``, ``self.square``, create the parameters with ``_create_factors``,
+    and implement ``_matrix_from_weight`` / ``_weight_from_matrix`` (the dense layer's weight layout
+    <-> the (m x n) matrix), ``forward``, ``to_dense``, ``from_dense``, ``_default_init_`` and the
+    counts.
+    """
+
+    rank: int
+    square: bool
+    U: nn.Parameter
+    V: nn.Parameter
+    S: Optional[nn.Parameter]
+
+    def _create_factors(self, m: int, n: int, rank: int, square: bool, factory_kwargs: dict) -> None:
+        self.rank = rank
+        self.square = square
+        self.U = nn.Parameter(torch.empty((m, rank), **factory_kwargs))
+        self.V = nn.Parameter(torch.empty((n, rank), **factory_kwargs))
+        if square:
+            self.S = nn.Parameter(torch.empty((rank, rank), **factory_kwargs))
+        else:
+            self.register_parameter("S", None)
+
+    # --- factors -------------------------------------------------------------------------------
+    def factors(self) -> tuple[Tensor, Optional[Tensor], Tensor]:
+        """``(U, S, V)``; ``S`` is None unless ``square``."""
+        return self.U, self.S, self.V
+
+    def factor_parameters(self) -> list[nn.Parameter]:
+        """The factor parameters (those that Frobenius decay replaces weight decay on)."""
+        return [p for p in (self.U, self.S, self.V) if p is not None]
+
+    def matrix(self) -> Tensor:
+        """The (m x n) product ``U S Vᵀ`` (differentiable)."""
+        u = self.U if self.S is None else self.U @ self.S
+        return u @ self.V.T
+
+    def dense_weight(self) -> Tensor:
+        """The product in the dense layer's weight layout (differentiable)."""
+        return self._weight_from_matrix(self.matrix())
+
+    # --- initialisation ------------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        """Initialise the factors (spectral or per-factor default) and the bias like the dense layer."""
+        with torch.no_grad():
+            if self.spectral:
+                dense = torch.empty(self._dense_weight_shape(), device=self.U.device, dtype=self.U.dtype)
+                self._dense_init_(dense)
+                self.set_from_weight_(dense)
+            else:
+                self._default_init_()
+                if self.S is not None:
+                    self.S.copy_(torch.eye(self.rank, dtype=self.S.dtype, device=self.S.device))
+            self._reset_bias()
+
+    def set_from_weight_(self, weight: Tensor) -> None:
+        """Set the factors to the spectral factorisation of a dense weight (dense layer layout).
+
+        With ``rank >= min(m, n)`` the product reproduces ``weight`` up to rounding; below, it is
+        the best rank-r approximation (Eckart-Young).
+        """
+        if tuple(weight.shape) != tuple(self._dense_weight_shape()):
+            raise ValueError(f"weight must have shape {tuple(self._dense_weight_shape())}, got {tuple(weight.shape)}")
+        u, s, v = spectral_factors(self._matrix_from_weight(weight.detach()).to(self.U.dtype), self.rank, self.square)
+        with torch.no_grad():
+            self.U.copy_(u)
+            self.V.copy_(v)
+            if self.S is not None:
+                self.S.copy_(s)
+
+    def _dense_init_(self, weight: Tensor) -> None:
+        if self.init is not None:
+            self.init(weight)
+        else:
+            self._torch_default_init_(weight)
+
+    def _reset_bias(self) -> None:
+        bias = getattr(self, "bias", None)
+        if bias is not None:
+            fan_in = self._dense_fan_in()
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            nn.init.uniform_(bias, -bound, bound)
+
+    # --- Frobenius decay -----------------------------------------------------------------------
+    def frobenius_norm_sq(self) -> Tensor:
+        """``||U S Vᵀ||_F²`` through r x r Gram matrices, in float32 (or float64 for float64 factors)."""
+        u, s, v = _promoted(self.factors())
+        return gram_frobenius_sq(u, v, s)
+
+    @torch.no_grad()
+    def add_frobenius_grad_(self, coef: float) -> None:
+        """Add the gradient of ``(coef/2) ||U S Vᵀ||_F²`` to the factors' ``.grad``.
+
+        ``dU = coef U (S VᵀV Sᵀ)``, ``dS = coef UᵀU S VᵀV``, ``dV = coef V (Sᵀ UᵀU S)``; O((m+n) r²).
+        """
+        if coef == 0:
+            return
+        u, s, v = _promoted(self.factors())
+        gu, gv = u.T @ u, v.T @ v
+        if s is None:
+            grads = {self.U: u @ gv, self.V: v @ gu}
+        else:
+            grads = {self.U: u @ (s @ gv @ s.T), self.S: gu @ s @ gv, self.V: v @ (s.T @ gu @ s)}
+        for p, g in grads.items():
+            g = g.mul_(coef).to(p.dtype)
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad.add_(g)
+
+    # --- counts --------------------------------------------------------------------------------
+    def num_parameters(self) -> int:
+        """Parameters of this layer (factors and bias)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def dense_num_parameters(self) -> int:
+        """Parameters of the dense layer this one replaces."""
+        bias = getattr(self, "bias", None)
+        return math.prod(self._dense_weight_shape()) + (bias.numel() if bias is not None else 0)
+
+    # --- subclass hooks ------------------------------------------------------------------------
+    def _dense_weight_shape(self) -> Sequence[int]:
+        raise NotImplementedError
+
+    def _matrix_from_weight(self, weight: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _weight_from_matrix(self, matrix: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _default_init_(self) -> None:
+        raise NotImplementedError
+
+    def _torch_default_init_(self, weight: Tensor) -> None:
+        raise NotImplementedError
+
+    def _dense_fan_in(self) -> int:
+        raise NotImplementedError
+
+    def to_dense(self) -> nn.Module:
+        raise NotImplementedError
+
+    def _extra_repr_common(self) -> str:
+        s = f"rank={self.rank}"
+        if self.square:
+            s += ", square=True"
+        return s
+
+
+def gram_frobenius_sq(u: Tensor, v: Tensor, s: Optional[Tensor] = None) -> Tensor:
+    """``||U S Vᵀ||_F² = sum((Sᵀ UᵀU S) * (VᵀV))``: O((m+n) r²), the product is never formed."""
+    gu, gv = u.T @ u, v.T @ v
+    if s is not None:
+        gu = s.T @ gu @ s
+    return (gu * gv).sum()
+
+
+def _promoted(factors: tuple[Tensor, Optional[Tensor], Tensor]) -> tuple[Tensor, Optional[Tensor], Tensor]:
+    """Detached copies of the factors in float32 (float64 kept): FD is computed in float32 under AMP."""
+    dtype = torch.float64 if factors[0].dtype == torch.float64 else torch.float32
+    return tuple(None if f is None else f.to(dtype) for f in factors)  # type: ignore[return-value]
+
+
+def check_positive_int(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= 1, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value}")
+    return value

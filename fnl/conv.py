@@ -1,0 +1,246 @@
+"""Factorized 2-d convolution, the paper's "spatial" split (paper section 2; SPEC 1 "Conv2d").
+
+The kernel ``K`` (out, in, kh, kw) is read as the matrix ``M[(o, h), (i, w)]`` of size
+(out*kh) x (in*kw) and held as ``M = U Vᵀ``. The forward pass is two convolutions:
+a (1 x kw) conv from ``in`` to ``r`` channels with the horizontal stride/padding/dilation, then a
+(kh x 1) conv from ``r`` to ``out`` channels with the vertical ones and the bias. When that costs
+more multiply-adds than one dense conv (large or overcomplete ranks), the kernel ``U Vᵀ`` is
+rebuilt and one conv runs instead; both paths compute the same function.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import FactorizedLayer, InitFn, check_positive_int, resolve_rank
+
+__all__ = ["FactorizedConv2d"]
+
+_PATHS = ("auto", "factored", "dense")
+IntPair = Union[int, Sequence[int]]
+
+
+def _pair(name: str, value: IntPair, minimum: int) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    if (not isinstance(value, (tuple, list)) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(value) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {tuple(value)}")
+    return int(value[0]), int(value[1])
+
+
+def _conv_out(size: int, k: int, s: int, p: int, d: int) -> int:
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+class FactorizedConv2d(FactorizedLayer):
+    """A 2-d convolution whose kernel, as an (out*kh) x (in*kw) matrix, is ``U Vᵀ``.
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels.
+        kernel_size: (kh, kw) or an int.
+        stride: as in ``nn.Conv2d``.
+        padding: an int, a pair, ``'valid'``, or ``'same'`` (stride 1 and symmetric padding only).
+        dilation: as in ``nn.Conv2d``.
+        groups: must be 1 (the split of a grouped kernel is not implemented).
+        bias: learn an additive bias.
+        rank: the rank r, an int >= 1 (exactly one of rank / rank_scale).
+        rank_scale: r = max(1, round(rank_scale * out_channels * kh)) (the paper's convention; it
+            may exceed min(out*kh, in*kw)).
+        square: add an (r x r) factor S initialised to the identity.
+        spectral: initialise the dense kernel with ``init`` and factorize it by SVD.
+        init: in-place init function; applied to the dense kernel (out, in, kh, kw) when
+            ``spectral``, else to each factor viewed as a conv weight ((r, in, 1, kw) and
+            (out, r, kh, 1)). None is torch's ``nn.Conv2d`` init.
+        path: ``'auto'`` (the cheaper of the two-conv and the rebuilt-kernel path, by
+            multiply-adds), ``'factored'`` or ``'dense'``.
+        padding_mode: only ``'zeros'``.
+        device: device of the parameters.
+        dtype: dtype of the parameters.
+    """
+
+    def __init__(
+            self,
+            in_channels: int,
+            out_channels: int,
+            kernel_size: IntPair,
+            stride: IntPair = 1,
+            padding: Union[IntPair, str] = 0,
+            dilation: IntPair = 1,
+            groups: int = 1,
+            bias: bool = True,
+            *,
+            rank: Optional[int] = None,
+            rank_scale: Optional[float] = None,
+            square: bool = False,
+            spectral: bool = False,
+            init: Optional[InitFn] = None,
+            path: str = "auto",
+            padding_mode: str = "zeros",
+            device: Optional[torch.device | str] = None,
+            dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__()
+        factory_kwargs = {"device": device, "dtype": dtype}
+        self.in_channels = check_positive_int("in_channels", in_channels)
+        self.out_channels = check_positive_int("out_channels", out_channels)
+        self.kernel_size = _pair("kernel_size", kernel_size, 1)
+        self.stride = _pair("stride", stride, 1)
+        self.dilation = _pair("dilation", dilation, 1)
+        self.padding = self._resolve_padding(padding)
+        if groups != 1:
+            raise ValueError(f"groups must be 1 for FactorizedConv2d (grouped kernels are not factorized), got {groups!r}")
+        if padding_mode != "zeros":
+            raise ValueError(f"padding_mode must be 'zeros' for FactorizedConv2d, got {padding_mode!r}")
+        if path not in _PATHS:
+            raise ValueError(f"path must be one of {_PATHS}, got {path!r}")
+        self.groups = 1
+        self.padding_mode = padding_mode
+        kh, kw = self.kernel_size
+        r = resolve_rank(rank, rank_scale, out_channels * kh)
+        self.spectral = bool(spectral)
+        self.init = init
+        self._create_factors(out_channels * kh, in_channels * kw, r, bool(square), factory_kwargs)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_channels, **factory_kwargs))
+        else:
+            self.register_parameter("bias", None)
+        self.path = path
+        self.reset_parameters()
+
+    def _resolve_padding(self, padding: Union[IntPair, str]) -> tuple[int, int]:
+        if padding == "valid":
+            return 0, 0
+        if padding == "same":
+            if self.stride != (1, 1):
+                raise ValueError(f"padding='same' needs stride 1, got stride={self.stride}")
+            totals = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
+            if any(t % 2 for t in totals):
+                raise ValueError("padding='same' is supported only where it is symmetric "
+                                 f"(dilation*(kernel_size-1) even); got kernel_size={self.kernel_size}, "
+                                 f"dilation={self.dilation}")
+            return totals[0] // 2, totals[1] // 2
+        if isinstance(padding, str):
+            raise ValueError(f"padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
+        return _pair("padding", padding, 0)
+
+    @property
+    def uses_dense_path(self) -> bool:
+        """Whether forward runs one conv with the rebuilt kernel (set by ``path``)."""
+        if self.path == "auto":
+            (kh, kw), sh = self.kernel_size, self.stride[0]
+            # per output pixel: the (1 x kw) conv runs on every input row (about sh per output row)
+            factored = self.rank * (self.in_channels * kw * sh + self.out_channels * kh)
+            return factored >= self.out_channels * self.in_channels * kh * kw
+        return self.path == "dense"
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.uses_dense_path:
+            return F.conv2d(x, self.dense_weight(), self.bias, self.stride, self.padding, self.dilation)
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        u = self.U if self.S is None else self.U @ self.S  # (out*kh, r)
+        r = self.rank
+        w_a = self.V.view(self.in_channels, kw, r).permute(2, 0, 1).unsqueeze(2)  # (r, in, 1, kw)
+        w_b = u.view(self.out_channels, kh, r).permute(0, 2, 1).unsqueeze(3)  # (out, r, kh, 1)
+        h = F.conv2d(x, w_a, None, (1, sw), (0, pw), (1, dw))  # (B, r, H, W_out)
+        return F.conv2d(h, w_b, self.bias, (sh, 1), (ph, 0), (dh, 1))  # (B, out, H_out, W_out)
+
+    # --- layout --------------------------------------------------------------------------------
+    def _dense_weight_shape(self) -> Sequence[int]:
+        return (self.out_channels, self.in_channels, *self.kernel_size)
+
+    def _matrix_from_weight(self, weight: Tensor) -> Tensor:
+        # (out, in, kh, kw) -> (out, kh, in, kw) -> (out*kh, in*kw): the matrix the forward pass uses
+        kh, kw = self.kernel_size
+        return weight.permute(0, 2, 1, 3).reshape(self.out_channels * kh, self.in_channels * kw)
+
+    def _weight_from_matrix(self, matrix: Tensor) -> Tensor:
+        kh, kw = self.kernel_size
+        return matrix.view(self.out_channels, kh, self.in_channels, kw).permute(0, 2, 1, 3)
+
+    def _dense_fan_in(self) -> int:
+        return self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+
+    def _torch_default_init_(self, weight: Tensor) -> None:
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+
+    def _default_init_(self) -> None:
+        # each factor initialised as the weight of the conv it acts as
+        init = self.init or self._torch_default_init_
+        (kh, kw), r = self.kernel_size, self.rank
+        w_a = torch.empty((r, self.in_channels, 1, kw), dtype=self.V.dtype, device=self.V.device)
+        w_b = torch.empty((self.out_channels, r, kh, 1), dtype=self.U.dtype, device=self.U.device)
+        init(w_a)
+        init(w_b)
+        self.V.copy_(w_a.squeeze(2).permute(1, 2, 0).reshape(self.in_channels * kw, r))
+        self.U.copy_(w_b.squeeze(3).permute(0, 2, 1).reshape(self.out_channels * kh, r))
+
+    # --- conversions ---------------------------------------------------------------------------
+    @classmethod
+    def from_dense(cls, layer: nn.Conv2d, *, rank: Optional[int] = None, rank_scale: Optional[float] = None,
+                   square: bool = False, path: str = "auto") -> "FactorizedConv2d":
+        """Spectral factorisation of a (trained) ``nn.Conv2d``: the best rank-r approximation."""
+        if not isinstance(layer, nn.Conv2d):
+            raise TypeError(f"layer must be an nn.Conv2d, got {type(layer).__name__}")
+        if layer.groups != 1:
+            raise ValueError(f"layer.groups must be 1 for FactorizedConv2d, got {layer.groups}")
+        if layer.padding_mode != "zeros":
+            raise ValueError(f"layer.padding_mode must be 'zeros' for FactorizedConv2d, got {layer.padding_mode!r}")
+        w = layer.weight
+        new = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                  layer.dilation, 1, layer.bias is not None, rank=rank, rank_scale=rank_scale, square=square,
+                  path=path, device=w.device, dtype=w.dtype)
+        new.set_from_weight_(w)
+        if layer.bias is not None:
+            with torch.no_grad():
+                new.bias.copy_(layer.bias)
+        return new
+
+    def to_dense(self) -> nn.Conv2d:
+        """An ``nn.Conv2d`` computing the same function."""
+        dense = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                          self.dilation, 1, self.bias is not None, device=self.U.device, dtype=self.U.dtype)
+        with torch.no_grad():
+            dense.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense
+
+    # --- counts --------------------------------------------------------------------------------
+    def _out_hw(self, input_shape: Sequence[int]) -> tuple[int, int]:
+        h, w = input_shape[-2], input_shape[-1]
+        return (_conv_out(h, self.kernel_size[0], self.stride[0], self.padding[0], self.dilation[0]),
+                _conv_out(w, self.kernel_size[1], self.stride[1], self.padding[1], self.dilation[1]))
+
+    def macs(self, input_shape: Sequence[int]) -> int:
+        """Multiply-adds for one sample of shape (in_channels, H, W), on the path forward takes."""
+        if self.uses_dense_path:
+            return self.dense_macs(input_shape)
+        (kh, kw), r = self.kernel_size, self.rank
+        h_out, w_out = self._out_hw(input_shape)
+        return r * self.in_channels * kw * input_shape[-2] * w_out + self.out_channels * r * kh * h_out * w_out
+
+    def dense_macs(self, input_shape: Sequence[int]) -> int:
+        """Multiply-adds of the dense conv for the same input."""
+        h_out, w_out = self._out_hw(input_shape)
+        return self.out_channels * self.in_channels * self.kernel_size[0] * self.kernel_size[1] * h_out * w_out
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+             f"stride={self.stride}, {self._extra_repr_common()}")
+        if self.padding != (0, 0):
+            s += f", padding={self.padding}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.path != "auto":
+            s += f", path={self.path!r}"
+        return s

@@ -1,0 +1,205 @@
+"""Frobenius decay (paper section 3; SPEC 3).
+
+Frobenius decay (FD) penalises ``(lambda/2) ||U Vᵀ||_F²`` of each factorized layer instead of
+weight decay ``(lambda/2)(||U||² + ||V||²)`` on its factors. ``FrobeniusDecay`` adds the FD gradient
+to the factors' gradients before the wrapped optimizer's update (coupled, so it goes through
+momentum like SGD's coupled weight decay); ``param_groups`` keeps plain weight decay off the
+factors (the paper's ``--wd2fd``) and on everything else.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .base import FactorizedLayer
+
+__all__ = [
+    "FrobeniusDecay", "factor_parameter_names", "factorized_layers", "frobenius_norm", "frobenius_penalty",
+    "param_groups",
+]
+
+
+def factorized_layers(module: nn.Module) -> list[FactorizedLayer]:
+    """Every ``FactorizedLayer`` in ``module`` (itself included), in ``modules()`` order."""
+    return [m for m in module.modules() if isinstance(m, FactorizedLayer)]
+
+
+def frobenius_norm(layer: FactorizedLayer) -> Tensor:
+    """``||U S Vᵀ||_F`` of one layer, through r x r Gram matrices (``W`` is never formed)."""
+    if not isinstance(layer, FactorizedLayer):
+        raise TypeError(f"layer must be a FactorizedLayer, got {type(layer).__name__}")
+    return layer.frobenius_norm_sq().sqrt()
+
+
+def frobenius_penalty(module: nn.Module, coef: float) -> Tensor:
+    """``(coef/2) * sum ||U S Vᵀ||_F²`` over the factorized layers of ``module`` (differentiable).
+
+    Adding this to the loss gives the same gradient as ``FrobeniusDecay``, at the cost of an extra
+    autograd graph; it is there for tests and for users who prefer a loss term.
+    """
+    layers = factorized_layers(module)
+    if not layers:
+        raise ValueError("module has no factorized layers; nothing to penalise")
+    return 0.5 * coef * torch.stack([layer.frobenius_norm_sq() for layer in layers]).sum()
+
+
+def factor_parameter_names(model: nn.Module) -> set[str]:
+    """Fully qualified names (as in ``model.named_parameters()``) of every factor parameter."""
+    ids = {id(p) for layer in factorized_layers(model) for p in layer.factor_parameters()}
+    return {name for name, p in model.named_parameters() if id(p) in ids}
+
+
+def param_groups(
+        model: nn.Module,
+        weight_decay: float,
+        wd2fd: bool = True,
+        no_weight_decay_1d: bool = False,
+        skip: Iterable[str] = (),
+) -> list[dict[str, Any]]:
+    """Optimizer parameter groups that apply the paper's ``--wd2fd`` split.
+
+    Args:
+        model: the model.
+        weight_decay: the plain weight decay of the non-factor parameters.
+        wd2fd: factors get no plain weight decay (Frobenius decay replaces it); without it the
+            factors get ``weight_decay`` like every other parameter.
+        no_weight_decay_1d: also exempt 1-d parameters (biases, norm layers) from weight decay.
+        skip: names of further parameters exempt from weight decay.
+
+    Returns:
+        Non-empty groups among: decayed parameters, exempt non-factors, factors (the last has the
+        key ``"factors": True``, so optimizers can find it).
+    """
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    factor_ids = {id(p) for layer in factorized_layers(model) for p in layer.factor_parameters()}
+    skip = set(skip)
+    decay, no_decay, factors = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in factor_ids:
+            (factors if wd2fd else decay).append(p)
+        elif name in skip or (no_weight_decay_1d and p.ndim <= 1):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+        {"params": factors, "weight_decay": 0.0, "factors": True},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+class FrobeniusDecay(torch.optim.Optimizer):
+    """Wraps an optimizer so that each ``step()`` first adds the Frobenius-decay gradient.
+
+    The FD gradient of every factorized layer of ``model`` (``coef * U (VᵀV)`` and
+    ``coef * V (UᵀU)``, with the square factor where present) is added to the factors' ``.grad``,
+    then the wrapped optimizer steps: FD is coupled, as SGD's weight decay is. ``param_groups`` and
+    ``state`` are the wrapped optimizer's, so LR schedulers, gradient clipping and
+    ``torch.amp.GradScaler`` (which unscales the gradients before calling ``step``) see one
+    optimizer. Under DDP every process holds the same parameters, so they add the same FD gradient.
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer``; build it with ``fnl.param_groups`` so that the
+            factors carry no plain weight decay.
+        model: the module whose factorized layers get FD.
+        coef: the FD coefficient ``lambda`` (>= 0; 0 disables FD).
+        extra: further callables ``f(coef)`` run before each step to add FD gradients of other
+            structures (e.g. ``fnl.add_quekey_fd_grad_`` for attention).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, coef: float,
+                 extra: Sequence[Callable[[float], None]] = ()) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if isinstance(optimizer, FrobeniusDecay):
+            raise TypeError("optimizer is already wrapped in FrobeniusDecay")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        coef = float(coef)
+        if not coef >= 0:
+            raise ValueError(f"coef must be a float >= 0, got {coef}")
+        # Optimizer.__init__ is not called: the parameters, groups and state are the wrapped optimizer's.
+        self.optimizer = optimizer
+        self.coef = coef
+        self.layers = factorized_layers(model)
+        self.extra = list(extra)
+        if not self.layers and not self.extra:
+            raise ValueError("model has no factorized layers and no extra FD terms were given; "
+                             "FrobeniusDecay would do nothing")
+        for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
+                     "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
+                     "_optimizer_load_state_dict_post_hooks"):
+            setattr(self, name, OrderedDict())
+        self._patch_step_function()
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.optimizer.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.optimizer.defaults = value
+
+    @torch.no_grad()
+    def apply_frobenius_decay(self) -> None:
+        """Add the FD gradient to the factors' ``.grad`` (``step`` calls this)."""
+        if self.coef == 0:
+            return
+        for layer in self.layers:
+            layer.add_frobenius_grad_(self.coef)
+        for fn in self.extra:
+            fn(self.coef)
+
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:  # type: ignore[override]
+        if closure is None:
+            self.apply_frobenius_decay()
+            return self.optimizer.step()
+
+        def closure_with_fd() -> float:
+            loss = closure()
+            self.apply_frobenius_decay()
+            return loss
+
+        return self.optimizer.step(closure_with_fd)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.optimizer.add_param_group(param_group)
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        return {"optimizer": self.optimizer.state_dict(), "frobenius_decay": {"coef": self.coef}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        if not isinstance(state_dict, dict) or set(state_dict) != {"optimizer", "frobenius_decay"}:
+            raise ValueError("state_dict must be a FrobeniusDecay.state_dict() (keys 'optimizer' and "
+                             "'frobenius_decay'); for the wrapped optimizer's own state use .optimizer.load_state_dict")
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        self.coef = float(state_dict["frobenius_decay"]["coef"])
+
+    def __repr__(self) -> str:
+        return f"FrobeniusDecay(coef={self.coef}, layers={len(self.layers)}, optimizer={self.optimizer!r})"

@@ -1,0 +1,195 @@
+"""Frobenius decay: closed-form gradients, the optimizer wrapper, parameter groups (SPEC 3)."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fnl
+from fnl.base import gram_frobenius_sq
+
+
+def _layer(kind, square, dtype=torch.float64):
+    torch.manual_seed(0)
+    if kind == "linear":
+        return fnl.FactorizedLinear(7, 5, rank=3, square=square, dtype=dtype)
+    if kind == "conv":
+        return fnl.FactorizedConv2d(3, 4, (3, 2), rank=5, square=square, dtype=dtype)
+    return fnl.FactorizedEmbedding(9, 4, rank=3, square=square, dtype=dtype)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv", "embedding"])
+@pytest.mark.parametrize("square", [False, True])
+def test_gram_norm_equals_direct(kind, square):
+    layer = _layer(kind, square)
+    if square:
+        with torch.no_grad():
+            layer.S.add_(0.3 * torch.randn_like(layer.S))
+    direct = layer.matrix().pow(2).sum()
+    assert torch.isclose(layer.frobenius_norm_sq(), direct, rtol=1e-12), f"{layer.frobenius_norm_sq()} vs {direct}"
+    assert torch.isclose(fnl.frobenius_norm(layer), direct.sqrt(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("square", [False, True])
+def test_fd_grad_equals_autograd(kind, square):
+    layer = _layer(kind, square)
+    if square:
+        with torch.no_grad():
+            layer.S.add_(0.3 * torch.randn_like(layer.S))
+    coef = 0.37
+    penalty = 0.5 * coef * layer.matrix().pow(2).sum()  # the definition, W formed
+    expected = torch.autograd.grad(penalty, layer.factor_parameters())
+    layer.zero_grad()
+    layer.add_frobenius_grad_(coef)
+    for p, g in zip(layer.factor_parameters(), expected):
+        assert torch.allclose(p.grad, g, rtol=1e-10, atol=1e-12), f"max abs diff {(p.grad - g).abs().max():.3e}"
+
+
+@pytest.mark.parametrize("square", [False, True])
+def test_fd_grad_matches_numerical_gradient(square):
+    """float64 gradcheck of the Gram-matrix penalty, then the closed-form FD gradient against it."""
+    layer = fnl.FactorizedLinear(5, 6, rank=3, square=square, dtype=torch.float64)
+    names = [n for n in ("U", "S", "V") if getattr(layer, n) is not None]
+
+    def penalty(*factors):
+        params = dict(zip(names, factors))
+        return gram_frobenius_sq(params["U"], params["V"], params.get("S"))
+
+    factors = tuple(getattr(layer, n).detach().clone().requires_grad_() for n in names)
+    assert torch.autograd.gradcheck(penalty, factors)
+    numeric = torch.autograd.functional.jacobian(penalty, factors)
+    layer.add_frobenius_grad_(2.0)  # gradient of (2/2) ||W||^2
+    for n, g in zip(names, numeric):
+        assert torch.allclose(getattr(layer, n).grad, g, rtol=1e-10), n
+
+
+def _tiny_model():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        fnl.FactorizedConv2d(4, 6, 3, padding=1, rank=3), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+        fnl.FactorizedLinear(24, 5, rank=2, square=True), nn.Linear(5, 3),
+    ).double()
+
+
+def test_fd_sgd_momentum_equals_sgd_on_penalised_loss():
+    model_a = _tiny_model()
+    model_b = copy.deepcopy(model_a)
+    lam, wd = 1e-2, 5e-3
+    opt_a = fnl.FrobeniusDecay(torch.optim.SGD(fnl.param_groups(model_a, wd), lr=0.1, momentum=0.9), model_a, lam)
+    opt_b = torch.optim.SGD(fnl.param_groups(model_b, wd), lr=0.1, momentum=0.9)
+    torch.manual_seed(1)
+    data = [(torch.randn(8, 1, 6, 6, dtype=torch.float64), torch.randint(0, 3, (8,))) for _ in range(4)]
+    for x, y in data:
+        opt_a.zero_grad()
+        nn.functional.cross_entropy(model_a(x), y).backward()
+        opt_a.step()
+        opt_b.zero_grad()
+        loss = nn.functional.cross_entropy(model_b(x), y) + fnl.frobenius_penalty(model_b, lam)
+        loss.backward()
+        opt_b.step()
+    for (name, a), b in zip(model_a.named_parameters(), model_b.parameters()):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12), f"{name}: {(a - b).abs().max():.3e}"
+
+
+def test_param_groups_split():
+    model = _tiny_model()
+    factors = {id(p) for layer in fnl.factorized_layers(model) for p in layer.factor_parameters()}
+    assert len(factors) == 2 + 3  # conv U, V; linear U, S, V
+    groups = fnl.param_groups(model, 1e-4)
+    by_wd = {g["weight_decay"]: {id(p) for p in g["params"]} for g in groups}
+    assert by_wd[0.0] == factors
+    others = {id(p) for p in model.parameters()} - factors
+    assert by_wd[1e-4] == others  # stem, BN, biases, classifier keep plain weight decay
+    groups = fnl.param_groups(model, 1e-4, wd2fd=False)
+    assert len(groups) == 1 and {id(p) for p in groups[0]["params"]} == {id(p) for p in model.parameters()}
+    groups = fnl.param_groups(model, 1e-4, no_weight_decay_1d=True)
+    no_decay = [g for g in groups if g["weight_decay"] == 0.0 and not g.get("factors")][0]
+    assert {id(p) for p in no_decay["params"]} == {id(p) for p in model.parameters() if p.ndim == 1}
+    assert fnl.factor_parameter_names(model) == {"3.U", "3.V", "7.U", "7.S", "7.V"}
+    with pytest.raises(ValueError, match="weight_decay must be >= 0"):
+        fnl.param_groups(model, -1.0)
+
+
+def test_frobenius_decay_state_dict_roundtrip():
+    model = _tiny_model()
+    opt = fnl.FrobeniusDecay(torch.optim.SGD(fnl.param_groups(model, 1e-4), lr=0.1, momentum=0.9), model, 0.01)
+    x, y = torch.randn(4, 1, 6, 6, dtype=torch.float64), torch.randint(0, 3, (4,))
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    state = opt.state_dict()
+    model2 = copy.deepcopy(model)
+    opt2 = fnl.FrobeniusDecay(torch.optim.SGD(fnl.param_groups(model2, 1e-4), lr=0.5, momentum=0.9), model2, 0.5)
+    opt2.load_state_dict(state)
+    assert opt2.coef == 0.01 and opt2.param_groups[0]["lr"] == 0.1
+    bufs = [opt.state[p]["momentum_buffer"] for p in model.parameters()]
+    bufs2 = [opt2.state[p]["momentum_buffer"] for p in model2.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(bufs, bufs2))
+    with pytest.raises(ValueError, match="FrobeniusDecay.state_dict"):
+        opt2.load_state_dict(opt.optimizer.state_dict())
+
+
+def test_frobenius_decay_with_scheduler_and_grad_scaler():
+    model = _tiny_model().float()
+    opt = fnl.FrobeniusDecay(torch.optim.SGD(fnl.param_groups(model, 1e-4), lr=0.1, momentum=0.9), model, 0.01)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[1], gamma=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    ref = copy.deepcopy(model)
+    ref_opt = fnl.FrobeniusDecay(torch.optim.SGD(fnl.param_groups(ref, 1e-4), lr=0.1, momentum=0.9), ref, 0.01)
+    x, y = torch.randn(4, 1, 6, 6), torch.randint(0, 3, (4,))
+    scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+    scaler.step(opt)  # unscales, then FD is added to the unscaled gradients
+    scaler.update()
+    sched.step()
+    nn.functional.cross_entropy(ref(x), y).backward()
+    ref_opt.step()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), f"{(a - b).abs().max():.3e}"
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01)
+
+
+def test_frobenius_decay_closure():
+    model = _tiny_model()
+    x, y = torch.randn(4, 1, 6, 6, dtype=torch.float64), torch.randint(0, 3, (4,))
+    opt = fnl.FrobeniusDecay(torch.optim.SGD(model.parameters(), lr=0.1), model, 0.1)
+    ref = copy.deepcopy(model)
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    ref_loss = nn.functional.cross_entropy(ref(x), y) + fnl.frobenius_penalty(ref, 0.1)
+    ref_loss.backward()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.sub_(0.1 * p.grad)
+    for a, b in zip(model.parameters(), ref.parameters()):
+        assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_frobenius_decay_bad_input():
+    model = _tiny_model()
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
+        fnl.FrobeniusDecay(object(), model, 0.1)
+    with pytest.raises(ValueError, match="coef must be a float >= 0"):
+        fnl.FrobeniusDecay(torch.optim.SGD(model.parameters(), lr=0.1), model, -1)
+    with pytest.raises(ValueError, match="no factorized layers"):
+        fnl.FrobeniusDecay(torch.optim.SGD(model.parameters(), lr=0.1), nn.Linear(2, 2), 0.1)
+
+
+def test_fd_computed_in_float32_for_bf16_factors():
+    torch.manual_seed(2)
+    layer = fnl.FactorizedLinear(64, 64, rank=16, dtype=torch.bfloat16)
+    ref = fnl.FactorizedLinear(64, 64, rank=16, dtype=torch.float32)
+    with torch.no_grad():
+        ref.U.copy_(layer.U.float())
+        ref.V.copy_(layer.V.float())
+    layer.add_frobenius_grad_(0.1)
+    ref.add_frobenius_grad_(0.1)
+    assert layer.U.grad.dtype == torch.bfloat16
+    assert torch.allclose(layer.U.grad.float(), ref.U.grad, rtol=1e-2, atol=1e-4)
+    assert layer.frobenius_norm_sq().dtype == torch.float32
