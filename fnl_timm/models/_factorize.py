@@ -1,0 +1,62 @@
+"""Shared model-building step: factorize the layers SPEC 1 names, after the dense init."""
+from typing import Callable, Optional, Sequence, Union
+import math
+
+from torch import nn
+
+import fnl
+
+from ..optim import mark_factors
+
+Selector = Union[Sequence[str], Callable[[str, nn.Module], bool]]
+
+
+def check_rank_args(rank_scale: Optional[float], target_ratio: Optional[float]) -> None:
+    """Validate the ``rank_scale`` / ``target_ratio`` model kwargs."""
+    if rank_scale is not None:
+        if isinstance(rank_scale, bool) or not isinstance(rank_scale, (int, float)) \
+                or not math.isfinite(rank_scale) or rank_scale < 0:
+            raise ValueError(f'rank_scale must be a finite float >= 0 (0 or None = dense), got {rank_scale!r}')
+    if target_ratio is not None:
+        if isinstance(target_ratio, bool) or not isinstance(target_ratio, (int, float)) \
+                or not 0.0 < target_ratio < 1.0:
+            raise ValueError(f'target_ratio must be a float in (0, 1), got {target_ratio!r}')
+        if rank_scale:
+            raise ValueError('give either rank_scale or target_ratio, not both '
+                             f'(got rank_scale={rank_scale!r}, target_ratio={target_ratio!r})')
+
+
+def factorize_model(
+        model: nn.Module,
+        include: Selector,
+        rank_scale: Optional[float] = None,
+        target_ratio: Optional[float] = None,
+        spectral: bool = False,
+        square: bool = False,
+        init: Optional[Callable] = None,
+) -> float:
+    """Factorize the layers of ``model`` selected by ``include`` in place.
+
+    The dense weights must already hold the model's usual init: spectral init takes their SVD;
+    the default init instead draws each factor with ``init`` (SPEC 2).
+
+    Returns:
+        The rank_scale used (solved when ``target_ratio`` is given), 0.0 for a dense model.
+    """
+    check_rank_args(rank_scale, target_ratio)
+    if target_ratio is not None:
+        rank_scale = fnl.solve_rank_scale(model, target_ratio, include=include, square=square)
+    if not rank_scale:
+        if square or spectral:
+            raise ValueError('spectral/square need a factorized model: set rank_scale > 0 or target_ratio')
+        return 0.0
+    fnl.factorize(
+        model,
+        rank_scale=float(rank_scale),
+        spectral=bool(spectral),
+        square=bool(square),
+        include=include,
+        init=None if spectral else init,
+    )
+    mark_factors(model)
+    return float(rank_scale)

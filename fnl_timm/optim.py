@@ -1,0 +1,250 @@
+"""Frobenius-decay optimizers registered in timm's optimizer registry (SPEC 3).
+
+``timm.optim.create_optimizer_v2(model, 'fdsgd', lr=0.1, momentum=0.9, weight_decay=1e-4)``
+gives the paper's ``--wd2fd`` behaviour: every factor of a factorized layer is regularised by
+Frobenius decay ``(lambda/2) ||U Vᵀ||_F²`` with ``lambda`` = the weight decay, and every other
+parameter keeps timm's ordinary weight decay. timm's factory hands an optimizer only parameter
+groups, never the model, so the optimizer finds the layer that owns each factor through a
+registry filled by :func:`mark_factors` (every ``fnl_*`` model calls it when it is built; call it
+yourself for a model factorized with ``fnl.factorize``).
+
+The FD gradient is added inside ``step()``: after backward, after ``GradScaler.unscale_`` and
+gradient clipping, right before the update, i.e. exactly where coupled L2 weight decay is applied
+by ``torch.optim.SGD`` (it goes through momentum the same way). Under DDP the gradients are
+already averaged and the factors are identical on every rank, so every rank adds the same FD term.
+
+Extra keyword arguments understood by every FD optimizer (pass them through timm's
+``--opt-kwargs``):
+
+* ``fd_coef``: the FD coefficient; default = the largest weight decay among the groups (the
+  ``weight_decay`` the user asked for). ``fd_coef=0`` is the paper's ``--no-frob``.
+* ``wd2fd``: ``True`` (default) = factors get FD and no weight decay; ``False`` = factors get
+  ordinary weight decay and no FD (the paper's baseline).
+"""
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+import weakref
+
+import torch
+from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
+
+import fnl
+
+__all__ = [
+    'mark_factors', 'factor_owner', 'FDSGD', 'FDAdamW', 'FDAdam', 'FD_OPTIMIZERS',
+    'register_fd_optimizers',
+]
+
+# factor parameter -> weakref to the FactorizedLayer owning it
+_FACTOR_OWNER = WeakIdKeyDictionary()
+
+
+def mark_factors(model: nn.Module) -> int:
+    """Register the factors of every factorized layer of ``model`` for the FD optimizers.
+
+    Args:
+        model: a module containing ``fnl.FactorizedLayer`` submodules.
+
+    Returns:
+        The number of factorized layers found.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f'model must be an nn.Module, got {type(model).__name__}')
+    count = 0
+    for module in model.modules():
+        if isinstance(module, fnl.FactorizedLayer):
+            ref = weakref.ref(module)
+            for p in module.factor_parameters():
+                _FACTOR_OWNER[p] = ref
+            count += 1
+    return count
+
+
+def factor_owner(param: torch.Tensor) -> Optional[nn.Module]:
+    """The factorized layer owning ``param`` (registered by :func:`mark_factors`), else None."""
+    ref = _FACTOR_OWNER.get(param)
+    return None if ref is None else ref()
+
+
+def _split_factor_groups(
+        params: Any,
+        weight_decay: float,
+        fd_coef: Optional[float],
+        wd2fd: bool,
+) -> Tuple[List[Dict[str, Any]], float, float]:
+    """Split every group into its factor and non-factor parameters.
+
+    Returns (groups, wd, coef) where wd is the weight decay used for factors when not wd2fd.
+    """
+    if isinstance(params, torch.Tensor):
+        raise TypeError('params must be an iterable of tensors or of dicts, got a single tensor')
+    groups = list(params)
+    if len(groups) == 0:
+        raise ValueError('params is empty: the optimizer got no parameters')
+    if not isinstance(groups[0], dict):
+        groups = [{'params': groups}]
+    wd = max([weight_decay] + [float(g.get('weight_decay', weight_decay)) for g in groups])
+    if fd_coef is None:
+        coef = wd
+    else:
+        coef = float(fd_coef)
+        if not coef >= 0.0 or coef != coef or coef == float('inf'):
+            raise ValueError(f'fd_coef must be a finite float >= 0, got {fd_coef!r}')
+    out = []
+    for g in groups:
+        ps = g['params']
+        ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
+        rest = {k: v for k, v in g.items() if k != 'params'}
+        factors = [p for p in ps if factor_owner(p) is not None]
+        others = [p for p in ps if factor_owner(p) is None]
+        if others:
+            out.append(dict(rest, params=others, fd_coef=0.0))
+        if factors:
+            if wd2fd:
+                out.append(dict(rest, params=factors, weight_decay=0.0, fd_coef=coef))
+            else:
+                out.append(dict(rest, params=factors, weight_decay=wd, fd_coef=0.0))
+    return out, wd, coef
+
+
+class _FrobeniusDecayMixin:
+    """Adds the FD gradient of every factorized layer owning a factor in a group with
+    ``fd_coef > 0`` right before the parent optimizer's update."""
+
+    def _fd_layers(self) -> List[Tuple[nn.Module, float]]:
+        seen: Dict[int, Tuple[nn.Module, float]] = {}
+        for g in self.param_groups:
+            coef = float(g.get('fd_coef', 0.0))
+            for p in g['params']:
+                layer = factor_owner(p)
+                if layer is not None and id(layer) not in seen:
+                    seen[id(layer)] = (layer, coef)
+        return list(seen.values())
+
+    @torch.no_grad()
+    def add_frobenius_grads_(self) -> None:
+        """Add ``coef * dFD/dtheta`` to the ``.grad`` of every factor (the coupled FD step)."""
+        for layer, coef in self._fd_layers():
+            if coef > 0.0 and any(p.grad is not None for p in layer.factor_parameters()):
+                layer.add_frobenius_grad_(coef)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.add_frobenius_grads_()
+        super().step()
+        return loss
+
+
+def _check_common(lr: float, weight_decay: float) -> None:
+    if not (isinstance(lr, (int, float)) or torch.is_tensor(lr)) or lr < 0:
+        raise ValueError(f'lr must be a float >= 0, got {lr!r}')
+    if not isinstance(weight_decay, (int, float)) or weight_decay < 0:
+        raise ValueError(f'weight_decay must be a float >= 0, got {weight_decay!r}')
+
+
+class FDSGD(_FrobeniusDecayMixin, torch.optim.SGD):
+    """``torch.optim.SGD`` with Frobenius decay on the factors (SPEC 3, coupled).
+
+    Args:
+        params: parameters or parameter groups (as built by timm's optimizer factory).
+        lr: learning rate.
+        momentum: momentum factor.
+        weight_decay: ordinary (coupled) weight decay for the non-factor parameters.
+        nesterov: Nesterov momentum.
+        fd_coef: FD coefficient; None = the largest weight decay among the groups.
+        wd2fd: True = factors get FD and no weight decay; False = weight decay and no FD.
+        **kwargs: passed on to ``torch.optim.SGD`` (dampening, foreach, ...).
+    """
+
+    def __init__(
+            self,
+            params: Iterable,
+            lr: float = 0.1,
+            momentum: float = 0.0,
+            weight_decay: float = 0.0,
+            nesterov: bool = False,
+            *,
+            fd_coef: Optional[float] = None,
+            wd2fd: bool = True,
+            **kwargs: Any,
+    ):
+        _check_common(lr, weight_decay)
+        groups, _, _ = _split_factor_groups(params, weight_decay, fd_coef, bool(wd2fd))
+        super().__init__(groups, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                         nesterov=nesterov, **kwargs)
+        self.wd2fd = bool(wd2fd)
+
+
+class FDAdamW(_FrobeniusDecayMixin, torch.optim.AdamW):
+    """``torch.optim.AdamW`` with (coupled) Frobenius decay on the factors.
+
+    The non-factor parameters keep AdamW's decoupled weight decay; the FD gradient is added to
+    the factors' gradients before the Adam moments, as in SPEC 3. Arguments as :class:`FDSGD`.
+    """
+
+    def __init__(
+            self,
+            params: Iterable,
+            lr: float = 1e-3,
+            betas: Tuple[float, float] = (0.9, 0.999),
+            eps: float = 1e-8,
+            weight_decay: float = 1e-2,
+            *,
+            fd_coef: Optional[float] = None,
+            wd2fd: bool = True,
+            **kwargs: Any,
+    ):
+        _check_common(lr, weight_decay)
+        groups, _, _ = _split_factor_groups(params, weight_decay, fd_coef, bool(wd2fd))
+        super().__init__(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kwargs)
+        self.wd2fd = bool(wd2fd)
+
+
+class FDAdam(_FrobeniusDecayMixin, torch.optim.Adam):
+    """``torch.optim.Adam`` (coupled L2 weight decay) with Frobenius decay on the factors."""
+
+    def __init__(
+            self,
+            params: Iterable,
+            lr: float = 1e-3,
+            betas: Tuple[float, float] = (0.9, 0.999),
+            eps: float = 1e-8,
+            weight_decay: float = 0.0,
+            *,
+            fd_coef: Optional[float] = None,
+            wd2fd: bool = True,
+            **kwargs: Any,
+    ):
+        _check_common(lr, weight_decay)
+        groups, _, _ = _split_factor_groups(params, weight_decay, fd_coef, bool(wd2fd))
+        super().__init__(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kwargs)
+        self.wd2fd = bool(wd2fd)
+
+
+FD_OPTIMIZERS = ('fdsgd', 'fdmomentum', 'fdadam', 'fdadamw')
+
+
+def register_fd_optimizers() -> None:
+    """Register ``fdsgd`` (Nesterov, like timm's ``sgd``), ``fdmomentum`` (classical momentum,
+    the paper's), ``fdadam`` and ``fdadamw`` in timm's default optimizer registry."""
+    from timm.optim._optim_factory import OptimInfo, default_registry
+
+    infos = [
+        OptimInfo(name='fdsgd', opt_class=FDSGD, has_eps=False, has_momentum=True,
+                  description='SGD with Nesterov momentum, Frobenius decay on factorized layers',
+                  defaults={'nesterov': True}),
+        OptimInfo(name='fdmomentum', opt_class=FDSGD, has_eps=False, has_momentum=True,
+                  description='SGD with classical momentum, Frobenius decay on factorized layers',
+                  defaults={'nesterov': False}),
+        OptimInfo(name='fdadam', opt_class=FDAdam, has_betas=True,
+                  description='Adam, Frobenius decay on factorized layers'),
+        OptimInfo(name='fdadamw', opt_class=FDAdamW, has_betas=True,
+                  description='AdamW, Frobenius decay on factorized layers'),
+    ]
+    for info in infos:
+        if info.name not in default_registry.list_optimizers():
+            default_registry.register(info)
