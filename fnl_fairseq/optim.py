@@ -1,0 +1,190 @@
+"""Frobenius-decay optimizers for fairseq: ``fd_nag`` (the paper's), ``fd_adam``, ``fd_sgd``.
+
+(Paper section 3; SPEC 3.) One wrapper, ``FDOptimizer``, over fairseq's own optimizers: it finds
+the model that owns its parameters (``fnl_fairseq.fd``), keeps plain weight decay off the
+parameters that Frobenius decay (FD) regularises and on every other one, and wraps the fairseq
+optimizer's torch optimizer in ``fnl.FrobeniusDecay``, which adds the FD gradient of every
+factorized layer (``--wd2fd``) and of every per-head QK/OV form (``--wd2fd-quekey``,
+``--wd2fd-outval``) before each update. The FD coefficient is ``--weight-decay``.
+
+The FD gradient is added inside ``step()``, where fairseq's optimizers apply weight decay: after
+gradient clipping, after the all-reduce (every process adds the same FD gradient to the same
+parameters), and after fairseq has unscaled fp16/AMP gradients (``supports_step_with_scale`` is
+False, so fairseq unscales before calling ``step``).
+
+Precision modes: fp32, ``--amp`` and ``--memory-efficient-fp16``/``--memory-efficient-bf16``
+update the model's own parameters and are supported. ``--fp16``/``--bf16`` without
+``memory-efficient`` update fp32 copies that cannot be mapped back to factors: refused at start-up.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Optional
+
+import fnl
+from fairseq.dataclass import FairseqDataclass
+from fairseq.optim import OPTIMIZER_REGISTRY, FairseqOptimizer, register_optimizer
+from fairseq.optim.adam import FairseqAdamConfig
+from fairseq.optim.nag import FairseqNAGConfig
+from omegaconf import II
+
+from fnl_fairseq.fd import FDTerms, find_owner
+
+__all__ = ["FDOptimizer", "FairseqFDAdam", "FairseqFDNAG", "FairseqFDSGD"]
+
+logger = logging.getLogger(__name__)
+
+_STATE_KEY = "fnl_frobenius_decay"
+
+FP16_REFUSAL = (
+    "the FD optimizers could not find the model's parameters among the {n} tensor(s) they were given: "
+    "--fp16 and --bf16 (without memory-efficient) optimize fp32 copies of the parameters, flattened or not, "
+    "which cannot be mapped back to factorized layers and attention heads. Use --memory-efficient-fp16 "
+    "(or --memory-efficient-bf16, or --amp) with the fd_* optimizers")
+
+
+class FDOptimizer(FairseqOptimizer):
+    """A fairseq optimizer plus Frobenius decay, as the model's ``--wd2fd*`` flags ask.
+
+    Subclasses set ``base``, the registry name of the fairseq optimizer they wrap; ``cfg`` is that
+    optimizer's config, whose ``weight_decay`` is also the FD coefficient.
+    """
+
+    base: str = ""
+
+    def __init__(self, cfg: Any, params) -> None:
+        super().__init__(cfg)
+        params = list(params)
+        owner, wanting = find_owner(params)
+        if owner is None and wanting:
+            raise RuntimeError(FP16_REFUSAL.format(n=len(params)))
+        self.terms: FDTerms = owner.frobenius_decay_terms() if owner is not None else FDTerms()
+        coef = float(cfg.weight_decay)
+        if coef < 0:
+            raise ValueError(f"--weight-decay (the FD coefficient) must be >= 0, got {coef}")
+        fd_params = self.terms.parameters()
+        given = {id(p) for p in params}
+        frozen = [p for p in fd_params if id(p) not in given]
+        if frozen:
+            raise ValueError(f"{len(frozen)} parameter(s) that Frobenius decay regularises are not being optimized "
+                             f"(requires_grad=False?); unfreeze them or drop the --wd2fd* flag")
+        fd_ids = {id(p) for p in fd_params}
+        groups = [
+            {"params": [p for p in params if id(p) not in fd_ids]},  # the optimizer's own weight decay
+            {"params": [p for p in params if id(p) in fd_ids], "weight_decay": 0.0},  # Frobenius decay instead
+        ]
+        groups = [g for g in groups if g["params"]]
+        self.wrapped = OPTIMIZER_REGISTRY[self.base](cfg, groups)
+        if self.terms:
+            self._optimizer = fnl.FrobeniusDecay(self.wrapped.optimizer, self.terms.layer_module(), coef,
+                                                 extra=self.terms.attention_hooks())
+            logger.info(f"Frobenius decay (coef {coef:g}) on {len(self.terms.layers)} factorized layers, "
+                        f"{len(self.terms.quekey)} query-key and {len(self.terms.outval)} output-value forms "
+                        f"({sum(p.numel() for p in fd_params)} parameters without plain weight decay)")
+        else:
+            self._optimizer = self.wrapped.optimizer
+            logger.warning(f"--optimizer fd_{self.base}: the model asks for no Frobenius decay (no --wd2fd* flag); "
+                           f"this is plain --optimizer {self.base}")
+
+    @property
+    def coef(self) -> float:
+        """The FD coefficient."""
+        return self._optimizer.coef if isinstance(self._optimizer, fnl.FrobeniusDecay) else 0.0
+
+    @property
+    def optimizer_config(self) -> dict:
+        return self.wrapped.optimizer_config
+
+    # FrobeniusDecay.step() takes no scale: let fairseq unscale the gradients first.
+    @property
+    def supports_step_with_scale(self) -> bool:
+        return False
+
+    @property
+    def supports_groups(self) -> bool:
+        return False
+
+    @property
+    def supports_memory_efficient_fp16(self) -> bool:
+        return self.wrapped.supports_memory_efficient_fp16
+
+    @property
+    def supports_flat_params(self) -> bool:
+        # one flat fp32 buffer has no factors to find
+        return not self.terms and self.wrapped.supports_flat_params
+
+    def state_dict(self) -> dict:
+        """The wrapped torch optimizer's state dict (flat, as fairseq's fp16 wrappers expect) plus the FD state."""
+        state = self._optimizer.state_dict()
+        if isinstance(self._optimizer, fnl.FrobeniusDecay):
+            state = dict(state["optimizer"])
+        state[_STATE_KEY] = {"coef": self.coef, "layers": len(self.terms.layers),
+                             "quekey": len(self.terms.quekey), "outval": len(self.terms.outval)}
+        return state
+
+    def load_state_dict(self, state_dict: dict, optimizer_overrides: Optional[dict] = None) -> None:
+        state_dict = dict(state_dict)
+        fd_state = state_dict.pop(_STATE_KEY, None)
+        if fd_state is not None:
+            now = {"layers": len(self.terms.layers), "quekey": len(self.terms.quekey), "outval": len(self.terms.outval)}
+            saved = {k: fd_state.get(k) for k in now}
+            if saved != now:
+                raise ValueError(f"the checkpoint's optimizer applied Frobenius decay to {saved} but this run asks for "
+                                 f"{now} (different --wd2fd* flags or model); use --reset-optimizer to start afresh")
+        self.wrapped.optimizer.load_state_dict(state_dict)
+        if isinstance(self._optimizer, fnl.FrobeniusDecay):
+            # like the groups' weight_decay, the FD coefficient comes back from the checkpoint
+            if fd_state is not None:
+                self._optimizer.coef = float(fd_state["coef"])
+            if optimizer_overrides and "weight_decay" in optimizer_overrides:
+                self._optimizer.coef = float(optimizer_overrides["weight_decay"])
+        if optimizer_overrides:
+            fd_ids = {id(p) for p in self.terms.parameters()}
+            for group in self.param_groups:
+                group.update(optimizer_overrides)
+                if group["params"] and id(group["params"][0]) in fd_ids:
+                    group["weight_decay"] = 0.0  # the FD group never gets plain weight decay
+
+    def average_params(self) -> None:
+        self.wrapped.average_params()
+
+
+@dataclasses.dataclass
+class FDNAGConfig(FairseqNAGConfig):
+    """``nag``'s options; ``--weight-decay`` is also the FD coefficient."""
+
+
+@dataclasses.dataclass
+class FDAdamConfig(FairseqAdamConfig):
+    """``adam``'s options; ``--weight-decay`` is also the FD coefficient."""
+
+
+@dataclasses.dataclass
+class FDSGDConfig(FairseqDataclass):
+    """``sgd``'s options; ``--weight-decay`` is also the FD coefficient."""
+
+    momentum: float = dataclasses.field(default=0.0, metadata={"help": "momentum factor"})
+    weight_decay: float = dataclasses.field(default=0.0, metadata={"help": "weight decay"})
+    lr: Any = II("optimization.lr")
+
+
+@register_optimizer("fd_nag", dataclass=FDNAGConfig)
+class FairseqFDNAG(FDOptimizer):
+    """fairseq's ``nag`` with Frobenius decay (the paper's Transformer optimizer)."""
+
+    base = "nag"
+
+
+@register_optimizer("fd_adam", dataclass=FDAdamConfig)
+class FairseqFDAdam(FDOptimizer):
+    """fairseq's ``adam`` (decoupled weight decay) with Frobenius decay (coupled, through the gradient)."""
+
+    base = "adam"
+
+
+@register_optimizer("fd_sgd", dataclass=FDSGDConfig)
+class FairseqFDSGD(FDOptimizer):
+    """fairseq's ``sgd`` with Frobenius decay."""
+
+    base = "sgd"
