@@ -192,7 +192,7 @@ class CifarResNet(nn.Module):
 def _create_cifar_resnet(variant: str, pretrained: bool = False, **kwargs) -> CifarResNet:
     return build_model_with_cfg(
         CifarResNet, variant, pretrained,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
+        feature_cfg=dict(out_indices=(0, 1, 2, 3)),
         **kwargs,
     )
 

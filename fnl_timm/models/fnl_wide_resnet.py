@@ -172,6 +172,6 @@ def fnl_wrn28_10(pretrained: bool = False, **kwargs) -> WideResNet:
     """WRN-28-10 (36.5M parameters dense), factorized block and shortcut convs."""
     return build_model_with_cfg(
         WideResNet, 'fnl_wrn28_10', pretrained,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
+        feature_cfg=dict(out_indices=(0, 1, 2, 3)),
         **dict(dict(depth=28, width=10), **kwargs),
     )
