@@ -1,0 +1,191 @@
+"""Frobenius-decay optimizers in timm's registry (SPEC 3)."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+timm = pytest.importorskip('timm')
+from timm.optim import create_optimizer_v2, list_optimizers  # noqa: E402
+
+import fnl  # noqa: E402
+import fnl_timm  # noqa: E402,F401
+from fnl_timm.optim import FDSGD, factor_owner, mark_factors  # noqa: E402
+
+LR, WD = 0.1, 1e-2
+
+
+def _model(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return timm.create_model('fnl_test_resnet', rank_scale=0.3, spectral=True, **kwargs)
+
+
+def _loss(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, 3, 16, 16, generator=g)
+    y = torch.randint(0, 10, (4,), generator=g)
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def _factor_ids(model):
+    return {id(p) for layer in fnl.factorized_layers(model) for p in layer.factor_parameters()}
+
+
+def test_registered():
+    assert {'fdsgd', 'fdmomentum', 'fdadam', 'fdadamw'} <= set(list_optimizers())
+
+
+def test_groups_follow_wd2fd():
+    model = _model()
+    opt = create_optimizer_v2(model, 'fdsgd', lr=LR, momentum=0.9, weight_decay=WD)
+    assert isinstance(opt, FDSGD) and opt.defaults['nesterov'] is True
+    factors = _factor_ids(model)
+    seen = set()
+    for g in opt.param_groups:
+        for p in g['params']:
+            seen.add(id(p))
+            if id(p) in factors:
+                assert g['weight_decay'] == 0.0 and g['fd_coef'] == WD
+            else:
+                assert g['fd_coef'] == 0.0
+                assert g['weight_decay'] == (0.0 if p.ndim <= 1 else WD)
+    assert seen == {id(p) for p in model.parameters()}
+    assert create_optimizer_v2(model, 'fdmomentum', lr=LR).defaults['nesterov'] is False
+
+
+def _manual_sgd_step(model, coef, wd_factors):
+    """One plain SGD step by hand: grad + coupled wd on >1-d non-factors (+ factors when wd_factors)
+    + the closed-form FD gradient coef * (U VᵀV, V UᵀU)."""
+    model.zero_grad()
+    _loss(model).backward()
+    factors = _factor_ids(model)
+    fd = {}
+    for layer in fnl.factorized_layers(model):
+        u, v = layer.U.detach(), layer.V.detach()
+        fd[id(layer.U)] = coef * u @ (v.T @ v)
+        fd[id(layer.V)] = coef * v @ (u.T @ u)
+    with torch.no_grad():
+        for p in model.parameters():
+            g = p.grad.clone()
+            if id(p) in factors:
+                g += fd[id(p)] if coef else 0
+                if wd_factors:
+                    g += WD * p
+            elif p.ndim > 1:
+                g += WD * p
+            p -= LR * g
+
+
+@pytest.mark.parametrize('kwargs,coef,wd_factors', [
+    (dict(), WD, False),                       # --wd2fd
+    (dict(fd_coef=0.0), 0.0, False),           # --wd2fd --no-frob
+    (dict(wd2fd=False), 0.0, True),            # the baseline: weight decay on the factors
+    (dict(fd_coef=0.5), 0.5, False),
+])
+def test_one_step_matches_closed_form(kwargs, coef, wd_factors):
+    model = _model()
+    ref = copy.deepcopy(model)
+    opt = create_optimizer_v2(model, 'fdmomentum', lr=LR, momentum=0.0, weight_decay=WD, **kwargs)
+    opt.zero_grad()
+    _loss(model).backward()
+    opt.step()
+    _manual_sgd_step(ref, coef, wd_factors)
+    for (n, a), b in zip(model.named_parameters(), ref.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), f'{n}: {(a - b).abs().max()}'
+
+
+def test_fd_gradient_equals_autograd_of_penalty():
+    """The FD term added by the optimizer is the gradient of (coef/2) sum ||U Vᵀ||²."""
+    model = _model()
+    opt = create_optimizer_v2(model, 'fdsgd', lr=LR, weight_decay=WD)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.add_frobenius_grads_()
+    added = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    fnl.frobenius_penalty(model, WD).backward()
+    for n, p in model.named_parameters():
+        expect = p.grad if p.grad is not None else torch.zeros_like(p)
+        assert torch.allclose(added[n], expect, atol=1e-7), f'{n}: {(added[n] - expect).abs().max()}'
+
+
+def test_closure_and_momentum_state_roundtrip():
+    model = _model()
+    opt = create_optimizer_v2(model, 'fdmomentum', lr=LR, momentum=0.9, weight_decay=WD)
+    for _ in range(2):
+        opt.zero_grad()
+        opt.step(lambda: _loss(model).backward())
+    state = copy.deepcopy(opt.state_dict())
+    model2 = copy.deepcopy(model)
+    mark_factors(model2)  # a deepcopy has new parameters: register them
+    opt2 = create_optimizer_v2(model2, 'fdmomentum', lr=LR, momentum=0.9, weight_decay=WD, fd_coef=0.3)
+    opt2.load_state_dict(state)
+    assert [g['fd_coef'] for g in opt2.param_groups] == [g['fd_coef'] for g in opt.param_groups]
+    for o in (opt, opt2):
+        m = model if o is opt else model2
+        o.zero_grad()
+        _loss(m, seed=5).backward()
+        o.step()
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_grad_scaler_and_clipping():
+    """Under timm's NativeScaler the FD gradient is added after unscaling and clipping."""
+    from timm.utils import NativeScaler
+    model = _model()
+    ref = copy.deepcopy(model)
+    mark_factors(ref)
+    opt = create_optimizer_v2(model, 'fdmomentum', lr=LR, momentum=0.0, weight_decay=WD)
+    opt_ref = create_optimizer_v2(ref, 'fdmomentum', lr=LR, momentum=0.0, weight_decay=WD)
+    scaler = NativeScaler(device='cpu')
+    scaler._scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 12)
+    scaler(_loss(model), opt, clip_grad=0.5, parameters=model.parameters())
+    _loss(ref).backward()
+    torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+    opt_ref.step()
+    for (n, a), b in zip(model.named_parameters(), ref.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), f'{n}: {(a - b).abs().max()}'
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), _model().parameters()))
+
+
+def test_adamw_couples_fd_and_decouples_wd():
+    model = _model()
+    opt = create_optimizer_v2(model, 'fdadamw', lr=1e-2, weight_decay=WD)
+    factors = _factor_ids(model)
+    groups = {id(p): g for g in opt.param_groups for p in g['params']}
+    assert all(groups[i]['fd_coef'] == WD and groups[i]['weight_decay'] == 0.0 for i in factors)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    _loss(model).backward()
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert sum(not torch.equal(a, b) for a, b in zip(before, model.parameters())) > 0
+
+
+def test_factorize_any_model_then_mark():
+    """A model factorized with fnl.factorize works once mark_factors registers its factors."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    fnl.factorize(mlp, rank_scale=0.5, include=['2'])
+    assert factor_owner(mlp[2].U) is None
+    assert mark_factors(mlp) == 1
+    assert factor_owner(mlp[2].U) is mlp[2] and factor_owner(mlp[0].weight) is None
+    opt = create_optimizer_v2(mlp, 'fdsgd', lr=LR, weight_decay=WD)
+    assert sum(len(g['params']) for g in opt.param_groups if g['fd_coef'] == WD) == 2
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(fd_coef=-1.0), 'fd_coef'),
+    (dict(fd_coef=float('nan')), 'fd_coef'),
+    (dict(lr=-0.1), 'lr'),
+    (dict(weight_decay=-1.0), 'weight_decay'),
+])
+def test_bad_arguments(kwargs, match):
+    model = _model()
+    args = dict(lr=LR, weight_decay=WD)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        FDSGD(model.parameters(), **args)
+    with pytest.raises(TypeError, match='model'):
+        mark_factors('not a model')
