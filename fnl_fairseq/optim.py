@@ -16,8 +16,6 @@ Precision modes: fp32, ``--amp`` and ``--memory-efficient-fp16``/``--memory-effi
 update the model's own parameters and are supported. ``--fp16``/``--bf16`` without
 ``memory-efficient`` update fp32 copies that cannot be mapped back to factors: refused at start-up.
 """
-from __future__ import annotations
-
 import dataclasses
 import logging
 from typing import Any, Optional
@@ -59,7 +57,7 @@ class FDOptimizer(FairseqOptimizer):
         owner, wanting = find_owner(params)
         if owner is None and wanting:
             raise RuntimeError(FP16_REFUSAL.format(n=len(params)))
-        self.terms: FDTerms = owner.frobenius_decay_terms() if owner is not None else FDTerms()
+        self.terms = owner.frobenius_decay_terms() if owner is not None else FDTerms()
         coef = float(cfg.weight_decay)
         if coef < 0:
             raise ValueError(f"--weight-decay (the FD coefficient) must be >= 0, got {coef}")

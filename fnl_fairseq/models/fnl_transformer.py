@@ -239,7 +239,7 @@ class FNLTransformerModel(TransformerModel):
         super().add_args(parser)
         # Flag names carry no encoder_/decoder_ prefix, so TransformerConfig.from_namespace passes
         # them through unchanged instead of routing them into its encoder/decoder sub-configs.
-        group = parser.add_argument_group("FNL (factorized layers, spectral init, Frobenius decay)")
+        group = parser  # fairseq hands add_args an argument group already
         group.add_argument("--rank-scale", type=float, metavar="S", default=None,
                            help="factorize FFN linears, token/learned positional embeddings and the output "
                                 "projection at rank max(1, round(S*min(m,n))); attention heads get "

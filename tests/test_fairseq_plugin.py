@@ -1,0 +1,296 @@
+"""In-process tests of the fairseq plugin: model structure, spectral QK/OV, FD optimizer steps, refusals."""
+import argparse
+import io
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+fairseq = pytest.importorskip("fairseq")
+
+import fnl  # noqa: E402
+import fnl_fairseq  # noqa: E402
+from fairseq import optim, options  # noqa: E402
+from fairseq.data import Dictionary  # noqa: E402
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf  # noqa: E402
+from fnl_fairseq.modules import FactorizedLearnedPositionalEmbedding, TiedFactorizedOutput, attention_layers  # noqa: E402
+from fnl_fairseq.optim import FDOptimizer  # noqa: E402
+
+USER_DIR = fnl_fairseq.user_dir()
+ALL_FD = ["--wd2fd", "--wd2fd-quekey", "--wd2fd-outval"]
+ALL_SPECTRAL = ["--spectral", "--spectral-quekey", "--spectral-outval"]
+
+
+def _dictionary(size: int = 40) -> Dictionary:
+    d = Dictionary()
+    for i in range(size):
+        d.add_symbol(f"w{i}")
+    return d
+
+
+def _args(extra, arch="fnl_transformer_small", optimizer="fd_sgd"):
+    parser = options.get_training_parser()
+    argv = ["/nonexistent-data", "--user-dir", USER_DIR, "--arch", arch, "--optimizer", optimizer, "--lr", "0.1",
+            "--cpu"] + list(extra)
+    return options.parse_args_and_arch(parser, input_args=argv)
+
+
+def _build(extra, seed=0, arch="fnl_transformer_small", optimizer="fd_sgd", vocab=40, small=True):
+    dims = ["--encoder-embed-dim", "32", "--decoder-embed-dim", "32", "--encoder-ffn-embed-dim", "48",
+            "--decoder-ffn-embed-dim", "48", "--encoder-layers", "1", "--decoder-layers", "1"] if small else []
+    args = _args(dims + list(extra), arch=arch, optimizer=optimizer)
+    d = _dictionary(vocab)
+    task = SimpleNamespace(source_dictionary=d, target_dictionary=d)
+    torch.manual_seed(seed)
+    from fairseq import models
+    return models.build_model(args, task), args
+
+
+def _batch(vocab=40, bsz=3, src_len=7, tgt_len=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(4, vocab + 4, (bsz, src_len), generator=g)
+    prev = torch.randint(4, vocab + 4, (bsz, tgt_len), generator=g)
+    prev[:, 0] = 2  # eos starts decoding
+    return src, torch.full((bsz,), src_len), prev
+
+
+def test_user_dir_path_and_main():
+    assert os.path.isfile(os.path.join(USER_DIR, "__init__.py"))
+    assert os.path.basename(USER_DIR) == "fnl_fairseq"
+
+
+@pytest.mark.parametrize("rel", sorted(
+    f for f in os.listdir(os.path.join(os.path.dirname(fnl_fairseq.__file__), "models"))
+    if f.endswith(".py") and not f.startswith("_")))
+def test_every_model_file_imports_on_its_own(rel):
+    import subprocess
+    import sys
+    name = f"fnl_fairseq.models.{rel[:-3]}"
+    out = subprocess.run([sys.executable, "-c", f"import {name}; print('ok')"], capture_output=True, text=True,
+                         cwd=os.path.dirname(USER_DIR), timeout=120)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_small_architecture_shapes_and_ranks():
+    model, _ = _build(["--rank-scale", "0.5", "--share-all-embeddings"], small=False)
+    enc_layer = model.encoder.layers[0]
+    assert len(model.encoder.layers) == 2 and len(model.decoder.layers) == 2
+    # FFN 256 -> 1024 factorized at rank round(0.5 * 256) = 128
+    assert isinstance(enc_layer.fc1, fnl.FactorizedLinear) and enc_layer.fc1.rank == 128
+    assert tuple(enc_layer.fc1.U.shape) == (1024, 128) and tuple(enc_layer.fc2.V.shape) == (1024, 128)
+    # attention: d_h = int(0.5 * 256 / 4) = 32, projections 256 -> 4 * 32
+    attn = enc_layer.self_attn
+    assert attn.head_dim == 32 and attn.num_heads == 4
+    assert tuple(attn.q_proj.weight.shape) == (128, 256) and tuple(attn.out_proj.weight.shape) == (256, 128)
+    # joined vocabulary 40 + 4 specials, embedding rank round(0.5 * min(44, 256)) = 22, tied output
+    emb = model.encoder.embed_tokens
+    assert isinstance(emb, fnl.FactorizedEmbedding) and emb.rank == 22
+    assert model.decoder.embed_tokens is emb
+    assert isinstance(model.decoder.output_projection, TiedFactorizedOutput)
+
+
+def _expected_small_params(vocab, d=256, ffn=1024, heads=4, layers=2, rank_scale=0.5):
+    """Closed-form parameter count of fnl_transformer_small with --share-all-embeddings."""
+    inner = heads * int(rank_scale * d / heads)
+    r_e, r_f = max(1, round(rank_scale * min(vocab, d))), max(1, round(rank_scale * min(d, ffn)))
+    attn = 3 * (d * inner + inner) + inner * d + d
+    ffn_p = (ffn + d) * r_f + ffn + (d + ffn) * r_f + d
+    ln = 2 * d
+    enc = attn + ffn_p + 2 * ln
+    dec = 2 * attn + ffn_p + 3 * ln
+    return (vocab + d) * r_e + layers * (enc + dec)
+
+
+def test_parameter_count_closed_form_and_dense_parity():
+    model, _ = _build(["--rank-scale", "0.5", "--share-all-embeddings"], small=False)
+    n = sum(p.numel() for p in model.parameters())
+    assert n == _expected_small_params(44), n
+    # without --rank-scale the plugin's model is fairseq's transformer of the same shape, parameter for parameter
+    shape = ["--encoder-embed-dim", "256", "--encoder-ffn-embed-dim", "1024", "--encoder-attention-heads", "4",
+             "--encoder-layers", "2", "--decoder-layers", "2", "--decoder-attention-heads", "4",
+             "--share-all-embeddings"]
+    dense, _ = _build(["--share-all-embeddings"], small=False)
+    ref, _ = _build(shape, small=False, arch="transformer", optimizer="nag")
+    dense_shapes = {k: tuple(v.shape) for k, v in dense.state_dict().items()}
+    ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    assert dense_shapes == ref_shapes
+    assert n / sum(p.numel() for p in dense.parameters()) < 0.6
+
+
+def test_incremental_decoding_matches_full_forward():
+    model, _ = _build(["--rank-scale", "0.5", "--encoder-learned-pos", "--decoder-learned-pos"] + ALL_SPECTRAL)
+    assert isinstance(model.decoder.embed_positions, FactorizedLearnedPositionalEmbedding)
+    model.eval()
+    src, lengths, prev = _batch()
+    with torch.no_grad():
+        enc = model.encoder(src, src_lengths=lengths)
+        full, _ = model.decoder(prev, encoder_out=enc)
+        state: dict = {}
+        steps = [model.decoder(prev[:, : t + 1], encoder_out=enc, incremental_state=state)[0] for t in range(prev.size(1))]
+    inc = torch.cat(steps, dim=1)
+    assert torch.allclose(full, inc, atol=1e-5), f"{(full - inc).abs().max()}"
+
+
+def test_tied_factorized_output_is_exact():
+    model, _ = _build(["--rank-scale", "0.5", "--share-decoder-input-output-embed"])
+    x = torch.randn(2, 3, 32)
+    logits = model.decoder.output_layer(x)
+    ref = x @ model.decoder.embed_tokens.dense_weight().T
+    assert torch.allclose(logits, ref, atol=1e-5), f"{(logits - ref).abs().max()}"
+    names = [n for n, _ in model.named_parameters() if "output_projection" in n]
+    assert names == []
+
+
+def test_spectral_quekey_outval_keeps_outputs_and_balances_heads():
+    base, _ = _build(["--rank-scale", "0.5"], seed=3)
+    bal, _ = _build(["--rank-scale", "0.5", "--spectral-quekey", "--spectral-outval"], seed=3)
+    base.eval(), bal.eval()
+    src, lengths, prev = _batch(seed=1)
+    with torch.no_grad():
+        out_a = base(src, lengths, prev)[0]
+        out_b = bal(src, lengths, prev)[0]
+    assert torch.allclose(out_a, out_b, atol=1e-4), f"{(out_a - out_b).abs().max()}"
+    moved = 0.0
+    for a, b in zip(attention_layers(base), attention_layers(bal)):
+        h, dh = b.num_heads, b.head_dim
+        moved = max(moved, (a.q_proj.weight - b.q_proj.weight).abs().max().item())
+        q, k = b.q_proj.weight.view(h, dh, -1).double(), b.k_proj.weight.view(h, dh, -1).double()
+        o, v = b.out_proj.weight.T.reshape(h, dh, -1).double(), b.v_proj.weight.view(h, dh, -1).double()
+        for left, right in ((q, k), (o, v)):
+            s_l, s_r = torch.linalg.svdvals(left), torch.linalg.svdvals(right)
+            assert torch.allclose(s_l, s_r, rtol=1e-6, atol=1e-8), f"{(s_l - s_r).abs().max()}"
+            # and their product's singular values are the squares
+            s_prod = torch.linalg.svdvals(left.transpose(1, 2) @ right)[:, :dh]
+            assert torch.allclose(s_l ** 2, s_prod, rtol=1e-6, atol=1e-8)
+    assert moved > 1e-3  # the rebalancing did change the projections
+
+
+def _fd_penalty(model):
+    """(1/2) * sum of the squared Frobenius norms FD penalises, built densely (d x d forms) for autograd."""
+    total = 0.0
+    for layer in fnl.factorized_layers(model):
+        total = total + layer.dense_weight().pow(2).sum()
+    for a in attention_layers(model):
+        h, dh = a.num_heads, a.head_dim
+        q, k = a.q_proj.weight.view(h, dh, -1), a.k_proj.weight.view(h, dh, -1)
+        o, v = a.out_proj.weight.T.reshape(h, dh, -1), a.v_proj.weight.view(h, dh, -1)
+        total = total + (q.transpose(1, 2) @ k).pow(2).sum() + (o.transpose(1, 2) @ v).pow(2).sum()
+    return 0.5 * total
+
+
+def _optimizer(model, args):
+    cfg = convert_namespace_to_omegaconf(args)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return optim.build_optimizer(cfg.optimizer, params)
+
+
+@pytest.mark.parametrize("name,momentum", [("fd_sgd", 0.0), ("fd_nag", 0.9)])
+def test_one_step_without_loss_gradient_is_exactly_fd_and_weight_decay(name, momentum):
+    lr, wd = 0.5, 0.1
+    model, args = _build(["--rank-scale", "0.5", "--weight-decay", str(wd), "--momentum", str(momentum),
+                          "--encoder-learned-pos", "--share-all-embeddings"] + ALL_SPECTRAL + ALL_FD, optimizer=name)
+    args.lr = [lr]
+    opt = _optimizer(model, args)
+    assert isinstance(opt, FDOptimizer) and opt.coef == wd
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    # the FD gradient, from autograd on the dense forms
+    model.zero_grad()
+    _fd_penalty(model).backward()
+    fd_grad = {n: (p.grad.detach().clone() if p.grad is not None else None) for n, p in model.named_parameters()}
+    fd_names = {n for n, p in model.named_parameters() if any(p is q for q in opt.terms.parameters())}
+    assert any(".U" in n for n in fd_names) and any("q_proj.weight" in n for n in fd_names)
+    assert any("out_proj.weight" in n for n in fd_names) and "encoder.embed_positions.U" in fd_names
+    # zero loss gradient on every parameter, then one step
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for n, p in model.named_parameters():
+        if n in fd_names:
+            # SGD: p - lr*g; NAG's first step (empty buffer): p - (1 + momentum)*lr*g
+            expected = before[n] - (1 + momentum) * lr * wd * fd_grad[n]
+        elif name == "fd_sgd":
+            expected = before[n] * (1 - lr * wd)  # coupled L2 through the gradient
+        else:
+            expected = before[n] * (1 - lr * wd) - 0.0  # fairseq NAG: p *= 1 - lr*wd
+        assert torch.allclose(p.detach(), expected, atol=1e-6, rtol=1e-5), f"{n}: {(p.detach() - expected).abs().max()}"
+    assert len(fd_names) > 0 and len(fd_names) < len(before)
+
+
+def test_plain_weight_decay_on_factors_without_wd2fd():
+    lr, wd = 0.5, 0.1
+    model, args = _build(["--rank-scale", "0.5", "--weight-decay", str(wd), "--wd2fd-quekey"], optimizer="fd_sgd")
+    args.lr = [lr]
+    opt = _optimizer(model, args)
+    assert len(opt.terms.layers) == 0 and len(opt.terms.quekey) == 3 and len(opt.terms.outval) == 0
+    u = model.encoder.layers[0].fc1.U
+    before = u.detach().clone()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    assert torch.allclose(u.detach(), before * (1 - lr * wd), atol=1e-7)
+
+
+@pytest.mark.parametrize("extra,optimizer,message", [
+    (["--rank-scale", "0.5", "--wd2fd"], "nag", "--optimizer nag would silently ignore it"),
+    (["--wd2fd-quekey"], "adam", "--optimizer adam would silently ignore it"),
+    (["--wd2fd"], "fd_nag", "--wd2fd acts on factorized layers; it needs --rank-scale"),
+    (["--spectral"], "nag", "--spectral acts on factorized layers; it needs --rank-scale"),
+    (["--rank-scale", "0"], "nag", "--rank-scale must be a finite number > 0, got 0.0"),
+    (["--rank-scale", "0.5", "--adaptive-softmax-cutoff", "10"], "nag",
+     "--adaptive-softmax-cutoff is not supported together with --rank-scale"),
+    (["--rank-scale", "0.001"], "nag", "--rank-scale must be >= 0.125"),
+])
+def test_refused_flag_combinations(extra, optimizer, message):
+    with pytest.raises(ValueError) as err:
+        _build(extra, optimizer=optimizer)
+    assert message in str(err.value)
+
+
+def test_fp16_with_fp32_copies_is_refused_naming_memory_efficient_fp16():
+    model, args = _build(["--rank-scale", "0.5", "--wd2fd"], optimizer="fd_nag")
+    args.fp16_no_flatten_grads = True  # the flat path needs CUDA; both paths hand over copies
+    cfg = convert_namespace_to_omegaconf(args)
+    with pytest.raises(RuntimeError) as err:
+        optim.FP16Optimizer.build_optimizer(cfg, [p for p in model.parameters()])
+    assert "--memory-efficient-fp16" in str(err.value)
+
+
+def test_optimizer_state_round_trip_keeps_fd_state():
+    model, args = _build(["--rank-scale", "0.5", "--weight-decay", "0.01", "--momentum", "0.9"] + ALL_FD,
+                         optimizer="fd_nag")
+    opt = _optimizer(model, args)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    state = opt.state_dict()
+    assert state["fnl_frobenius_decay"] == {"coef": 0.01, "layers": 7, "quekey": 3, "outval": 3}  # 4 FFN, 2 embeddings, output
+    args.weight_decay = 0.5  # a fresh optimizer with another coefficient takes the checkpoint's back
+    opt2 = _optimizer(model, args)
+    opt2.load_state_dict(state)
+    assert opt2.coef == 0.01
+    bufs = [opt2.optimizer.state[p]["momentum_buffer"] for p in model.parameters()]
+    ref = [opt.optimizer.state[p]["momentum_buffer"] for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(bufs, ref))
+    wrong, wargs = _build(["--rank-scale", "0.5", "--wd2fd"], optimizer="fd_nag")
+    with pytest.raises(ValueError, match="--reset-optimizer"):
+        _optimizer(wrong, wargs).load_state_dict(state)
+
+
+def test_safe_globals_allow_fairseq_config_namespace():
+    buf = io.BytesIO()
+    torch.save({"cfg": {"model": argparse.Namespace(arch="fnl_transformer_small", rank_scale=0.5)}}, buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    assert state["cfg"]["model"].rank_scale == 0.5
+    assert fnl_fairseq.checkpoint.SAFE_GLOBALS == [argparse.Namespace]
+
+
+def test_launch_worker_argv():
+    from fnl_fairseq.launch import worker_argv
+    argv = worker_argv(["data", "--cpu"], rank=1, local_rank=1, world_size=2)
+    assert argv[argv.index("--distributed-rank") + 1] == "1"
+    assert argv[argv.index("--distributed-backend") + 1] == "gloo"
+    assert argv[argv.index("--ddp-backend") + 1] == "legacy_ddp"
+    with pytest.raises(ValueError, match="--distributed-rank is set by fnl_fairseq.launch"):
+        worker_argv(["data", "--distributed-rank", "0"], rank=0, local_rank=0, world_size=2)
