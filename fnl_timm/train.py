@@ -427,6 +427,7 @@ def _train(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
         train_loader.sampler.set_epoch(epoch)
         # augmentation randomness as a function of (seed, epoch, rank), so --resume continues exactly
         torch.manual_seed(args.seed * 100003 + epoch * 1009 + args.rank)
+        lr = optimizer.param_groups[0]['lr']  # the lr this epoch trains with
         train_metrics, num_updates = _train_one_epoch(
             epoch, train_model, train_loader, optimizer, loss_fn, args, device, amp_ctx, loss_scaler,
             lr_scheduler, num_updates, normalizer, recorder, steps_per_epoch)
@@ -435,7 +436,6 @@ def _train(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
         eval_metrics = validate(model, val_loader, loss_fn, args, device, amp_ctx, args.limit_val_batches)
         lr_scheduler.step(epoch + 1, eval_metrics['top1'])
         if _is_main(args):
-            lr = optimizer.param_groups[0]['lr']
             update_summary(epoch, train_metrics, eval_metrics, os.path.join(out_dir, 'summary.csv'), lr=lr,
                            write_header=epoch == 0)
             if writer is not None:
@@ -459,6 +459,8 @@ def _train(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
         compression_ratio=stats.param_ratio, macs=stats.total_macs, dense_macs=stats.dense_macs,
         macs_ratio=stats.macs_ratio, train_seconds=train_time, world_size=args.world_size)
 
+    if args.distributed:
+        results['ddp_max_weight_diff'] = _max_diff_across_ranks(model)
     if recorder is not None and _is_main(args) and len(recorder):
         path = os.path.join(out_dir, 'frobnorms.pt')
         recorder.save(path, steps_per_epoch)
@@ -472,6 +474,17 @@ def _train(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
             writer.close()
         _logger.info(json.dumps(results))
     return results
+
+
+@torch.no_grad()
+def _max_diff_across_ranks(model: nn.Module) -> float:
+    """The largest difference between any rank's parameters and buffers and rank 0's (DDP check)."""
+    flat = torch.cat([t.detach().float().reshape(-1) for t in model.state_dict().values() if t.is_floating_point()])
+    ref = flat.clone()
+    dist.broadcast(ref, 0)
+    diff = (flat - ref).abs().max().reshape(1)
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return float(diff)
 
 
 @torch.no_grad()
