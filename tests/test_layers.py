@@ -254,3 +254,13 @@ def test_torch_compile_layer():
     x = torch.randn(2, 3, 8, 8)
     compiled = torch.compile(f)
     _close(compiled(x), f(x), atol=1e-5)
+
+
+def test_spectral_of_rank_deficient_weight_is_finite():
+    dense = nn.Linear(6, 5)
+    with torch.no_grad():
+        dense.weight.zero_()
+        dense.weight[:, 0] = 1.0  # rank 1
+    f = fnl.FactorizedLinear.from_dense(dense, rank=4)
+    assert torch.isfinite(f.U).all() and torch.isfinite(f.V).all()
+    _close(f.dense_weight(), dense.weight)
