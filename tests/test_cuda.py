@@ -1,0 +1,85 @@
+"""The core on CUDA: same numbers as on the CPU, AMP, compile. Skipped without a GPU."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fnl
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _net(device):
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        fnl.FactorizedConv2d(16, 32, 3, stride=2, padding=1, rank_scale=0.25), nn.BatchNorm2d(32), nn.ReLU(),
+        fnl.FactorizedConv2d(32, 32, 3, padding=1, rank_scale=1.0, square=True), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), fnl.FactorizedLinear(32, 10, rank=4),
+    ).to(device)
+
+
+def test_layers_match_cpu():
+    cpu = _net("cpu").double()
+    gpu = copy.deepcopy(cpu).cuda()
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    y_cpu, y_gpu = cpu(x), gpu(x.cuda())
+    assert torch.allclose(y_cpu, y_gpu.cpu(), atol=1e-10), f"{(y_cpu - y_gpu.cpu()).abs().max():.3e}"
+    y_cpu.sum().backward()
+    y_gpu.sum().backward()
+    for (name, a), b in zip(cpu.named_parameters(), gpu.parameters()):
+        assert torch.allclose(a.grad, b.grad.cpu(), atol=1e-9), name
+
+
+def test_spectral_and_collapse_on_cuda():
+    torch.manual_seed(1)
+    dense = nn.Conv2d(32, 64, 3, padding=1).cuda()
+    f = fnl.FactorizedConv2d.from_dense(dense, rank_scale=1.0)
+    assert f.U.is_cuda
+    x = torch.randn(2, 32, 8, 8, device="cuda")
+    assert torch.allclose(f(x), dense(x), atol=1e-4), f"{(f(x) - dense(x)).abs().max():.3e}"
+    assert torch.allclose(f.to_dense()(x), dense(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_amp_training_with_frobenius_decay(dtype):
+    model = _net("cuda")
+    ref = copy.deepcopy(model)
+    opt = fnl.FrobeniusDecay(torch.optim.SGD(fnl.param_groups(model, 1e-4), lr=0.05, momentum=0.9), model, 1e-2)
+    ref_opt = fnl.FrobeniusDecay(torch.optim.SGD(fnl.param_groups(ref, 1e-4), lr=0.05, momentum=0.9), ref, 1e-2)
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 12, enabled=dtype == torch.float16)
+    x = torch.randn(8, 3, 16, 16, device="cuda")
+    y = torch.randint(0, 10, (8,), device="cuda")
+    for _ in range(3):
+        opt.zero_grad()
+        with torch.autocast("cuda", dtype=dtype):
+            loss = nn.functional.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        ref_opt.zero_grad()
+        nn.functional.cross_entropy(ref(x), y).backward()
+        ref_opt.step()
+    for (name, a), b in zip(model.named_parameters(), ref.parameters()):
+        assert torch.isfinite(a).all(), name
+        # AMP and fp32 training agree to low-precision accuracy after 3 steps
+        assert (a - b).abs().max() <= 0.05 * b.abs().max() + 1e-3, f"{name}: {(a - b).abs().max():.3e}"
+
+
+def test_fd_grad_matches_autograd_on_cuda():
+    layer = fnl.FactorizedConv2d(16, 16, 3, rank=12, square=True, device="cuda", dtype=torch.float64)
+    with torch.no_grad():
+        layer.S.add_(0.1 * torch.randn_like(layer.S))
+    expected = torch.autograd.grad(0.05 * layer.matrix().pow(2).sum(), layer.factor_parameters())
+    layer.add_frobenius_grad_(0.1)
+    for p, g in zip(layer.factor_parameters(), expected):
+        assert torch.allclose(p.grad, g, rtol=1e-10), f"{(p.grad - g).abs().max():.3e}"
+
+
+def test_torch_compile_on_cuda():
+    model = _net("cuda").eval()
+    x = torch.randn(4, 3, 16, 16, device="cuda")
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        assert torch.allclose(compiled(x), model(x), atol=1e-4)
