@@ -55,6 +55,17 @@ class FrobeniusNormRecorder:
             raise ValueError("nothing recorded yet; call record() after each optimizer step")
         return torch.stack(self._steps).cpu().view(-1, steps_per_epoch, len(self.layers))
 
+    def state_dict(self) -> dict:
+        """The norms recorded so far (CPU), for checkpoints."""
+        return {"norms": torch.stack(self._steps).cpu() if self._steps else torch.empty(0, len(self.layers))}
+
+    def load_state_dict(self, state: dict) -> None:
+        norms = state["norms"]
+        if norms.dim() != 2 or norms.shape[1] != len(self.layers):
+            raise ValueError(f"state['norms'] must have shape [steps, {len(self.layers)}], got {tuple(norms.shape)}")
+        device = self.layers[0].U.device
+        self._steps = [row.to(device) for row in norms]
+
     def save(self, path: PathLike, steps_per_epoch: int) -> None:
         """Save ``norms(steps_per_epoch)`` with ``torch.save`` (written to a temporary file first)."""
         tmp = f"{os.fspath(path)}.tmp"

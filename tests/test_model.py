@@ -181,6 +181,9 @@ def test_frobnorm_record_and_normalize(tmp_path):
     recorder = fnl.FrobeniusNormRecorder(model)
     train(model, 6, recorder.record, 0.1)
     path = tmp_path / "frobnorms.pt"
+    resumed = fnl.FrobeniusNormRecorder(model)
+    resumed.load_state_dict(recorder.state_dict())
+    assert torch.equal(resumed.norms(3), recorder.norms(3))
     recorder.save(path, steps_per_epoch=3)
     norms = fnl.load_frobnorms(path)
     assert norms.shape == (2, 3, 3)
