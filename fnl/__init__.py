@@ -7,6 +7,9 @@ from .attention import (
     add_outval_fd_grad_, add_quekey_fd_grad_, balance_outval_, balance_quekey_, outval_norm_sq, quekey_norm_sq,
 )
 from .base import FactorizedLayer, resolve_rank, spectral_factors
+from .compress import (
+    CompressionReport, LayerDecision, apply_ranks, compress, measure_latency, round_rank, select_fastest_paths,
+)
 from .conv import FactorizedConv2d
 from .embedding import FactorizedEmbedding
 from .frobenius import (
@@ -19,10 +22,11 @@ from .normalize import FrobeniusNormalizer, FrobeniusNormRecorder, load_frobnorm
 __version__ = "0.1.0"
 
 __all__ = [
-    "FactorizedConv2d", "FactorizedEmbedding", "FactorizedLayer", "FactorizedLinear", "FrobeniusDecay",
-    "FrobeniusNormRecorder", "FrobeniusNormalizer", "ModelSummary", "add_outval_fd_grad_", "add_quekey_fd_grad_",
-    "balance_outval_", "balance_quekey_", "collapse", "count_macs", "count_parameters", "factor_parameter_names",
-    "factorize", "factorized_layers", "frobenius_norm", "frobenius_penalty", "load_frobnorms", "outval_norm_sq",
-    "param_groups", "quekey_norm_sq", "rescale_to_norm_", "resolve_rank", "solve_rank_scale", "spectral_factors",
-    "summary",
+    "CompressionReport", "FactorizedConv2d", "FactorizedEmbedding", "FactorizedLayer", "FactorizedLinear",
+    "FrobeniusDecay", "FrobeniusNormRecorder", "FrobeniusNormalizer", "LayerDecision", "ModelSummary",
+    "add_outval_fd_grad_", "add_quekey_fd_grad_", "apply_ranks", "balance_outval_", "balance_quekey_",
+    "collapse", "compress", "count_macs", "count_parameters", "factor_parameter_names", "factorize",
+    "factorized_layers", "frobenius_norm", "frobenius_penalty", "load_frobnorms", "measure_latency",
+    "outval_norm_sq", "param_groups", "quekey_norm_sq", "rescale_to_norm_", "resolve_rank", "round_rank",
+    "select_fastest_paths", "solve_rank_scale", "spectral_factors", "summary",
 ]
