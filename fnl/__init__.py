@@ -18,6 +18,9 @@ from .frobenius import (
 from .linear import FactorizedLinear
 from .model import ModelSummary, collapse, count_macs, count_parameters, factorize, solve_rank_scale, summary
 from .normalize import FrobeniusNormalizer, FrobeniusNormRecorder, load_frobnorms, rescale_to_norm_
+from .tensor_conv import (
+    TensorConv2d, TTConv2d, TuckerConv2d, hosvd, solve_tensor_scale, tensor_modes, tensorize, tt_svd,
+)
 
 __version__ = "0.1.0"
 
@@ -29,4 +32,6 @@ __all__ = [
     "factorized_layers", "frobenius_norm", "frobenius_penalty", "load_frobnorms", "measure_latency",
     "outval_norm_sq", "param_groups", "quekey_norm_sq", "rescale_to_norm_", "resolve_rank", "round_rank",
     "select_fastest_paths", "solve_rank_scale", "spectral_factors", "summary",
+    # tensor formats (SPEC 6)
+    "TTConv2d", "TensorConv2d", "TuckerConv2d", "hosvd", "solve_tensor_scale", "tensor_modes", "tensorize", "tt_svd",
 ]

@@ -1,0 +1,873 @@
+"""Tensor-decomposed convolutions: Tensor-Train and Tucker (paper section 5, Table 3; SPEC 6).
+
+A k x k convolution becomes a depthwise k x k convolution (one filter per input channel, carrying
+the stride, padding and dilation) followed by a 1x1 convolution whose (out x in) matrix ``W`` is
+held in a tensor format. A 1x1 convolution (the WRN shortcuts) has no depthwise part: a per-channel
+scale would add nothing a 1x1 matrix cannot hold but does not fit the tensor format either.
+
+**Modes.** ``out = o_1 o_2 o_3`` and ``in = i_1 i_2 i_3`` (row-major), and ``W`` is read as the
+3-way tensor ``T[n_1, n_2, n_3]`` with ``n_k = (o_k, i_k)``, i.e. mode k has size ``n_k = o_k i_k``
+(the "TT-matrix" layout, which is what lets the cores be contracted with the input directly).
+Derived modes: each channel count is split into 3 factors as equal as possible, the output
+factors in decreasing and the input factors in increasing order are paired (balancing the
+``n_k``), and the pairs are sorted by ``n_k``, largest first. 640 x 640 gives ``o = (10, 8, 8)``,
+``i = (8, 10, 8)``, ``n = (80, 80, 64)``, the modes of SPEC 6.
+
+**Ranks from a scale s** (SPEC 6): Tensor-Train bond ranks ``r_k = max(1, round(s min(n_k,
+n_{k+1})))`` for k = 1, 2; Tucker ranks ``R_k = max(1, round(s n_k))``; s in (0, 1].
+
+**Forward.** Depthwise conv, then the cheaper (by multiply-adds, counted for the actual batch) of
+contracting the cores with the input one at a time (no permutation of the activations: each step
+is one batched matmul, in whichever direction, left-to-right or right-to-left, is cheaper) or
+rebuilding ``W`` once per call and running one 1x1 conv. A Tucker tensor is contracted through the
+equivalent 3-core Tensor-Train (``A_1``, ``G x_2 A_2``, ``A_3ᵀ``; bond ranks R_1, R_3).
+
+**Initialisation.** Spectral (``spectral=True``): ``W`` gets the layer's dense init, then its
+TT-SVD (Oseledets 2011) or truncated HOSVD (De Lathauwer et al. 2000) at the layer's ranks, with
+the norm spread evenly over the cores by scalars (the tensor-format analogue of SPEC 2's even split
+of the singular values); the depthwise filters keep their dense init. Default: every core is
+Gaussian with one std chosen so that the entries of the rebuilt ``W`` have the variance of the
+dense init.
+
+**Frobenius decay** (SPEC 3, 6): ``(lambda/2) ||W||_F²`` of the rebuilt matrix, its gradient added
+to the cores by ``add_frobenius_grad_`` in closed form (TT: left/right environments,
+``dG_k = lambda L_{k-1} G_k R_{k+1}``; Tucker: mode Gram matrices), ``W`` never formed. The
+depthwise filters are not factors: they keep ordinary weight decay. **(fix)** the reference added
+this penalty to the loss after ``backward()``, so it had no effect.
+
+**Dense conversions.** ``to_dense`` is exact: depthwise then pointwise is the k x k conv with kernel
+``K[o, i] = W[o, i] D[i]``. ``from_dense`` of an arbitrary k x k conv cannot be exact: the kernels
+this layer represents are those whose every input-channel slice ``K[:, i]`` (out x kh kw) has rank
+<= 1. It takes the Frobenius-best such kernel (the leading singular pair of every slice, by
+Eckart-Young: ``D[i]`` the unit right vector, ``W[:, i] = s_i u_i``), then TT-SVD / HOSVD of ``W``.
+It is exact for 1x1 convs and for kernels made by ``to_dense`` (at full ranks).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import FactorizedLayer, InitFn, check_positive_int
+from .conv import IntPair, _conv_out, _pair
+from .model import Selector, _all_names, _candidates, _replace, count_parameters
+
+__all__ = [
+    "TTConv2d", "TensorConv2d", "TuckerConv2d", "hosvd", "solve_tensor_scale", "tensor_modes", "tensorize",
+    "tt_svd",
+]
+
+_PATHS = ("auto", "factored", "dense")
+NUM_MODES = 3  # SPEC 6: the matrix as a 3-way tensor
+RankArg = Union[int, Sequence[int], None]
+
+
+# --- modes and ranks ---------------------------------------------------------------------------
+def _near_equal_factors(n: int, d: int) -> tuple[int, ...]:
+    """``d`` factors of ``n`` (ascending), as equal as possible: smallest max/min, then smallest max."""
+    best: Optional[tuple[int, ...]] = None
+
+    def rec(rest: int, k: int, lo: int, acc: tuple[int, ...]):
+        nonlocal best
+        if k == 1:
+            if rest >= lo:
+                cand = acc + (rest,)
+                key = (cand[-1] / cand[0], cand[-1])
+                if best is None or key < (best[-1] / best[0], best[-1]):
+                    best = cand
+            return
+        for f in range(lo, int(round(rest ** (1 / k))) + 2):
+            if rest % f == 0:
+                rec(rest // f, k - 1, f, acc + (f,))
+
+    rec(n, d, 1, ())
+    assert best is not None  # n = 1 * ... * 1 * n always qualifies
+    return best
+
+
+def tensor_modes(out_channels: int, in_channels: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The derived ``(out_modes, in_modes)`` of an (out x in) matrix (see the module docstring)."""
+    check_positive_int("out_channels", out_channels)
+    check_positive_int("in_channels", in_channels)
+    o = sorted(_near_equal_factors(out_channels, NUM_MODES), reverse=True)
+    i = sorted(_near_equal_factors(in_channels, NUM_MODES))
+    pairs = sorted(zip(o, i), key=lambda p: -p[0] * p[1])  # stable: ties keep the pairing order
+    return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
+
+
+def _check_modes(name: str, modes: Optional[Sequence[int]], channels: int) -> Optional[tuple[int, ...]]:
+    if modes is None:
+        return None
+    if (not isinstance(modes, (tuple, list)) or len(modes) != NUM_MODES
+            or not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in modes)):
+        raise TypeError(f"{name} must be a sequence of {NUM_MODES} ints >= 1, got {modes!r}")
+    if math.prod(modes) != channels:
+        raise ValueError(f"{name}={tuple(modes)} must multiply to {channels}, got {math.prod(modes)}")
+    return tuple(modes)
+
+
+def _check_scale(rank_scale: object) -> float:
+    if isinstance(rank_scale, bool) or not isinstance(rank_scale, (int, float)):
+        raise TypeError(f"rank_scale must be a float in (0, 1], got {type(rank_scale).__name__} {rank_scale!r}")
+    if not math.isfinite(rank_scale) or not 0 < rank_scale <= 1:
+        raise ValueError(f"rank_scale must be a float in (0, 1], got {rank_scale!r}")
+    return float(rank_scale)
+
+
+def _tt_ranks_from_scale(n: Sequence[int], s: float) -> tuple[int, ...]:
+    return tuple(max(1, round(s * min(n[k], n[k + 1]))) for k in range(len(n) - 1))
+
+
+def _tucker_ranks_from_scale(n: Sequence[int], s: float) -> tuple[int, ...]:
+    return tuple(max(1, round(s * nk)) for nk in n)
+
+
+def _resolve_ranks(rank: RankArg, rank_scale: Optional[float], count: int,
+                   from_scale: Callable[[float], tuple[int, ...]]) -> tuple[int, ...]:
+    if (rank is None) == (rank_scale is None):
+        raise ValueError(f"give exactly one of rank (an int >= 1 or {count} of them) or rank_scale (a float in "
+                         f"(0, 1]); got rank={rank!r}, rank_scale={rank_scale!r}")
+    if rank_scale is not None:
+        return from_scale(_check_scale(rank_scale))
+    ranks = (rank,) * count if isinstance(rank, int) and not isinstance(rank, bool) else rank
+    if (not isinstance(ranks, (tuple, list)) or len(ranks) != count
+            or not all(isinstance(r, int) and not isinstance(r, bool) for r in ranks)):
+        raise TypeError(f"rank must be an int >= 1 or a sequence of {count} ints >= 1, got {rank!r}")
+    if min(ranks) < 1:
+        raise ValueError(f"rank must be >= 1, got {rank!r}")
+    return tuple(int(r) for r in ranks)
+
+
+# --- decompositions ----------------------------------------------------------------------------
+def _decomposition_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64  # decompositions run in float64 and are cast back (they run once)
+
+
+def tt_svd(tensor: Tensor, ranks: Sequence[int]) -> tuple[list[Tensor], list[Tensor]]:
+    """TT-SVD (Oseledets 2011): sequential truncated SVDs, left-orthogonal cores.
+
+    Args:
+        tensor: a d-way tensor (n_1, ..., n_d).
+        ranks: the d-1 bond ranks; ``ranks[k]`` must not exceed the rank the k-th step can have
+            (``r_{k-1} n_k`` and ``n_{k+1} ... n_d``).
+
+    Returns:
+        ``(cores, discarded)``: cores (r_{k-1}, n_k, r_k) in float64, and for each step the sum of
+        the squared singular values it discarded. ``||T - TT(cores)||_F² = sum(discarded)``
+        exactly (the cores are left-orthogonal, so the step errors are orthogonal), and each term
+        is at most the discarded energy of the same unfolding of ``T`` itself.
+    """
+    n = tuple(tensor.shape)
+    if len(ranks) != len(n) - 1:
+        raise ValueError(f"ranks must have {len(n) - 1} entries for a {len(n)}-way tensor, got {tuple(ranks)}")
+    c = tensor.detach().to(_decomposition_dtype(tensor))
+    cores, discarded = [], []
+    r_prev = 1
+    for k, r in enumerate(ranks):
+        mat = c.reshape(r_prev * n[k], -1)
+        if r > min(mat.shape):
+            raise ValueError(f"ranks[{k}]={r} exceeds {min(mat.shape)}, the largest rank of TT-SVD step {k} "
+                             f"for modes {n} and ranks {tuple(ranks)}")
+        u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+        discarded.append(s[r:].square().sum())
+        cores.append(u[:, :r].reshape(r_prev, n[k], r))
+        c = s[:r, None] * vh[:r]
+        r_prev = r
+    cores.append(c.reshape(r_prev, n[-1], 1))
+    return cores, discarded
+
+
+def _mode_unfold(t: Tensor, k: int) -> Tensor:
+    return t.movedim(k, 0).reshape(t.shape[k], -1)
+
+
+def hosvd(tensor: Tensor, ranks: Sequence[int]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """Truncated higher-order SVD (De Lathauwer, De Moor, Vandewalle 2000).
+
+    Args:
+        tensor: a d-way tensor (n_1, ..., n_d).
+        ranks: d ranks, ``ranks[k] <= n_k``.
+
+    Returns:
+        ``(core, factors, discarded)``: factors (n_k, R_k) with orthonormal columns (the leading
+        left singular vectors of the mode-k unfolding), core ``T x_k A_kᵀ`` (R_1, ..., R_d), all
+        float64, and per mode the discarded squared singular values of the unfolding. The error
+        satisfies ``||T - T_hat||² = ||T||² - ||core||²`` exactly and
+        ``max(discarded) <= ||T - T_hat||² <= sum(discarded)``.
+    """
+    n = tuple(tensor.shape)
+    if len(ranks) != len(n):
+        raise ValueError(f"ranks must have {len(n)} entries for a {len(n)}-way tensor, got {tuple(ranks)}")
+    t = tensor.detach().to(_decomposition_dtype(tensor))
+    factors, discarded = [], []
+    for k, r in enumerate(ranks):
+        if r > n[k]:
+            raise ValueError(f"ranks[{k}]={r} exceeds the mode size n_{k + 1}={n[k]}")
+        unf = _mode_unfold(t, k)
+        evals, evecs = torch.linalg.eigh(unf @ unf.T)  # n_k x n_k Gram: cheaper than the SVD of unf
+        evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+        factors.append(evecs[:, :r].contiguous())
+        discarded.append(evals[r:].sum())
+    core = t
+    for k, a in enumerate(factors):
+        core = torch.tensordot(core, a, dims=([0], [0]))  # contracts mode k; it moves to the end
+    return core, factors, discarded
+
+
+def _tucker_full(core: Tensor, factors: Sequence[Tensor]) -> Tensor:
+    t = core
+    for a in factors:
+        t = torch.tensordot(t, a, dims=([0], [1]))
+    return t
+
+
+def _tt_full(cores: Sequence[Tensor]) -> Tensor:
+    """The tensor (n_1, ..., n_d) of 3-way cores (r_{k-1}, n_k, r_k)."""
+    t = cores[0].reshape(-1, cores[0].shape[-1])
+    for c in cores[1:]:
+        t = t @ c.reshape(c.shape[0], -1)
+        t = t.reshape(-1, c.shape[-1])
+    return t.reshape([c.shape[1] for c in cores])
+
+
+def _balance(parts: Sequence[Tensor]) -> None:
+    """Rescale the parts in place (product of the scales 1) so that they have equal Frobenius norms."""
+    norms = [float(p.norm()) for p in parts]
+    if min(norms) == 0:
+        return
+    target = math.exp(sum(math.log(v) for v in norms) / len(norms))
+    for p, v in zip(parts, norms):
+        p.mul_(target / v)
+
+
+# --- the layers --------------------------------------------------------------------------------
+class TensorConv2d(FactorizedLayer):
+    """Base of the tensor-format convs: depthwise k x k conv, then a 1x1 conv held in a tensor format.
+
+    Subclasses (``TTConv2d``, ``TuckerConv2d``) hold the cores and implement the ranks rule, the
+    decomposition, the default init, the TT-core view (for the forward pass) and the FD algebra.
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels.
+        kernel_size: (kh, kw) or an int; 1x1 kernels have no depthwise part.
+        stride: as in ``nn.Conv2d`` (applied by the depthwise conv).
+        padding: an int or a pair (applied by the depthwise conv).
+        dilation: as in ``nn.Conv2d``.
+        groups: must be 1.
+        bias: learn an additive bias (on the 1x1 conv).
+        rank: explicit ranks: an int (every rank) or one int per rank (exactly one of rank / rank_scale).
+        rank_scale: the scale s of SPEC 6, a float in (0, 1].
+        out_modes: 3 ints multiplying to out_channels (None: derived, see the module docstring).
+        in_modes: 3 ints multiplying to in_channels (None: derived).
+        spectral: give the dense 1x1 matrix ``init`` and decompose it (TT-SVD / HOSVD).
+        init: in-place init of the dense 1x1 weight (out, in, 1, 1); None is torch's ``nn.Conv2d``
+            init. Without ``spectral`` it sets the variance the random cores reproduce.
+        depthwise_init: in-place init of the depthwise weight (in, 1, kh, kw); None is torch's
+            ``nn.Conv2d`` init.
+        path: ``'auto'`` (the cheaper by multiply-adds, for the batch at hand), ``'factored'``
+            (contract the cores with the input) or ``'dense'`` (rebuild the 1x1 matrix).
+        padding_mode: only ``'zeros'``.
+        device: device of the parameters.
+        dtype: dtype of the parameters.
+    """
+
+    tensor_format = ""
+    ranks: tuple[int, ...]
+
+    def __init__(
+            self,
+            in_channels: int,
+            out_channels: int,
+            kernel_size: IntPair,
+            stride: IntPair = 1,
+            padding: IntPair = 0,
+            dilation: IntPair = 1,
+            groups: int = 1,
+            bias: bool = True,
+            *,
+            rank: RankArg = None,
+            rank_scale: Optional[float] = None,
+            out_modes: Optional[Sequence[int]] = None,
+            in_modes: Optional[Sequence[int]] = None,
+            spectral: bool = False,
+            init: Optional[InitFn] = None,
+            depthwise_init: Optional[InitFn] = None,
+            path: str = "auto",
+            padding_mode: str = "zeros",
+            device: Optional[torch.device | str] = None,
+            dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__()
+        if type(self) is TensorConv2d:
+            raise TypeError("TensorConv2d is abstract: use TTConv2d or TuckerConv2d")
+        factory_kwargs = {"device": device, "dtype": dtype}
+        self.in_channels = check_positive_int("in_channels", in_channels)
+        self.out_channels = check_positive_int("out_channels", out_channels)
+        self.kernel_size = _pair("kernel_size", kernel_size, 1)
+        self.stride = _pair("stride", stride, 1)
+        self.dilation = _pair("dilation", dilation, 1)
+        if isinstance(padding, str):
+            raise ValueError(f"padding must be an int or a pair of ints for {type(self).__name__}, got {padding!r}")
+        self.padding = _pair("padding", padding, 0)
+        if groups != 1:
+            raise ValueError(f"groups must be 1 for {type(self).__name__}, got {groups!r}")
+        if padding_mode != "zeros":
+            raise ValueError(f"padding_mode must be 'zeros' for {type(self).__name__}, got {padding_mode!r}")
+        if path not in _PATHS:
+            raise ValueError(f"path must be one of {_PATHS}, got {path!r}")
+        self.groups, self.padding_mode, self.path = 1, padding_mode, path
+        out_modes = _check_modes("out_modes", out_modes, out_channels)
+        in_modes = _check_modes("in_modes", in_modes, in_channels)
+        if (out_modes is None) != (in_modes is None):
+            raise ValueError("give both out_modes and in_modes, or neither (derived)")
+        if out_modes is None:
+            out_modes, in_modes = tensor_modes(out_channels, in_channels)
+        self.out_modes, self.in_modes = out_modes, in_modes
+        self.modes = tuple(o * i for o, i in zip(out_modes, in_modes))
+        self.ranks = self._ranks(rank, rank_scale)
+        self.rank = self.ranks  # shown by fnl.summary
+        self.square = False
+        self.spectral = bool(spectral)
+        self.init = init
+        self.depthwise_init = depthwise_init
+        self.has_depthwise = self.kernel_size != (1, 1)
+        if self.has_depthwise:
+            self.depthwise = nn.Parameter(torch.empty((in_channels, 1, *self.kernel_size), **factory_kwargs))
+        else:
+            if self.dilation != (1, 1):
+                self.dilation = (1, 1)  # no effect on a 1x1 kernel
+            self.register_parameter("depthwise", None)
+        self._create_cores(factory_kwargs)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_channels, **factory_kwargs))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    # --- subclass hooks ------------------------------------------------------------------------
+    def _ranks(self, rank: RankArg, rank_scale: Optional[float]) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def _create_cores(self, factory_kwargs: dict) -> None:
+        raise NotImplementedError
+
+    def tt_cores(self) -> list[Tensor]:
+        """Equivalent Tensor-Train cores (r_{k-1}, o_k, i_k, r_k) of the 1x1 matrix (differentiable)."""
+        raise NotImplementedError
+
+    def _set_tensor_(self, tensor: Tensor) -> None:
+        raise NotImplementedError
+
+    def _random_cores_(self, variance: float) -> None:
+        raise NotImplementedError
+
+    def _tt_rebuild_extra_macs(self) -> int:
+        return 0
+
+    # --- layout --------------------------------------------------------------------------------
+    def matrix_to_tensor(self, matrix: Tensor) -> Tensor:
+        """The (out x in) matrix as the 3-way tensor (n_1, n_2, n_3), ``n_k = (o_k, i_k)``."""
+        o, i = self.out_modes, self.in_modes
+        return matrix.reshape(*o, *i).permute(0, 3, 1, 4, 2, 5).reshape(self.modes)
+
+    def tensor_to_matrix(self, tensor: Tensor) -> Tensor:
+        """Inverse of ``matrix_to_tensor``."""
+        o, i = self.out_modes, self.in_modes
+        return tensor.reshape(o[0], i[0], o[1], i[1], o[2], i[2]).permute(0, 2, 4, 1, 3, 5).reshape(
+            self.out_channels, self.in_channels)
+
+    def matrix(self) -> Tensor:
+        """The (out x in) matrix of the 1x1 conv, rebuilt from the cores (differentiable)."""
+        cores = self.tt_cores()
+        return self.tensor_to_matrix(_tt_full([c.reshape(c.shape[0], -1, c.shape[-1]) for c in cores]))
+
+    def dense_weight(self) -> Tensor:
+        """The k x k kernel (out, in, kh, kw) of the equivalent dense conv, ``K[o, i] = W[o, i] D[i]``."""
+        w = self.matrix()[:, :, None, None]
+        return w * self.depthwise.view(1, self.in_channels, *self.kernel_size) if self.has_depthwise else w
+
+    def _dense_weight_shape(self) -> Sequence[int]:
+        return (self.out_channels, self.in_channels, *self.kernel_size)
+
+    def _dense_fan_in(self) -> int:
+        return self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+
+    def factors(self) -> tuple[Tensor, ...]:  # type: ignore[override]
+        """The cores (the factor parameters)."""
+        return tuple(self.factor_parameters())
+
+    # --- initialisation ------------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        """Depthwise filters and the 1x1 matrix get their dense inits; the cores the spectral or random init."""
+        ref = self.factor_parameters()[0]
+        with torch.no_grad():
+            if self.has_depthwise:
+                (self.depthwise_init or _torch_conv_init_)(self.depthwise)
+            dense = torch.empty((self.out_channels, self.in_channels, 1, 1), device=ref.device, dtype=ref.dtype)
+            (self.init or _torch_conv_init_)(dense)
+            if self.spectral:
+                self.set_matrix_(dense[:, :, 0, 0])
+            else:
+                self._random_cores_(float(dense.double().square().mean()))
+            self._reset_bias()
+
+    @torch.no_grad()
+    def set_matrix_(self, matrix: Tensor) -> None:
+        """Set the cores to the TT-SVD / HOSVD of an (out x in) matrix, the norm spread evenly over them."""
+        if tuple(matrix.shape) != (self.out_channels, self.in_channels):
+            raise ValueError(f"matrix must have shape {(self.out_channels, self.in_channels)}, got {tuple(matrix.shape)}")
+        if not bool(torch.isfinite(matrix).all()):
+            raise ValueError("matrix has non-finite values (inf or nan); spectral init needs a finite matrix")
+        self._set_tensor_(self.matrix_to_tensor(matrix.detach()))
+        _balance(self.factor_parameters())
+
+    @torch.no_grad()
+    def set_from_weight_(self, weight: Tensor) -> None:
+        """Set the depthwise filters and the cores from a dense k x k kernel (out, in, kh, kw).
+
+        The Frobenius-best depthwise-separable kernel (leading singular pair of each input-channel
+        slice ``K[:, i]``, out x kh kw), then TT-SVD / HOSVD of its 1x1 matrix (module docstring).
+        """
+        if tuple(weight.shape) != tuple(self._dense_weight_shape()):
+            raise ValueError(f"weight must have shape {tuple(self._dense_weight_shape())}, got {tuple(weight.shape)}")
+        w = weight.detach().double()
+        if not self.has_depthwise:
+            self.set_matrix_(w[:, :, 0, 0])
+            return
+        slices = w.permute(1, 0, 2, 3).reshape(self.in_channels, self.out_channels, -1)  # (in, out, kh*kw)
+        u, s, vh = torch.linalg.svd(slices, full_matrices=False)
+        d = vh[:, 0, :]  # unit-norm depthwise filters
+        sign = torch.where(d.sum(1) < 0, -1.0, 1.0).to(d)  # a deterministic sign: filters sum >= 0
+        self.depthwise.copy_((d * sign[:, None]).view_as(self.depthwise))
+        self.set_matrix_((u[:, :, 0] * (s[:, 0] * sign)[:, None]).T)
+
+    @staticmethod
+    def separable_error_sq(weight: Tensor) -> Tensor:
+        """``||K - K_sep||_F²`` of the best depthwise-separable approximation of a kernel (out, in, kh, kw)."""
+        s = torch.linalg.svdvals(weight.detach().double().permute(1, 0, 2, 3).reshape(
+            weight.shape[1], weight.shape[0], -1))
+        return s[:, 1:].square().sum()
+
+    # --- forward -------------------------------------------------------------------------------
+    def _contract_macs(self, direction: str) -> int:
+        """Multiply-adds per output pixel of contracting the TT cores with one input pixel."""
+        o, i, r = self.out_modes, self.in_modes, (1, *self._tt_bond_ranks(), 1)
+        total = 0
+        for k in range(NUM_MODES):
+            if direction == "rtl":  # state (I_{<=k}, r_k, O_{>k}) -> (I_{<k}, r_{k-1}, O_{>=k})
+                total += math.prod(i[:k]) * r[k] * o[k] * i[k] * r[k + 1] * math.prod(o[k + 1:])
+            else:  # state (O_{<k}, r_{k-1}, I_{>=k}) -> (O_{<=k}, r_k, I_{>k})
+                total += math.prod(o[:k]) * o[k] * r[k + 1] * r[k] * i[k] * math.prod(i[k + 1:])
+        return total
+
+    def _tt_bond_ranks(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def rebuild_macs(self) -> int:
+        """Multiply-adds of rebuilding the 1x1 matrix from the cores (once per forward on the dense path)."""
+        n, r = self.modes, self._tt_bond_ranks()
+        return n[0] * r[0] * n[1] * r[1] + n[0] * n[1] * r[1] * n[2] + self._tt_rebuild_extra_macs()
+
+    def _plan(self, pixels: int) -> tuple[bool, str]:
+        """(use the dense path, contraction direction) for ``pixels`` = batch x output pixels."""
+        rtl, ltr = self._contract_macs("rtl"), self._contract_macs("ltr")
+        direction = "rtl" if rtl <= ltr else "ltr"
+        if self.path == "auto":
+            dense = self.rebuild_macs() + pixels * self.out_channels * self.in_channels
+            return pixels * min(rtl, ltr) >= dense, direction
+        return self.path == "dense", direction
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.has_depthwise:
+            x = F.conv2d(x, self.depthwise, None, self.stride, self.padding, self.dilation, self.in_channels)
+        elif self.padding != (0, 0) or self.stride != (1, 1):
+            x = F.pad(x, (self.padding[1],) * 2 + (self.padding[0],) * 2)[..., ::self.stride[0], ::self.stride[1]]
+        b, _, h, w = x.shape  # (B, in, H_out, W_out)
+        dense, direction = self._plan(b * h * w)
+        if dense:
+            return F.conv2d(x, self.matrix()[:, :, None, None], self.bias)
+        y = _tt_contract(x.reshape(b, self.in_channels, h * w), self.tt_cores(), direction)  # (B, out, H*W)
+        y = y.view(b, self.out_channels, h, w)
+        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
+
+    # --- Frobenius decay -----------------------------------------------------------------------
+    def _promoted_cores(self) -> list[Tensor]:
+        ps = self.factor_parameters()
+        dtype = torch.float64 if ps[0].dtype == torch.float64 else torch.float32
+        return [p.to(dtype) for p in ps]
+
+    @torch.no_grad()
+    def add_frobenius_grad_(self, coef: float) -> None:
+        """Add the gradient of ``(coef/2) ||W||_F²`` (W the rebuilt 1x1 matrix) to the cores' ``.grad``."""
+        if coef == 0:
+            return
+        for p, g in zip(self.factor_parameters(), self._frobenius_grads(self._promoted_cores())):
+            g = g.mul_(coef).to(p.dtype)
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad.add_(g)
+
+    def _frobenius_grads(self, cores: list[Tensor]) -> list[Tensor]:
+        raise NotImplementedError
+
+    # --- counts and conversions ----------------------------------------------------------------
+    def _out_hw(self, input_shape: Sequence[int]) -> tuple[int, int]:
+        h, w = input_shape[-2], input_shape[-1]
+        return (_conv_out(h, self.kernel_size[0], self.stride[0], self.padding[0], self.dilation[0]),
+                _conv_out(w, self.kernel_size[1], self.stride[1], self.padding[1], self.dilation[1]))
+
+    def macs(self, input_shape: Sequence[int]) -> int:
+        """Multiply-adds for one sample (in_channels, H, W): depthwise conv plus the cheaper 1x1 path.
+
+        The rebuild of the 1x1 matrix is once per batch, not per sample, and is not counted
+        (``rebuild_macs()`` gives it); with ``path='factored'`` / ``'dense'`` that path is counted.
+        """
+        h_out, w_out = self._out_hw(input_shape)
+        pixels = h_out * w_out
+        depthwise = self.in_channels * self.kernel_size[0] * self.kernel_size[1] * pixels if self.has_depthwise else 0
+        contract = min(self._contract_macs("rtl"), self._contract_macs("ltr"))
+        dense = self.out_channels * self.in_channels
+        per_pixel = {"auto": min(contract, dense), "factored": contract, "dense": dense}[self.path]
+        return depthwise + per_pixel * pixels
+
+    def dense_macs(self, input_shape: Sequence[int]) -> int:
+        """Multiply-adds of the dense k x k conv for the same input."""
+        h_out, w_out = self._out_hw(input_shape)
+        return self.out_channels * self.in_channels * self.kernel_size[0] * self.kernel_size[1] * h_out * w_out
+
+    @classmethod
+    def from_dense(cls, layer: nn.Conv2d, *, rank: RankArg = None, rank_scale: Optional[float] = None,
+                   out_modes: Optional[Sequence[int]] = None, in_modes: Optional[Sequence[int]] = None,
+                   path: str = "auto") -> "TensorConv2d":
+        """From a (trained) ``nn.Conv2d``: best depthwise-separable kernel, then TT-SVD / HOSVD (exact for 1x1
+        kernels and for ``to_dense()`` outputs at full ranks; see the module docstring)."""
+        if cls is TensorConv2d:
+            raise TypeError("TensorConv2d is abstract: use TTConv2d.from_dense or TuckerConv2d.from_dense")
+        if not isinstance(layer, nn.Conv2d):
+            raise TypeError(f"layer must be an nn.Conv2d, got {type(layer).__name__}")
+        if layer.groups != 1:
+            raise ValueError(f"layer.groups must be 1 for {cls.__name__}, got {layer.groups}")
+        if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+            raise ValueError(f"layer must have padding_mode 'zeros' and numeric padding for {cls.__name__}, got "
+                             f"padding_mode={layer.padding_mode!r}, padding={layer.padding!r}")
+        w = layer.weight
+        new = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                  layer.dilation, 1, layer.bias is not None, rank=rank, rank_scale=rank_scale, out_modes=out_modes,
+                  in_modes=in_modes, path=path, device=w.device, dtype=w.dtype)
+        new.set_from_weight_(w)
+        if layer.bias is not None:
+            with torch.no_grad():
+                new.bias.copy_(layer.bias)
+        return new
+
+    def to_dense(self) -> nn.Conv2d:
+        """An ``nn.Conv2d`` computing the same function (exact: kernel ``W[o, i] D[i]``)."""
+        ref = self.factor_parameters()[0]
+        dense = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                          self.dilation, 1, self.bias is not None, device=ref.device, dtype=ref.dtype)
+        with torch.no_grad():
+            dense.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+             f"ranks={self.ranks}, out_modes={self.out_modes}, in_modes={self.in_modes}")
+        if self.padding != (0, 0):
+            s += f", padding={self.padding}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.path != "auto":
+            s += f", path={self.path!r}"
+        return s
+
+
+class TTConv2d(TensorConv2d):
+    """Depthwise k x k conv, then a 1x1 conv whose matrix is a Tensor-Train (TT-matrix) of 3 cores.
+
+    Cores ``core{k}`` have shape (r_{k-1}, o_k, i_k, r_k), r_0 = r_3 = 1, and
+    ``W[(o_1 o_2 o_3), (i_1 i_2 i_3)] = G_1[o_1, i_1] G_2[o_2, i_2] G_3[o_3, i_3]`` (a product of
+    r_{k-1} x r_k matrices). Ranks: ``r_k = max(1, round(rank_scale * min(n_k, n_{k+1})))`` with
+    ``n_k = o_k i_k`` (SPEC 6), or ``rank`` (an int or 2 ints). Arguments as in ``TensorConv2d``.
+    """
+
+    tensor_format = "tt"
+
+    def _ranks(self, rank: RankArg, rank_scale: Optional[float]) -> tuple[int, ...]:
+        n = self.modes
+        ranks = _resolve_ranks(rank, rank_scale, NUM_MODES - 1, lambda s: _tt_ranks_from_scale(n, s))
+        r = (1, *ranks, 1)
+        for k in range(1, NUM_MODES):
+            if r[k] > r[k - 1] * n[k - 1] or r[k] > n[k] * r[k + 1]:
+                raise ValueError(f"rank: TT rank r_{k}={r[k]} exceeds what its neighbours allow "
+                                 f"(r_{k - 1} n_{k}={r[k - 1] * n[k - 1]}, n_{k + 1} r_{k + 1}={n[k] * r[k + 1]}) "
+                                 f"for modes n={n}")
+        return ranks
+
+    def _tt_bond_ranks(self) -> tuple[int, ...]:
+        return self.ranks
+
+    def _create_cores(self, factory_kwargs: dict) -> None:
+        r = (1, *self.ranks, 1)
+        for k in range(NUM_MODES):
+            shape = (r[k], self.out_modes[k], self.in_modes[k], r[k + 1])
+            setattr(self, f"core{k + 1}", nn.Parameter(torch.empty(shape, **factory_kwargs)))
+
+    def factor_parameters(self) -> list[nn.Parameter]:
+        return [self.core1, self.core2, self.core3]
+
+    def tt_cores(self) -> list[Tensor]:
+        return [self.core1, self.core2, self.core3]
+
+    def _set_tensor_(self, tensor: Tensor) -> None:
+        cores, _ = tt_svd(tensor, self.ranks)
+        for p, c in zip(self.factor_parameters(), cores):
+            p.copy_(c.reshape(p.shape))
+
+    def _random_cores_(self, variance: float) -> None:
+        # entry of W = sum over r_1 r_2 products of 3 core entries: var = r_1 r_2 std^6
+        std = (variance / math.prod(self.ranks)) ** (1 / 6)
+        for p in self.factor_parameters():
+            nn.init.normal_(p, 0.0, std)
+
+    def frobenius_norm_sq(self) -> Tensor:
+        """``||W||_F²`` by the left-environment sweep, O(n r³); W is never formed (differentiable)."""
+        left = None
+        for c in self._promoted_cores():
+            c = c.reshape(c.shape[0], -1, c.shape[-1])
+            left = torch.einsum("anc,and->cd", c, c) if left is None else torch.einsum("ab,anc,bnd->cd", left, c, c)
+        return left.reshape(())
+
+    def _frobenius_grads(self, cores: list[Tensor]) -> list[Tensor]:
+        # (1/2) d||W||²/dG_k = L_{k-1} G_k R_{k+1}, with L, R the contracted left/right environments
+        cs = [c.reshape(c.shape[0], -1, c.shape[-1]) for c in cores]
+        lefts = [torch.ones(1, 1, dtype=cs[0].dtype, device=cs[0].device)]
+        for c in cs[:-1]:
+            lefts.append(torch.einsum("ab,anc,bnd->cd", lefts[-1], c, c))
+        rights = [torch.ones(1, 1, dtype=cs[0].dtype, device=cs[0].device)]
+        for c in reversed(cs[1:]):
+            rights.insert(0, torch.einsum("anc,bnd,cd->ab", c, c, rights[0]))
+        return [torch.einsum("ab,bnd,cd->anc", lf, c, rt).reshape(p.shape)
+                for lf, c, rt, p in zip(lefts, cs, rights, cores)]
+
+
+class TuckerConv2d(TensorConv2d):
+    """Depthwise k x k conv, then a 1x1 conv whose matrix is a Tucker tensor.
+
+    ``T = G x_1 A_1 x_2 A_2 x_3 A_3`` with core ``core`` (R_1, R_2, R_3) and factors ``factor{k}``
+    (n_k x R_k), ``n_k = o_k i_k``. Ranks: ``R_k = max(1, round(rank_scale * n_k))`` (SPEC 6), or
+    ``rank`` (an int or 3 ints, each <= n_k). Arguments as in ``TensorConv2d``.
+    """
+
+    tensor_format = "tucker"
+
+    def _ranks(self, rank: RankArg, rank_scale: Optional[float]) -> tuple[int, ...]:
+        n = self.modes
+        ranks = _resolve_ranks(rank, rank_scale, NUM_MODES, lambda s: _tucker_ranks_from_scale(n, s))
+        for k, (r, nk) in enumerate(zip(ranks, n)):
+            if r > nk:
+                raise ValueError(f"rank: Tucker rank R_{k + 1}={r} exceeds the mode size n_{k + 1}={nk} (modes {n})")
+        return ranks
+
+    def _tt_bond_ranks(self) -> tuple[int, ...]:
+        return self.ranks[0], self.ranks[2]
+
+    def _tt_rebuild_extra_macs(self) -> int:
+        return self.ranks[0] * self.ranks[1] * self.ranks[2] * self.modes[1]  # G x_2 A_2
+
+    def _create_cores(self, factory_kwargs: dict) -> None:
+        self.core = nn.Parameter(torch.empty(self.ranks, **factory_kwargs))
+        for k in range(NUM_MODES):
+            setattr(self, f"factor{k + 1}", nn.Parameter(torch.empty((self.modes[k], self.ranks[k]), **factory_kwargs)))
+
+    def factor_parameters(self) -> list[nn.Parameter]:
+        return [self.core, self.factor1, self.factor2, self.factor3]
+
+    def tt_cores(self) -> list[Tensor]:
+        (o1, o2, o3), (i1, i2, i3), (r1, _, r3) = self.out_modes, self.in_modes, self.ranks
+        middle = torch.einsum("abc,nb->anc", self.core, self.factor2)  # (R_1, n_2, R_3)
+        return [self.factor1.view(1, o1, i1, r1), middle.reshape(r1, o2, i2, r3), self.factor3.T.reshape(r3, o3, i3, 1)]
+
+    def _set_tensor_(self, tensor: Tensor) -> None:
+        core, factors, _ = hosvd(tensor, self.ranks)
+        for p, c in zip(self.factor_parameters(), [core, *factors]):
+            p.copy_(c)
+
+    def _random_cores_(self, variance: float) -> None:
+        # entry of W = sum over R_1 R_2 R_3 products of 4 entries: var = R_1 R_2 R_3 std^8
+        std = (variance / math.prod(self.ranks)) ** (1 / 8)
+        for p in self.factor_parameters():
+            nn.init.normal_(p, 0.0, std)
+
+    def frobenius_norm_sq(self) -> Tensor:
+        """``||W||_F² = <G, G x_k A_kᵀA_k>``, O(n R² + R⁴) (differentiable)."""
+        g, *a = self._promoted_cores()
+        q = [f.T @ f for f in a]
+        return (g * torch.einsum("abc,ad,be,cf->def", g, *q)).sum()
+
+    def _frobenius_grads(self, cores: list[Tensor]) -> list[Tensor]:
+        g, a1, a2, a3 = cores
+        q1, q2, q3 = (f.T @ f for f in (a1, a2, a3))
+        dg = torch.einsum("abc,ad,be,cf->def", g, q1, q2, q3)
+        m1 = torch.einsum("abc,bB,cC,ABC->aA", g, q2, q3, g)
+        m2 = torch.einsum("abc,aA,cC,ABC->bB", g, q1, q3, g)
+        m3 = torch.einsum("abc,aA,bB,ABC->cC", g, q1, q2, g)
+        return [dg, a1 @ m1, a2 @ m2, a3 @ m3]
+
+
+def _tt_contract(x: Tensor, cores: Sequence[Tensor], direction: str) -> Tensor:
+    """``W x`` for x (B, in, P) and TT cores (r_{k-1}, o_k, i_k, r_k): one batched matmul per core.
+
+    Right-to-left the state is (B, I_{<=k}, r_k, O_{>k}, P); left-to-right (B, O_{<k}, r_{k-1},
+    I_{>=k}, P). Each step contracts two adjacent dims, so the activations are never permuted.
+    """
+    b, _, p = x.shape
+    o = [c.shape[1] for c in cores]
+    i = [c.shape[2] for c in cores]
+    t = x
+    if direction == "rtl":
+        for k in reversed(range(len(cores))):
+            c = cores[k]
+            mat = c.reshape(c.shape[0] * o[k], i[k] * c.shape[3])  # (r_{k-1} o_k, i_k r_k)
+            t = mat @ t.reshape(b * math.prod(i[:k]), i[k] * c.shape[3], -1)
+    else:
+        for k, c in enumerate(cores):
+            mat = c.permute(1, 3, 0, 2).reshape(o[k] * c.shape[3], c.shape[0] * i[k])  # (o_k r_k, r_{k-1} i_k)
+            t = mat @ t.reshape(b * math.prod(o[:k]), c.shape[0] * i[k], -1)
+    return t.reshape(b, math.prod(o), p)
+
+
+def _torch_conv_init_(weight: Tensor) -> None:
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # nn.Conv2d's default
+
+
+# --- whole models ------------------------------------------------------------------------------
+_FORMATS = {"tt": TTConv2d, "tucker": TuckerConv2d}
+
+
+def _format_class(tensor_format: str) -> type[TensorConv2d]:
+    if tensor_format not in _FORMATS:
+        raise ValueError(f"tensor_format must be one of {tuple(_FORMATS)}, got {tensor_format!r}")
+    return _FORMATS[tensor_format]
+
+
+def _layer_count(tensor_format: str, conv: nn.Conv2d, scale: float) -> int:
+    """Parameters of the tensor layer replacing ``conv`` at scale ``scale`` (analytic)."""
+    o, i = tensor_modes(conv.out_channels, conv.in_channels)
+    n = [a * b for a, b in zip(o, i)]
+    kh, kw = conv.kernel_size
+    total = (conv.in_channels * kh * kw if (kh, kw) != (1, 1) else 0) + (conv.out_channels if conv.bias is not None else 0)
+    if tensor_format == "tt":
+        r = (1, *_tt_ranks_from_scale(n, scale), 1)
+        return total + sum(r[k] * n[k] * r[k + 1] for k in range(NUM_MODES))
+    r = _tucker_ranks_from_scale(n, scale)
+    return total + math.prod(r) + sum(a * b for a, b in zip(n, r))
+
+
+def _tensor_candidates(model: nn.Module, include: Selector, exclude: Selector) -> list[tuple[str, nn.Conv2d]]:
+    return [(name, m) for name, m in _candidates(model, include, exclude, False)
+            if isinstance(m, nn.Conv2d) and not isinstance(m.padding, str)]
+
+
+def solve_tensor_scale(model: nn.Module, target_ratio: float, tensor_format: str, *, include: Selector = None,
+                       exclude: Selector = None) -> float:
+    """The scale s whose whole-model parameter ratio (tensorized / dense) is closest to ``target_ratio``.
+
+    Same rules as ``fnl.solve_rank_scale`` (all parameters count, analytic counts, the model is
+    not modified), for the convs ``tensorize`` would replace with derived modes; s in (0, 1].
+    """
+    _format_class(tensor_format)
+    if isinstance(target_ratio, bool) or not isinstance(target_ratio, (int, float)) or not math.isfinite(target_ratio):
+        raise TypeError(f"target_ratio must be a finite float in (0, 1], got {target_ratio!r}")
+    convs = [m for _, m in _tensor_candidates(model, include, exclude)]
+    if not convs:
+        raise ValueError("the model has no nn.Conv2d to tensorize, so no target_ratio can be reached")
+    dense_total = count_parameters(model, dense=True)
+    fixed = dense_total - sum(sum(p.numel() for p in m.parameters()) for m in convs)
+
+    def ratio(s: float) -> float:
+        return (fixed + sum(_layer_count(tensor_format, m, s) for m in convs)) / dense_total
+
+    lowest, highest = ratio(1e-9), ratio(1.0)
+    if not lowest <= target_ratio <= highest:
+        raise ValueError(f"target_ratio={target_ratio} cannot be reached with tensor_format={tensor_format!r}: "
+                         f"this model's ratios run from {lowest:.6g} (every rank 1) to {highest:.6g} (scale 1.0)")
+    lo, hi = 1e-9, 1.0
+    if ratio(lo) >= target_ratio:
+        return lo
+    for _ in range(64):
+        mid = (lo + hi) / 2
+        if ratio(mid) >= target_ratio:
+            hi = mid
+        else:
+            lo = mid
+    return hi if abs(ratio(hi) - target_ratio) <= abs(ratio(lo) - target_ratio) else lo
+
+
+def tensorize(
+        model: nn.Module,
+        *,
+        tensor_format: str = "tt",
+        rank: RankArg = None,
+        rank_scale: Optional[float] = None,
+        target_ratio: Optional[float] = None,
+        spectral: bool = False,
+        from_dense: bool = False,
+        include: Selector = None,
+        exclude: Selector = None,
+        init: Optional[InitFn] = None,
+        depthwise_init: Optional[InitFn] = None,
+) -> nn.Module:
+    """Replace the model's ``nn.Conv2d`` (groups 1, zero numeric padding) by tensor-format convs, in place.
+
+    Args:
+        model: any module.
+        tensor_format: ``'tt'`` or ``'tucker'``.
+        rank: explicit ranks for every layer (exactly one of rank / rank_scale / target_ratio).
+        rank_scale: the scale s of SPEC 6, in (0, 1].
+        target_ratio: a whole-model parameter ratio; s is solved by ``solve_tensor_scale``.
+        spectral: new layers get the spectral init of a freshly initialised dense 1x1 matrix
+            (TT-SVD / HOSVD of ``init``'s draw), the depthwise filters ``depthwise_init``.
+        from_dense: instead, project the weights already in the convs (for a trained model; see
+            ``TensorConv2d.from_dense``); excludes ``spectral``.
+        include, exclude: as in ``fnl.factorize``.
+        init, depthwise_init: as in ``TensorConv2d``.
+    """
+    cls = _format_class(tensor_format)
+    if sum(x is not None for x in (rank, rank_scale, target_ratio)) != 1:
+        raise ValueError(f"give exactly one of rank, rank_scale or target_ratio; got rank={rank!r}, "
+                         f"rank_scale={rank_scale!r}, target_ratio={target_ratio!r}")
+    if spectral and from_dense:
+        raise ValueError("spectral and from_dense exclude each other: spectral decomposes a fresh dense init, "
+                         "from_dense the weights already in the model")
+    if target_ratio is not None:
+        rank_scale = solve_tensor_scale(model, target_ratio, tensor_format, include=include, exclude=exclude)
+    elif rank_scale is not None:
+        _check_scale(rank_scale)
+    done: dict[int, nn.Module] = {}
+    for name, module in _tensor_candidates(model, include, exclude):
+        if id(module) in done:
+            continue
+        if from_dense:
+            new = cls.from_dense(module, rank=rank, rank_scale=rank_scale)
+        else:
+            w = module.weight
+            new = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                      module.dilation, 1, module.bias is not None, rank=rank, rank_scale=rank_scale,
+                      spectral=spectral, init=init, depthwise_init=depthwise_init, device=w.device, dtype=w.dtype)
+            if module.bias is not None:
+                with torch.no_grad():
+                    new.bias.copy_(module.bias)
+        done[id(module)] = new
+        for alias in _all_names(model, module):
+            _replace(model, alias, new)
+    return model
