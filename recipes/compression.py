@@ -1,0 +1,64 @@
+"""Compression (SPEC 5, 8): ResNet32-x2 and VGG-19 at target parameter ratios, spectral init +
+Frobenius decay; CIFAR-10, CIFAR-100 (ratios 0.02 / 0.05 / 0.1) and Tiny-ImageNet (ResNet:
+0.05 / 0.1 / 0.15; VGG: 0.02 / 0.05 / 0.1). SGD momentum 0.9, lr 0.1 x0.1 at 50% and 75%, 200
+epochs, batch 128, weight decay 1e-4 (ResNet) / 2e-4 (VGG).
+
+    python recipes/compression.py --data-dir data --download --datasets cifar10 cifar100
+    python recipes/compression.py --datasets tiny-imagenet --data-dir data/tiny-imagenet-200
+    python recipes/plot_results.py runs --out compression.png
+    python recipes/compression.py --smoke          # each model at its largest ratio, on digits
+"""
+import os
+
+from _common import base_parser, run, save_json, table
+
+SMALL = {  # --smoke --small
+    'fnl_resnet32_x2': dict(depth=8),
+    'fnl_vgg19': dict(cfg=(16, 'M', 32, 32, 'M', 64, 64)),
+}
+MODELS = {
+    'fnl_resnet32_x2': ['--weight-decay', '1e-4'],
+    'fnl_vgg19': ['--weight-decay', '2e-4'],
+}
+RATIOS = {
+    ('fnl_resnet32_x2', 'tiny-imagenet'): (0.05, 0.1, 0.15),
+}
+DEFAULT_RATIOS = (0.02, 0.05, 0.1)
+COMMON = ['--opt', 'fdmomentum', '--lr', '0.1', '--momentum', '0.9', '--batch-size', '128', '--epochs', '200',
+          '--spectral', '--wd2fd']
+
+
+def main(argv=None):
+    p = base_parser(__doc__.splitlines()[0])
+    p.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS))
+    p.add_argument('--datasets', nargs='+', default=['cifar10', 'cifar100', 'tiny-imagenet'],
+                   choices=['cifar10', 'cifar100', 'tiny-imagenet'])
+    p.add_argument('--dense', action='store_true', help='also train the dense models')
+    p.add_argument('--tiny-dir', default=os.path.join('data', 'tiny-imagenet-200'),
+                   help='the unzipped tiny-imagenet-200 folder')
+    args = p.parse_args(argv)
+    datasets = args.datasets[:1] if args.smoke else args.datasets
+    rows = []
+    for dataset in datasets:
+        for model in args.models:
+            ratios = RATIOS.get((model, dataset), DEFAULT_RATIOS)
+            if args.smoke:
+                ratios = ratios[-1:]
+            settings = [(f'tr{r:g}', ['--target-ratio', str(r)] + COMMON) for r in ratios]
+            if args.dense:
+                settings.append(('dense', [a for a in COMMON if a not in ('--spectral', '--wd2fd')]))
+            for tag, extra in settings:
+                name = f'{model}-{dataset}-{tag}'
+                where = ['--data-dir', args.tiny_dir] if dataset == 'tiny-imagenet' and not args.smoke else []
+                res = run(['--model', model, '--dataset', dataset] + MODELS[model] + extra + where
+                          + ['--experiment', name], args, small=SMALL[model])
+                if res is not None:
+                    rows.append(dict(run=name, **res))
+    if rows:
+        print(table(rows, ['run', 'rank_scale', 'params', 'compression_ratio', 'macs_ratio', 'top1']))
+        save_json(os.path.join(args.output, 'compression.json'), rows)
+    return rows
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,36 @@
+"""Deep distillation (SPEC 1, 8): ResNet32 on CIFAR-100 trained overcomplete, W = U S Vᵀ at
+rank_scale 1.0 with --square --wd2fd, then collapsed into a plain dense ResNet32
+(``model_collapsed.pth`` loads into ``timm.create_model('fnl_resnet32', num_classes=100)``).
+The dense ResNet32 trained directly is the comparison.
+
+    python recipes/deep_distillation.py --data-dir data --download
+    python recipes/deep_distillation.py --smoke
+"""
+import os
+
+from _common import base_parser, run, save_json, table
+
+PAPER = ['--model', 'fnl_resnet32', '--dataset', 'cifar100', '--opt', 'fdmomentum', '--lr', '0.1',
+         '--momentum', '0.9', '--weight-decay', '1e-4', '--batch-size', '128', '--epochs', '200']
+
+RUNS = {
+    'resnet32-c100-dense': [],
+    'resnet32-c100-square-fd': ['--rank-scale', '1.0', '--square', '--wd2fd', '--collapse'],
+}
+
+
+def main(argv=None):
+    args = base_parser(__doc__.splitlines()[0]).parse_args(argv)
+    rows = []
+    for name, extra in RUNS.items():
+        res = run(PAPER + extra + ['--experiment', name], args, small=dict(depth=8))
+        if res is not None:
+            rows.append(dict(run=name, **res))
+    if rows:
+        print(table(rows, ['run', 'params', 'collapsed_params', 'collapse_max_abs_diff', 'top1']))
+        save_json(os.path.join(args.output, 'deep_distillation.json'), rows)
+    return rows
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,36 @@
+"""Factorized ResNet20 on CIFAR-10 (SPEC 8, first row): rank_scale 0.111, spectral init and
+Frobenius decay; SGD lr 0.1, momentum 0.9, weight decay 1e-4, batch 128, 200 epochs, lr x0.1 at
+50% and 75%. Also runs the dense model and the factorized baseline (default init, weight decay).
+
+    python recipes/factorized_resnet.py --data-dir data --download
+    python recipes/factorized_resnet.py --smoke
+"""
+import os
+
+from _common import base_parser, run, save_json, table
+
+PAPER = ['--model', 'fnl_resnet20', '--dataset', 'cifar10', '--opt', 'fdmomentum', '--lr', '0.1',
+         '--momentum', '0.9', '--weight-decay', '1e-4', '--batch-size', '128', '--epochs', '200']
+
+RUNS = {
+    'resnet20-dense': [],
+    'resnet20-lowrank-wd': ['--rank-scale', '0.111'],
+    'resnet20-lowrank-spectral-fd': ['--rank-scale', '0.111', '--spectral', '--wd2fd'],
+}
+
+
+def main(argv=None):
+    args = base_parser(__doc__.splitlines()[0]).parse_args(argv)
+    rows = []
+    for name, extra in RUNS.items():
+        res = run(PAPER + extra + ['--experiment', name], args, small=dict(depth=8))
+        if res is not None:
+            rows.append(dict(run=name, **res))
+    if rows:
+        print(table(rows, ['run', 'params', 'compression_ratio', 'macs_ratio', 'top1']))
+        save_json(os.path.join(args.output, 'factorized_resnet.json'), rows)
+    return rows
+
+
+if __name__ == '__main__':
+    main()

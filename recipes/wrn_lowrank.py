@@ -1,0 +1,42 @@
+"""WRN-28-10 on CIFAR-10 at target compression 0.06667 (SPEC 6, 8): low-rank block convs with
+spectral init and Frobenius decay, against the dense WRN-28-10. SGD momentum 0.9, lr 0.1, weight
+decay 5e-4, batch 128, 200 epochs, lr x0.2 at epochs 60/120/160, crop + flip + Cutout(16).
+(The Tensor-Train / Tucker points of SPEC 6 come with the tensor-format convs.)
+
+    python recipes/wrn_lowrank.py --data-dir data --download
+    python recipes/wrn_lowrank.py --smoke          # the factorized model only
+"""
+import os
+
+from _common import base_parser, run, save_json, table
+
+PAPER = ['--model', 'fnl_wrn28_10', '--dataset', 'cifar10', '--opt', 'fdmomentum', '--lr', '0.1',
+         '--momentum', '0.9', '--weight-decay', '5e-4', '--batch-size', '128', '--epochs', '200',
+         '--decay-milestones', '60', '120', '160', '--decay-rate', '0.2', '--cutout', '16']
+
+RUNS = {
+    'wrn28_10-lowrank-0.06667-spectral-fd': ['--target-ratio', '0.06667', '--spectral', '--wd2fd'],
+    'wrn28_10-dense': [],
+}
+
+
+def main(argv=None):
+    p = base_parser(__doc__.splitlines()[0])
+    p.add_argument('--no-dense', action='store_true', help='skip the dense baseline')
+    args = p.parse_args(argv)
+    rows = []
+    for name, extra in RUNS.items():
+        if extra == [] and (args.no_dense or args.smoke):
+            continue
+        milestones = ['--decay-milestones', '1', '2', '3'] if args.smoke else []
+        res = run(PAPER + extra + milestones + ['--experiment', name], args, small=dict(depth=10, width=2))
+        if res is not None:
+            rows.append(dict(run=name, **res))
+    if rows:
+        print(table(rows, ['run', 'rank_scale', 'params', 'compression_ratio', 'macs_ratio', 'top1']))
+        save_json(os.path.join(args.output, 'wrn_lowrank.json'), rows)
+    return rows
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,73 @@
+"""Every vision recipe runs for real with --smoke (a few steps on the embedded digits).
+
+ResNet recipes use their real models; the compression and WRN recipes use ``--small`` (shallower /
+narrower variants of the same architectures) to keep CI on 2 CPU cores in seconds.
+"""
+import importlib
+import json
+import os
+import sys
+
+import pytest
+
+pytest.importorskip('timm')
+pytest.importorskip('matplotlib')
+
+RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'recipes')
+
+
+def _recipe(name):
+    if RECIPES not in sys.path:
+        sys.path.insert(0, RECIPES)
+    return importlib.import_module(name)
+
+
+def test_factorized_resnet(tmp_path):
+    rows = _recipe('factorized_resnet').main(['--smoke', '--output', str(tmp_path)])
+    by = {r['run']: r for r in rows}
+    assert by['resnet20-dense']['params'] == 269_722
+    assert by['resnet20-lowrank-spectral-fd']['params'] == 63_850
+    assert by['resnet20-lowrank-spectral-fd']['spectral'] and by['resnet20-lowrank-spectral-fd']['wd2fd']
+    assert not by['resnet20-lowrank-wd']['wd2fd']
+    assert json.loads((tmp_path / 'factorized_resnet.json').read_text())[0]['run'] == 'resnet20-dense'
+
+
+def test_normalization(tmp_path):
+    import torch
+    rows = _recipe('normalization').main(['--smoke', '--small', '--output', str(tmp_path)])
+    assert [r['mode'] for r in rows] == ['frob', 'none', 'norm'] * 2
+    assert [r['spectral'] for r in rows] == [False] * 3 + [True] * 3
+    for frob, norm in ((rows[0], rows[2]), (rows[3], rows[5])):
+        a = torch.load(frob['frobnorms'], weights_only=True)
+        b = torch.load(norm['frobnorms'], weights_only=True)
+        assert a.shape[:2] == (2, 2) and torch.allclose(a, b, rtol=1e-5)
+    assert (tmp_path / 'normalization.png').stat().st_size > 10_000
+
+
+def test_deep_distillation(tmp_path):
+    rows = _recipe('deep_distillation').main(['--smoke', '--small', '--output', str(tmp_path)])
+    dense, square = rows
+    assert square['square'] and square['rank_scale'] == 1.0
+    assert square['params'] > dense['params']  # overcomplete while training
+    assert square['collapsed_params'] == dense['params'] == square['dense_params']
+    assert square['collapse_max_abs_diff'] < 1e-4
+
+
+def test_compression_and_plot(tmp_path):
+    rows = _recipe('compression').main(['--smoke', '--small', '--output', str(tmp_path)])
+    assert [r['model'] for r in rows] == ['fnl_resnet32_x2', 'fnl_vgg19']
+    for r in rows:
+        assert r['target_ratio'] == 0.1 and abs(r['compression_ratio'] - 0.1) < 0.01, r['compression_ratio']
+    out = _recipe('plot_results').main([str(tmp_path), '--out', str(tmp_path / 'acc.png')])
+    assert os.path.getsize(out) > 10_000
+
+
+def test_wrn_lowrank(tmp_path):
+    rows = _recipe('wrn_lowrank').main(['--smoke', '--small', '--output', str(tmp_path)])
+    (r,) = rows
+    assert r['model'] == 'fnl_wrn28_10' and abs(r['compression_ratio'] - 0.06667) < 0.005
+
+
+def test_small_needs_smoke(tmp_path):
+    with pytest.raises(ValueError, match='--small'):
+        _recipe('factorized_resnet').main(['--small', '--dry-run', '--output', str(tmp_path)])
