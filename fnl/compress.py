@@ -130,7 +130,7 @@ class CompressionReport:
                    num(d.macs), num(d.dense_macs)]
             if timed:
                 row += [ms(d.factored_ms), ms(d.dense_ms)]
-            row.append(d.decision if d.decision == "factorized" else f"dense: {d.reason}")
+            row.append(d.decision if d.decision == "factorized" else f"{d.decision}: {d.reason}")
             rows.append(row)
         blank = [""] * (len(header) - 9)
         rows.append(["total", "", "", "", "", num(self.params), num(self.dense_params), num(self.macs),
