@@ -644,19 +644,21 @@ class TTConv2d(TensorConv2d):
         left = None
         for c in self._promoted_cores():
             c = c.reshape(c.shape[0], -1, c.shape[-1])
-            left = torch.einsum("anc,and->cd", c, c) if left is None else torch.einsum("ab,anc,bnd->cd", left, c, c)
+            left = torch.einsum("anc,and->cd", c, c) if left is None else _left_env(left, c)
         return left.reshape(())
 
     def _frobenius_grads(self, cores: list[Tensor]) -> list[Tensor]:
         # (1/2) d||W||²/dG_k = L_{k-1} G_k R_{k+1}, with L, R the contracted left/right environments
+        # pairwise contractions in a fixed order: O(n r³) each (a 3-operand einsum may build an n r⁴ intermediate)
         cs = [c.reshape(c.shape[0], -1, c.shape[-1]) for c in cores]
         lefts = [torch.ones(1, 1, dtype=cs[0].dtype, device=cs[0].device)]
         for c in cs[:-1]:
-            lefts.append(torch.einsum("ab,anc,bnd->cd", lefts[-1], c, c))
+            lefts.append(_left_env(lefts[-1], c))
         rights = [torch.ones(1, 1, dtype=cs[0].dtype, device=cs[0].device)]
         for c in reversed(cs[1:]):
-            rights.insert(0, torch.einsum("anc,bnd,cd->ab", c, c, rights[0]))
-        return [torch.einsum("ab,bnd,cd->anc", lf, c, rt).reshape(p.shape)
+            rt = torch.einsum("anc,cd->and", c, rights[0])
+            rights.insert(0, torch.einsum("and,bnd->ab", rt, c))
+        return [torch.einsum("and,cd->anc", torch.einsum("ab,bnd->and", lf, c), rt).reshape(p.shape)
                 for lf, c, rt, p in zip(lefts, cs, rights, cores)]
 
 
@@ -712,16 +714,25 @@ class TuckerConv2d(TensorConv2d):
         """``||W||_F² = <G, G x_k A_kᵀA_k>``, O(n R² + R⁴) (differentiable)."""
         g, *a = self._promoted_cores()
         q = [f.T @ f for f in a]
-        return (g * torch.einsum("abc,ad,be,cf->def", g, *q)).sum()
+        return (g * torch.einsum("aef,ad->def", torch.einsum("abc,be,cf->aef", g, q[1], q[2]), q[0])).sum()
 
     def _frobenius_grads(self, cores: list[Tensor]) -> list[Tensor]:
         g, a1, a2, a3 = cores
         q1, q2, q3 = (f.T @ f for f in (a1, a2, a3))
-        dg = torch.einsum("abc,ad,be,cf->def", g, q1, q2, q3)
-        m1 = torch.einsum("abc,bB,cC,ABC->aA", g, q2, q3, g)
-        m2 = torch.einsum("abc,aA,cC,ABC->bB", g, q1, q3, g)
-        m3 = torch.einsum("abc,aA,bB,ABC->cC", g, q1, q2, g)
+        # M_k = G_(k) (kron of the other Grams) G_(k)ᵀ, by pairwise contractions (O(R⁴) each)
+        g23 = torch.einsum("abc,be,cf->aef", g, q2, q3)  # G x_2 Q_2 x_3 Q_3
+        g13 = torch.einsum("abc,ad,cf->dbf", g, q1, q3)
+        g12 = torch.einsum("abc,ad,be->dec", g, q1, q2)
+        dg = torch.einsum("aef,ad->def", g23, q1)
+        m1 = torch.einsum("aBC,ABC->aA", g23, g)
+        m2 = torch.einsum("AbC,ABC->bB", g13, g)
+        m3 = torch.einsum("ABc,ABC->cC", g12, g)
         return [dg, a1 @ m1, a2 @ m2, a3 @ m3]
+
+
+def _left_env(left: Tensor, core: Tensor) -> Tensor:
+    """``sum_n G[:, n, :]ᵀ L G[:, n, :]`` for a core (r, n, r'): O(n r² r')."""
+    return torch.einsum("bnc,bnd->cd", torch.einsum("ab,anc->bnc", left, core), core)
 
 
 def _tt_contract(x: Tensor, cores: Sequence[Tensor], direction: str) -> Tensor:
