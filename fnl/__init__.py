@@ -9,6 +9,7 @@ from .attention import (
 from .base import FactorizedLayer, resolve_rank, spectral_factors
 from .compress import (
     CompressionReport, LayerDecision, apply_ranks, compress, measure_latency, round_rank, select_fastest_paths,
+    to_inference_form,
 )
 from .conv import FactorizedConv2d
 from .embedding import FactorizedEmbedding
@@ -32,6 +33,7 @@ __all__ = [
     "factorized_layers", "frobenius_norm", "frobenius_penalty", "load_frobnorms", "measure_latency",
     "outval_norm_sq", "param_groups", "quekey_norm_sq", "rescale_to_norm_", "resolve_rank", "round_rank",
     "select_fastest_paths", "solve_rank_scale", "spectral_factors", "summary",
+    "to_inference_form",
     # tensor formats (SPEC 6)
     "TTConv2d", "TensorConv2d", "TuckerConv2d", "hosvd", "solve_tensor_scale", "tensor_modes", "tensorize", "tt_svd",
 ]

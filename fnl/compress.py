@@ -39,7 +39,8 @@ from .conv import FactorizedConv2d
 from .linear import FactorizedLinear
 from .model import module_output_hw
 
-__all__ = ["CompressionReport", "LayerDecision", "apply_ranks", "compress", "measure_latency", "round_rank", "select_fastest_paths"]
+__all__ = ["CompressionReport", "LayerDecision", "apply_ranks", "compress", "measure_latency", "round_rank",
+           "select_fastest_paths", "to_inference_form"]
 
 Selector = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
 
@@ -493,7 +494,14 @@ def compress(
         if mode == "energy":
             t = float(target)
         else:
-            t, bracket = solver.solve(float(target), mode == "target_macs", mode)
+            try:
+                t, bracket = solver.solve(float(target), mode == "target_macs", mode)
+            except ValueError as e:
+                slower = sorted({n for (n, _), (f_ms, d_ms) in timings.items() if f_ms >= d_ms})
+                if not slower:
+                    raise
+                raise ValueError(f"{e}. With measure=True at batch {batch_size}, these layers were measured not "
+                                 f"faster factorized and are kept dense: {', '.join(slower)}") from None
         ranks = solver.ranks(t)
         if not measure:
             break
@@ -586,14 +594,59 @@ def apply_ranks(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
     return model
 
 
-@torch.no_grad()
-def select_fastest_paths(model: nn.Module, example_input: Tensor, batch_size: int = 1, repeats: int = 7
-                         ) -> dict[str, dict]:
-    """Collapse (``to_dense``) every factorized layer that is not measured faster than its collapse.
+def _pair(layer: FactorizedLayer) -> nn.Module:
+    """The factorized layer as two plain torch layers with contiguous weights (same function)."""
+    u = layer.U if layer.S is None else layer.U @ layer.S
+    r = layer.rank
+    dev, dtype = layer.U.device, layer.U.dtype
+    if isinstance(layer, FactorizedConv2d):
+        if layer.uses_dense_path:
+            return layer.to_dense()
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = layer.kernel_size, layer.stride, layer.padding, layer.dilation
+        first = nn.Conv2d(layer.in_channels, r, (1, kw), (1, sw), (0, pw), (1, dw), bias=False, device=dev, dtype=dtype)
+        second = nn.Conv2d(r, layer.out_channels, (kh, 1), (sh, 1), (ph, 0), (dh, 1), bias=layer.bias is not None,
+                           device=dev, dtype=dtype)
+        w_a = layer.V.view(layer.in_channels, kw, r).permute(2, 0, 1).unsqueeze(2)  # (r, in, 1, kw)
+        w_b = u.view(layer.out_channels, kh, r).permute(0, 2, 1).unsqueeze(3)  # (out, r, kh, 1)
+    elif isinstance(layer, FactorizedLinear):
+        first = nn.Linear(layer.in_features, r, bias=False, device=dev, dtype=dtype)
+        second = nn.Linear(r, layer.out_features, bias=layer.bias is not None, device=dev, dtype=dtype)
+        w_a, w_b = layer.V.T, u
+    else:
+        return layer
+    with torch.no_grad():
+        first.weight.copy_(w_a)
+        second.weight.copy_(w_b)
+        if layer.bias is not None:
+            second.bias.copy_(layer.bias)
+    return nn.Sequential(first, second).train(layer.training)
 
-    For use after fine-tuning: at the user's batch size and device, each factorized layer is
-    timed against the dense layer with its product as weight; slower ones are replaced by that
-    dense layer (same function). Returns ``{name: {'factored_ms', 'dense_ms', 'kept'}}``.
+
+def to_inference_form(model: nn.Module) -> nn.Module:
+    """Replace every factorized Conv2d / Linear by ``nn.Sequential`` of its two plain layers (in place).
+
+    Same function, same parameter count; the weights are stored contiguous instead of being
+    re-laid out from ``U``/``V`` on every call, and the model needs only torch to load and run
+    (no ``fnl`` classes), which every exporter and runtime understands. Fine-tune (Frobenius
+    decay needs the factors) before converting.
+    """
+    if isinstance(model, FactorizedLayer):
+        return _pair(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, (FactorizedConv2d, FactorizedLinear)):
+            _replace(model, module, _pair(module))
+    return model
+
+
+@torch.no_grad()
+def select_fastest_paths(model: nn.Module, example_input: Tensor, batch_size: int = 1, repeats: int = 7,
+                         inference: bool = True) -> dict[str, dict]:
+    """Per factorized layer, keep the low-rank form or collapse it to dense, whichever is measured faster.
+
+    For use after fine-tuning: at the user's batch size and the model's device, each factorized
+    layer (as its two-layer inference form with ``inference``, see :func:`to_inference_form`) is
+    timed against the dense layer with its product as weight, interleaved; the faster replaces it
+    (same function either way). Returns ``{name: {'factored_ms', 'dense_ms', 'kept'}}``.
     """
     shapes, _ = _trace(model, example_input)
     like = example_input if example_input.is_floating_point() else torch.zeros(())
@@ -601,15 +654,16 @@ def select_fastest_paths(model: nn.Module, example_input: Tensor, batch_size: in
     for name, module in list(model.named_modules()):
         if not isinstance(module, FactorizedLayer) or name not in shapes:
             continue
+        was = module.training
+        low = (_pair(module) if inference else module).eval()
         dense = module.to_dense().eval()
         x = _timing_input(shapes[name], batch_size, like.to(module.U.device))
-        was = module.training
-        module.eval()
-        f_ms, d_ms = measure_latency([lambda: module(x), lambda: dense(x)], x.device, repeats=repeats)
-        module.train(was)
+        f_ms, d_ms = measure_latency([lambda: low(x), lambda: dense(x)], x.device, repeats=repeats)
         keep = f_ms < d_ms
         out[name] = {"factored_ms": f_ms, "dense_ms": d_ms, "kept": keep}
-        if not keep:
-            dense.train(was)
-            _replace(model, module, dense)
+        chosen = low if keep else dense
+        if chosen is not module:
+            _replace(model, module, chosen.train(was))
+        else:
+            module.train(was)
     return out

@@ -50,7 +50,7 @@ __all__ = ['build_parser', 'compress_file', 'compress_model', 'load_compressed',
 
 _logger = logging.getLogger('fnl_compress')
 
-_FINALIZE = ('fastest', 'factorized', 'collapse')
+_FINALIZE = ('fastest', 'inference', 'factorized', 'collapse')
 _SUFFIX = {'torchscript': 'model.ts', 'export': 'model.pt2', 'onnx': 'model.onnx'}
 
 
@@ -125,7 +125,7 @@ def load_model(
                              '(its weights are loaded into the eager model), or torch.save the eager module')
         obj = _torch_load(model, '--model')
         if not isinstance(obj, nn.Module):
-            raise ValueError(f'--model {model!r} holds a {type(obj).__name__}, not an nn.Module; for a state dict '
+            raise ValueError(f'--model {model!r} is not a saved nn.Module (it holds a {type(obj).__name__}); for a state dict '
                              'give the timm model name as --model and the file as --checkpoint')
         return obj.eval(), {'arch': None, 'model_kwargs': {}, 'source': os.path.abspath(model)}
     if not timm.is_model(model):
@@ -165,6 +165,8 @@ def load_compressed(path: str, device: str = 'cpu') -> nn.Module:
         raise ValueError(f'path {path!r} is not an fnl-compress checkpoint (no arch / ranks)')
     net = timm.create_model(ckpt['arch'], **ckpt['model_kwargs'])
     fnl.apply_ranks(net, ckpt['ranks'])
+    if ckpt.get('form') == 'inference':  # two plain layers per factorized one
+        fnl.to_inference_form(net)
     # layers collapsed after fine-tuning are not in 'ranks': they stay dense
     net.load_state_dict(ckpt['state_dict'])
     mark_factors(net)
@@ -276,10 +278,15 @@ def compress_model(
         raise ValueError('--finetune-epochs needs a dataset (--dataset) to train on')
     dev = torch.device(device)
     model = model.to(dev).eval()
-    compressed, report = fnl.compress(
-        model, target_ratio=target_ratio, target_macs=target_macs, energy=energy, input_size=tuple(input_size),
-        allocation=allocation, rank_multiple=rank_multiple, exclude=list(exclude) if exclude else None,
-        keep_stem=keep_stem, keep_classifier=keep_classifier, measure=measure, batch_size=batch_size)
+    try:
+        compressed, report = fnl.compress(
+            model, target_ratio=target_ratio, target_macs=target_macs, energy=energy, input_size=tuple(input_size),
+            allocation=allocation, rank_multiple=rank_multiple, exclude=list(exclude) if exclude else None,
+            keep_stem=keep_stem, keep_classifier=keep_classifier, measure=measure, batch_size=batch_size)
+    except ValueError as e:
+        flag = next((f for f, v in (('target-ratio', target_ratio), ('target-macs', target_macs),
+                                    ('energy', energy)) if v is not None), 'target')
+        raise ValueError(f'--{flag}: {e}') from None
     mark_factors(compressed)
     acc: Dict[str, Optional[float]] = {}
     if val_loader is not None:
@@ -294,13 +301,16 @@ def compress_model(
     collapsed: List[str] = []
     if finalize == 'fastest':
         example = torch.zeros((1, *input_size), device=dev)
-        paths = fnl.select_fastest_paths(compressed, example, batch_size=batch_size, repeats=7)
+        paths = fnl.select_fastest_paths(compressed, example, batch_size=batch_size, repeats=7, inference=True)
         report.extra['paths'] = paths
         collapsed = [n for n, p in paths.items() if not p['kept']]
+    elif finalize == 'inference':
+        fnl.to_inference_form(compressed)
     elif finalize == 'collapse':
         collapsed = [n for n, m in compressed.named_modules() if isinstance(m, fnl.FactorizedLayer)]
         fnl.collapse(compressed)
     report.extra['collapsed'] = collapsed
+    report.extra['form'] = 'factorized' if finalize == 'factorized' else 'inference'
     _update_counts(report, compressed, collapsed, batch_size)
     if latency:
         orig_ms, comp_ms = measure_models([model, compressed], input_size, batch_size, dev, latency_repeats)
@@ -387,21 +397,19 @@ def write_outputs(out_dir: str, compressed: nn.Module, report: fnl.CompressionRe
                   input_size: Sequence[int], exports: Sequence[str] = (), export_batch: int = 2,
                   inputs: Sequence[Optional[str]] = ()) -> Dict[str, Any]:
     """Write the model, the report and the exports into ``out_dir`` (each file atomically)."""
-    os.makedirs(out_dir, exist_ok=True)
     targets = {'model': 'model.pt', 'report_json': 'report.json', 'report_txt': 'report.txt', 'plot': 'report.png',
                **({'checkpoint': 'compressed.pth'} if provenance.get('arch') else {}),
                **{f'export_{f}': _SUFFIX[f] for f in exports}}
     paths = {k: os.path.join(out_dir, v) for k, v in targets.items()}
-    protected = {os.path.realpath(p) for p in inputs if p}
-    for key, p in paths.items():
-        if os.path.realpath(p) in protected:
-            raise ValueError(f'--output {out_dir!r} would overwrite the input file {p!r}; choose another folder')
+    _check_no_overwrite(out_dir, inputs, paths.values())
+    os.makedirs(out_dir, exist_ok=True)
     compressed = compressed.cpu().eval()
     with atomic_path(paths['model']) as tmp:
         torch.save(compressed, tmp)
     if 'checkpoint' in paths:
         ckpt = {'arch': provenance['arch'], 'model_kwargs': provenance['model_kwargs'], 'ranks': report.ranks,
-                'collapsed': list(report.extra.get('collapsed', [])), 'state_dict': compressed.state_dict(),
+                'collapsed': list(report.extra.get('collapsed', [])), 'form': report.extra.get('form', 'factorized'),
+                'state_dict': compressed.state_dict(),
                 'source': provenance.get('source')}
         with atomic_path(paths['checkpoint']) as tmp:
             torch.save(ckpt, tmp)
@@ -416,6 +424,16 @@ def write_outputs(out_dir: str, compressed: nn.Module, report: fnl.CompressionRe
     _write_text(paths['report_txt'], _text_report(report))
     plot_report(report, paths['plot'])
     return paths
+
+
+def _check_no_overwrite(out_dir: str, inputs: Sequence[Optional[str]], outputs: Sequence[str]) -> None:
+    protected = {os.path.realpath(p) for p in inputs if p}
+    for p in outputs:
+        if os.path.realpath(p) in protected:
+            raise ValueError(f'--output {out_dir!r} would overwrite the input file {p!r}; choose another folder')
+
+
+_ALL_OUTPUTS = ('model.pt', 'compressed.pth', 'report.json', 'report.txt', 'report.png', *_SUFFIX.values())
 
 
 def _jsonable(x: Any) -> Any:
@@ -489,7 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--lr', type=float, default=0.01)
     g.add_argument('--weight-decay', type=float, default=1e-4, help='= the Frobenius-decay coefficient')
     g.add_argument('--finalize', default='fastest', choices=_FINALIZE,
-                   help='fastest: per layer, keep factorized or collapse to dense, whichever is measured faster')
+                   help='fastest: per layer, two plain layers (low rank) or one collapsed dense layer, whichever is '
+                        'measured faster at --batch-size; inference: two plain layers everywhere; factorized: keep '
+                        'fnl layers (to train further with FD); collapse: all dense')
     g.add_argument('-b', '--batch-size', type=int, default=1, help='batch size of the latency measurements')
     g.add_argument('--device', default='cpu')
     g.add_argument('--latency-repeats', type=int, default=15)
@@ -525,6 +545,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             raise ValueError('--export onnx needs the onnx package (pip install onnx onnxscript onnxruntime)')
     torch.manual_seed(args.seed)
     inputs = [args.model if os.path.isfile(args.model) else None, args.checkpoint]
+    _check_no_overwrite(args.output, inputs, [os.path.join(args.output, n) for n in _ALL_OUTPUTS])
     train_loader = val_loader = None
     kwargs = dict(args.model_kwargs)
     input_size = args.input_size
