@@ -431,3 +431,14 @@ def test_recipe_smoke_trains(tmp_path):
     assert math.isfinite(tt['eval_loss']) and math.isfinite(tucker['eval_loss'])
     assert (tmp_path / 'wrn_tensor.png').stat().st_size > 10_000
     assert (tmp_path / 'wrn_tensor.json').exists()
+
+
+def test_torch_compile_fullgraph():
+    torch.manual_seed(0)
+    layer = TTConv2d(16, 24, 3, padding=1, rank_scale=0.5)
+    x = torch.randn(2, 16, 6, 6)
+    compiled = torch.compile(layer, backend='aot_eager', fullgraph=True)
+    y = compiled(x)
+    y.sum().backward()
+    assert torch.allclose(y, layer(x), atol=1e-6)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters())
