@@ -189,3 +189,48 @@ def test_bad_arguments(kwargs, match):
         FDSGD(model.parameters(), **args)
     with pytest.raises(TypeError, match='model'):
         mark_factors('not a model')
+
+
+def test_stock_timm_train_py_path():
+    """What timm's train.py does with ``--device-modules fnl_timm --model fnl_resnet20 --model-kwargs
+    rank_scale=0.111 spectral=True --opt fdsgd``: import the module, parse the kwargs with timm's
+    ParseKwargs, create_model, create_optimizer_v2(**optimizer_kwargs(args)), NativeScaler steps."""
+    import argparse
+    import importlib
+    from timm.optim import optimizer_kwargs
+    from timm.utils import NativeScaler, ParseKwargs
+
+    importlib.import_module('fnl_timm')
+    p = argparse.ArgumentParser()
+    p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs)
+    p.add_argument('--opt', default='sgd')
+    p.add_argument('--lr', type=float, default=0.1)
+    p.add_argument('--weight-decay', type=float, default=2e-5)
+    p.add_argument('--momentum', type=float, default=0.9)
+    p.add_argument('--opt-eps', type=float, default=None)
+    p.add_argument('--layer-decay', type=float, default=None)
+    args = p.parse_args(['--model-kwargs', 'rank_scale=0.111', 'spectral=True', '--opt', 'fdsgd',
+                         '--weight-decay', '1e-4', '--opt-eps', '1e-8'])
+    assert args.model_kwargs == {'rank_scale': 0.111, 'spectral': True}
+    torch.manual_seed(0)
+    model = timm.create_model('fnl_resnet20', num_classes=10, **args.model_kwargs)
+    assert fnl.count_parameters(model) == 63_850
+    opt = create_optimizer_v2(model, **optimizer_kwargs(cfg=args))
+    assert isinstance(opt, FDSGD)
+    assert sum(len(g['params']) for g in opt.param_groups if g['fd_coef'] == 1e-4) == 36  # 18 convs x (U, V)
+    scaler = NativeScaler(device='cpu')
+    x = torch.randn(4, 3, 32, 32)
+    y = torch.arange(4)
+    losses = []
+    for _ in range(3):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        scaler(loss, opt, clip_grad=1.0, parameters=model.parameters())
+        losses.append(float(loss.detach()))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert losses[-1] < losses[0], losses
+    # timm's layer-decay grouping keeps the factors with FD as well
+    args = p.parse_args(['--opt', 'fdsgd', '--weight-decay', '1e-4', '--layer-decay', '0.9'])
+    opt = create_optimizer_v2(model, **optimizer_kwargs(cfg=args))
+    assert sum(len(g['params']) for g in opt.param_groups if g['fd_coef'] == 1e-4) == 36
+    assert all(g['weight_decay'] == 0.0 for g in opt.param_groups if g['fd_coef'] > 0)
