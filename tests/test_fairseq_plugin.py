@@ -294,3 +294,70 @@ def test_launch_worker_argv():
     assert argv[argv.index("--ddp-backend") + 1] == "legacy_ddp"
     with pytest.raises(ValueError, match="--distributed-rank is set by fnl_fairseq.launch"):
         worker_argv(["data", "--distributed-rank", "0"], rank=0, local_rank=0, world_size=2)
+
+
+def test_memory_efficient_fp16_step_is_fd_and_state_round_trips():
+    lr, wd = 0.5, 0.1
+    model, args = _build(["--rank-scale", "0.5", "--weight-decay", str(wd), "--momentum", "0.0"] + ALL_FD,
+                         optimizer="fd_nag")
+    args.lr = [lr]
+    args.fp16, args.memory_efficient_fp16 = True, True
+    model.half()
+    cfg = convert_namespace_to_omegaconf(args)
+    opt = optim.MemoryEfficientFP16Optimizer.build_optimizer(cfg, [p for p in model.parameters()])
+    # the FD gradient, in float32 from autograd on a float32 copy
+    ref = {n: p.detach().float().clone().requires_grad_(True) for n, p in model.named_parameters()}
+    model32, _ = _build(["--rank-scale", "0.5"] + ALL_FD, optimizer="fd_nag")
+    model32.load_state_dict({n: t.detach() for n, t in ref.items()}, strict=False)
+    model32.zero_grad()
+    _fd_penalty(model32).backward()
+    grads = {n: p.grad for n, p in model32.named_parameters()}
+    before = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+    fd_ids = {id(p) for p in opt.wrapped_optimizer.terms.parameters()}
+    opt.zero_grad()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for n, p in model.named_parameters():
+        if id(p) in fd_ids:
+            expected = before[n] - lr * wd * grads[n]
+        else:
+            expected = before[n] * (1 - lr * wd)
+        assert torch.allclose(p.detach().float(), expected, atol=2e-3, rtol=2e-3), \
+            f"{n}: {(p.detach().float() - expected).abs().max()}"
+    state = opt.state_dict()
+    assert "loss_scale" in state and state["fnl_frobenius_decay"]["coef"] == wd
+    opt.load_state_dict(state)  # fairseq's memory-efficient hack reads state['state'] and state['param_groups']
+    assert opt.wrapped_optimizer.coef == wd
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_fused_shrunk_attention_matches_fairseq_path(training):
+    from fnl_fairseq.modules.attention import ShrunkMultiheadAttention
+    model, _ = _build(["--rank-scale", "0.5", "--attention-dropout", "0.0"])
+    attns = attention_layers(model)
+    assert all(type(a) is ShrunkMultiheadAttention for a in attns)
+    model.train(training)
+    src, lengths, prev = _batch(seed=4)
+    src[0, :2] = 1  # left padding in one sentence
+    with torch.no_grad():
+        torch.manual_seed(0)
+        enc = model.encoder(src, src_lengths=lengths)
+        x = torch.randn(prev.size(1), prev.size(0), 32)
+        kpm = src.eq(1)
+        causal = model.decoder.buffered_future_mask(x)
+        for attn in attns:
+            if attn.self_attention:
+                args = dict(query=x, key=x, value=x, attn_mask=causal)
+            else:
+                args = dict(query=x, key=enc["encoder_out"][0], value=enc["encoder_out"][0], key_padding_mask=kpm,
+                            static_kv=True)
+            fused, _ = attn(need_weights=False, **args)
+            ref, _ = MultiheadAttentionForward(attn, need_weights=True, **args)
+            assert torch.allclose(fused, ref, atol=1e-5), f"{(fused - ref).abs().max()}"
+
+
+def MultiheadAttentionForward(attn, **kwargs):
+    """fairseq's own (explicit) attention path, for reference."""
+    from fairseq.modules import MultiheadAttention
+    return MultiheadAttention.forward(attn, **kwargs)

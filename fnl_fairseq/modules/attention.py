@@ -11,11 +11,55 @@ reused unchanged.
 """
 from __future__ import annotations
 
-import torch
-from fairseq.modules import MultiheadAttention
-from torch import nn
+from typing import Optional
 
-__all__ = ["attention_layers", "head_dim_for", "shrink_heads_"]
+import torch
+import torch.nn.functional as F
+from fairseq.modules import MultiheadAttention
+from torch import Tensor, nn
+
+__all__ = ["ShrunkMultiheadAttention", "attention_layers", "head_dim_for", "shrink_heads_"]
+
+
+class ShrunkMultiheadAttention(MultiheadAttention):
+    """fairseq's attention with inner width ``heads * d_h`` != model width.
+
+    fairseq runs such an attention (as after head pruning) through its explicit, op-by-op path:
+    torch's fused kernel demands equal widths. Here, when no attention weights, incremental state
+    or extra key/value rows are involved (training and scoring), the heads go through
+    ``F.scaled_dot_product_attention`` instead; everything else (decoding) is fairseq's own path.
+    """
+
+    def forward(self, query: Tensor, key: Optional[Tensor] = None, value: Optional[Tensor] = None,
+                key_padding_mask: Optional[Tensor] = None, incremental_state=None, need_weights: bool = True,
+                static_kv: bool = False, attn_mask: Optional[Tensor] = None, before_softmax: bool = False,
+                need_head_weights: bool = False):
+        if (incremental_state is not None or need_weights or need_head_weights or before_softmax
+                or self.bias_k is not None or self.add_zero_attn or self.onnx_trace or self.use_xformers
+                or torch.jit.is_scripting()):
+            return super().forward(query, key, value, key_padding_mask=key_padding_mask,
+                                   incremental_state=incremental_state, need_weights=need_weights,
+                                   static_kv=static_kv, attn_mask=attn_mask, before_softmax=before_softmax,
+                                   need_head_weights=need_head_weights)
+        tgt_len, bsz, _ = query.shape
+        if self.self_attention or key is None:
+            key = value = query
+        h, dh = self.num_heads, self.head_dim
+        q = self.q_proj(query).view(tgt_len, bsz, h, dh).permute(1, 2, 0, 3)  # (B, H, T, dh)
+        k = self.k_proj(key).view(key.size(0), bsz, h, dh).permute(1, 2, 0, 3)  # (B, H, S, dh)
+        v = self.v_proj(value).view(value.size(0), bsz, h, dh).permute(1, 2, 0, 3)
+        mask = None
+        if attn_mask is not None:  # fairseq: additive float (T, S), -inf on the future
+            mask = attn_mask.to(q.dtype).unsqueeze(0).unsqueeze(0)
+        if key_padding_mask is not None:  # fairseq: (B, S), True/1 on padding
+            pad = key_padding_mask.to(torch.bool).view(bsz, 1, 1, -1)
+            pad_add = torch.zeros(pad.shape, dtype=q.dtype, device=q.device).masked_fill_(pad, float("-inf"))
+            mask = pad_add if mask is None else mask + pad_add
+        training = self.training or self.dropout_module.apply_during_inference
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                             dropout_p=self.dropout_module.p if training else 0.0)
+        out = out.permute(2, 0, 1, 3).reshape(tgt_len, bsz, h * dh)  # (T, B, H*dh)
+        return self.out_proj(out), None
 
 
 def head_dim_for(rank_scale: float, embed_dim: int, heads: int) -> int:
@@ -60,8 +104,10 @@ def shrink_heads_(attn: MultiheadAttention, head_dim: int) -> MultiheadAttention
     attn.head_dim = head_dim
     attn.scaling = head_dim ** -0.5
     # The query width no longer equals embed_dim: fairseq then skips its width assertion and the
-    # fused torch path (which requires equal widths), exactly as after head pruning.
+    # fused torch path (which requires equal widths), exactly as after head pruning; the subclass
+    # adds a fused path of its own (no new state, so the class of the built module is swapped).
     attn._set_skip_embed_dim_check()
+    attn.__class__ = ShrunkMultiheadAttention
     attn.reset_parameters()
     return attn
 

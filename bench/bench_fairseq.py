@@ -1,0 +1,166 @@
+"""Training words/s and generation sentences/s: factorized vs dense ``fnl_transformer_small``.
+
+Both models are built through the plugin (fairseq's model registry), side by side in one run:
+
+- dense: ``fnl_transformer_small`` without ``--rank-scale`` (fairseq's Transformer of that shape),
+  trained with fairseq's ``nag``;
+- factorized: ``--rank-scale 0.5`` with spectral init, QK/OV rebalancing and Frobenius decay on
+  factors, QK and OV forms, trained with ``fd_nag`` (the paper's setting, SPEC 8).
+
+Training: label-smoothed cross-entropy, backward, fairseq's clip-norm 0.1, optimizer step, on
+random batches of ``--max-tokens`` target tokens (``--tgt-len`` tokens per sentence); words/s
+counts target tokens, like fairseq's ``wps``. Generation: fairseq's ``SequenceGenerator`` with
+beam 5, every hypothesis forced to ``--gen-len`` tokens so both models decode the same number of
+steps. Prints a table and the factorized/dense ratios.
+
+    python bench/bench_fairseq.py                  # CPU, small defaults
+    python bench/bench_fairseq.py --device cuda --steps 50 --gen-batches 10
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import fnl_fairseq  # noqa: E402
+from fairseq import models, optim, options  # noqa: E402
+from fairseq.data import Dictionary  # noqa: E402
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf  # noqa: E402
+from fairseq.sequence_generator import SequenceGenerator  # noqa: E402
+
+FACTORIZED = ["--rank-scale", "0.5", "--spectral", "--spectral-quekey", "--spectral-outval",
+              "--wd2fd", "--wd2fd-quekey", "--wd2fd-outval"]
+
+
+def _build(extra, optimizer, vocab, device, seed=0):
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, input_args=[
+        "/nonexistent-data", "--user-dir", fnl_fairseq.user_dir(), "--arch", "fnl_transformer_small",
+        "--share-all-embeddings", "--optimizer", optimizer, "--lr", "0.25", "--weight-decay", "0.0001",
+        "--dropout", "0.2"] + extra)
+    d = Dictionary()
+    for i in range(vocab - len(d)):
+        d.add_symbol(f"w{i}")
+    torch.manual_seed(seed)
+    model = models.build_model(args, SimpleNamespace(source_dictionary=d, target_dictionary=d)).to(device)
+    opt = optim.build_optimizer(convert_namespace_to_omegaconf(args).optimizer,
+                                [p for p in model.parameters() if p.requires_grad])
+    return model, opt, d
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _batch(vocab, bsz, src_len, tgt_len, device, g):
+    src = torch.randint(4, vocab, (bsz, src_len), generator=g).to(device)
+    tgt = torch.randint(4, vocab, (bsz, tgt_len), generator=g).to(device)
+    prev = torch.cat([torch.full((bsz, 1), 2, device=device), tgt[:, :-1]], dim=1)
+    return src, torch.full((bsz,), src_len, device=device), prev, tgt
+
+
+def bench_train(model, opt, vocab, a, device):
+    g = torch.Generator().manual_seed(1)
+    bsz = max(1, a.max_tokens // a.tgt_len)
+    batches = [_batch(vocab, bsz, a.src_len, a.tgt_len, device, g) for _ in range(4)]
+    model.train()
+
+    def step(i):
+        src, lengths, prev, tgt = batches[i % len(batches)]
+        opt.zero_grad()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.bf16_autocast):
+            logits = model(src, lengths, prev)[0]
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), tgt.view(-1), label_smoothing=0.1,
+                               reduction="sum")
+        opt.backward(loss)
+        opt.multiply_grads(1.0 / tgt.numel())
+        opt.clip_grad_norm(0.1)
+        opt.step()
+
+    for i in range(a.warmup):
+        step(i)
+    _sync(device)
+    t0 = time.perf_counter()
+    for i in range(a.steps):
+        step(i)
+    _sync(device)
+    dt = time.perf_counter() - t0
+    return a.steps * bsz * a.tgt_len / dt
+
+
+@torch.no_grad()
+def bench_generate(model, d, vocab, a, device):
+    model.eval()
+    gen = SequenceGenerator([model], d, beam_size=5, max_len_a=0, max_len_b=a.gen_len, min_len=a.gen_len)
+    g = torch.Generator().manual_seed(2)
+    samples = []
+    for _ in range(a.gen_batches + 1):
+        src, lengths, _, _ = _batch(vocab, a.gen_batch_size, a.src_len, a.tgt_len, device, g)
+        samples.append({"net_input": {"src_tokens": src, "src_lengths": lengths}})
+    gen.generate([model], samples[0])  # warm-up
+    _sync(device)
+    t0 = time.perf_counter()
+    for s in samples[1:]:
+        gen.generate([model], s)
+    _sync(device)
+    return a.gen_batches * a.gen_batch_size / (time.perf_counter() - t0)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--vocab", type=int, default=10000, help="joined vocabulary size (IWSLT'14 BPE: ~10k)")
+    p.add_argument("--max-tokens", type=int, default=1000, help="target tokens per training batch")
+    p.add_argument("--src-len", type=int, default=25)
+    p.add_argument("--tgt-len", type=int, default=25)
+    p.add_argument("--steps", type=int, default=5, help="timed training steps")
+    p.add_argument("--warmup", type=int, default=1, help="untimed training steps first")
+    p.add_argument("--gen-batches", type=int, default=2, help="timed generation batches")
+    p.add_argument("--gen-batch-size", type=int, default=16)
+    p.add_argument("--gen-len", type=int, default=20, help="tokens generated per sentence (forced)")
+    p.add_argument("--repeats", type=int, default=2, help="alternating measurements per model; best kept")
+    p.add_argument("--bf16-autocast", action="store_true", help="train under torch.autocast(bfloat16)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    a = p.parse_args(argv)
+    for name in ("repeats", "vocab", "max_tokens", "src_len", "tgt_len", "steps", "gen_batches", "gen_batch_size", "gen_len"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    built = {name: _build(extra, optimizer, a.vocab, device)
+             for name, extra, optimizer in (("dense", [], "nag"), ("factorized", FACTORIZED, "fd_nag"))}
+    rows = {name: {"params": sum(q.numel() for q in m.parameters()), "train_words_per_s": 0.0,
+                   "gen_sentences_per_s": 0.0} for name, (m, _, _) in built.items()}
+    # alternate the two models and keep each one's best, so that load from other processes hits both alike
+    for _ in range(a.repeats):
+        for name, (model, opt, d) in built.items():
+            r = rows[name]
+            r["train_words_per_s"] = max(r["train_words_per_s"], bench_train(model, opt, len(d), a, device))
+            r["gen_sentences_per_s"] = max(r["gen_sentences_per_s"], bench_generate(model, d, len(d), a, device))
+    print(f"device {device} ({torch.get_num_threads()} threads), vocab {a.vocab}, {a.max_tokens} tokens/batch, "
+          f"beam 5, {a.gen_len} tokens/sentence")
+    print(f"{'model':<12}{'params':>12}{'train words/s':>16}{'gen sent/s':>14}")
+    for name, r in rows.items():
+        print(f"{name:<12}{r['params']:>12,}{r['train_words_per_s']:>16.1f}{r['gen_sentences_per_s']:>14.2f}")
+    f, dn = rows["factorized"], rows["dense"]
+    ratios = {"params": f["params"] / dn["params"], "train_words_per_s": f["train_words_per_s"] / dn["train_words_per_s"],
+              "gen_sentences_per_s": f["gen_sentences_per_s"] / dn["gen_sentences_per_s"]}
+    print(f"{'ratio f/d':<12}{ratios['params']:>12.3f}{ratios['train_words_per_s']:>16.3f}"
+          f"{ratios['gen_sentences_per_s']:>14.3f}")
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump({"device": str(device), "args": vars(a), "rows": rows, "ratios": ratios}, fh, indent=2)
+    return rows, ratios
+
+
+if __name__ == "__main__":
+    main()
