@@ -453,6 +453,18 @@ class TensorConv2d(FactorizedLayer):
             weight.shape[1], weight.shape[0], -1))
         return s[:, 1:].square().sum()
 
+    @torch.no_grad()
+    def scale_matrix_(self, factor: Union[float, Tensor]) -> None:
+        """Multiply the 1x1 matrix by ``factor`` (> 0), spread evenly over the cores (each by its k-th root).
+
+        The tensor-format counterpart of rescaling ``U`` and ``V`` each by ``sqrt(factor)`` (SPEC 4's
+        normalisation experiment).
+        """
+        ps = self.factor_parameters()
+        root = torch.as_tensor(factor, dtype=torch.float64) ** (1.0 / len(ps))
+        for p in ps:
+            p.mul_(root.to(device=p.device, dtype=p.dtype))
+
     # --- forward -------------------------------------------------------------------------------
     def _contract_macs(self, direction: str) -> int:
         """Multiply-adds per output pixel of contracting the TT cores with one input pixel."""
