@@ -361,3 +361,25 @@ def MultiheadAttentionForward(attn, **kwargs):
     """fairseq's own (explicit) attention path, for reference."""
     from fairseq.modules import MultiheadAttention
     return MultiheadAttention.forward(attn, **kwargs)
+
+
+FNL_ARCHS = sorted(a for a, m in fairseq.models.ARCH_MODEL_REGISTRY.items() if m.__name__ == "FNLTransformerModel")
+
+
+def test_registered_architectures():
+    assert FNL_ARCHS == ["fnl_transformer", "fnl_transformer_iwslt_de_en", "fnl_transformer_small"]
+
+
+@pytest.mark.parametrize("arch", FNL_ARCHS)
+def test_every_architecture_factorizes_and_runs(arch):
+    model, args = _build(["--rank-scale", "0.25", "--spectral", "--encoder-layers", "1", "--decoder-layers", "1"],
+                         arch=arch, small=False)
+    dense, _ = _build(["--encoder-layers", "1", "--decoder-layers", "1"], arch=arch, small=False)
+    heads, d = args.encoder_attention_heads, args.encoder_embed_dim
+    assert model.encoder.layers[0].self_attn.head_dim == int(0.25 * d / heads)
+    assert model.encoder.layers[0].fc1.rank == round(0.25 * min(d, args.encoder_ffn_embed_dim))
+    n, n_dense = (sum(p.numel() for p in m.parameters()) for m in (model, dense))
+    assert n < 0.5 * n_dense, (n, n_dense)
+    src, lengths, prev = _batch()
+    out = model(src, lengths, prev)[0]
+    assert out.shape == (3, 5, 44) and torch.isfinite(out).all()
