@@ -473,7 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='fnl-compress', description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group('model')
-    g.add_argument('--model', required=True, help="a timm model name, or a torch.save'd nn.Module file")
+    g.add_argument('--model', required=True,
+                   help="a timm model name, or a torch.save'd nn.Module file (unpickled: only files you trust)")
     g.add_argument('--checkpoint', default=None,
                    help='weights for a timm name: state dict, timm/fnl-train checkpoint, or TorchScript file')
     g.add_argument('--num-classes', type=int, default=None, help='default: the dataset\'s, else the model\'s')
@@ -603,15 +604,17 @@ def _fingerprints(paths: Sequence[Optional[str]]) -> List[Optional[Tuple[int, in
     return out
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Console entry point: 0 on success; bad arguments or inputs exit with status 2 and a message."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     try:
-        return run(args)
+        run(args)
     except ValueError as e:
         parser.exit(2, f'fnl-compress: error: {e}\n')
+    return 0
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

@@ -505,7 +505,8 @@ def _collapse(model: nn.Module, loader: DataLoader, device: torch.device, out_di
     return out
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Parse ``argv`` like the command line and train; returns the results dict."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(message)s')
@@ -516,5 +517,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     return train(args)
 
 
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The ``fnl-train`` console script."""
+    run(argv)
+    return 0
+
+
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

@@ -60,7 +60,7 @@ def run(argv: List[str], args: argparse.Namespace, smoke_epochs: int = 1,
     print('fnl-train ' + ' '.join(shlex.quote(a) for a in full), flush=True)
     if args.dry_run:
         return None
-    return fnl_train.main(full)
+    return fnl_train.run(full)
 
 
 def experiment_dir(args: argparse.Namespace, name: str) -> str:

@@ -71,3 +71,35 @@ def test_wrn_lowrank(tmp_path):
 def test_small_needs_smoke(tmp_path):
     with pytest.raises(ValueError, match='--small'):
         _recipe('factorized_resnet').main(['--small', '--dry-run', '--output', str(tmp_path)])
+
+
+def test_demo_quick(tmp_path):
+    from fnl_timm import demo
+    rows = demo.run(['--epochs', '1', '--limit-train-batches', '2', '--output', str(tmp_path)])
+    assert [r['run'] for r in rows] == ['dense', 'low rank, default init + wd', 'low rank, spectral + FD']
+    assert rows[0]['params'] == 269_722 and rows[1]['params'] == rows[2]['params'] < 269_722 // 4
+    assert all(0.0 <= r['top1'] <= 100.0 and len(r['curve']) == 1 for r in rows)
+    assert (tmp_path / 'demo.png').stat().st_size > 10_000
+
+
+def test_bench_smoke():
+    bench_dir = os.path.join(os.path.dirname(RECIPES), 'bench')
+    if bench_dir not in sys.path:
+        sys.path.insert(0, bench_dir)
+    bench = importlib.import_module('bench_timm')
+    rows = bench.main(['--models', 'resnet20', '--batch-size', '4', '--iters', '1', '--warmup', '0'])
+    dense, fact = rows
+    assert (dense['params'], fact['params']) == (269_722, 63_850)
+    assert fact['mac_ratio'] == pytest.approx(dense['macs'] / fact['macs']) and fact['mac_ratio'] > 4
+    assert fact['train_speedup'] > 0 and fact['infer_speedup'] > 0
+
+
+def test_train_module_help():
+    import subprocess
+    root = os.path.dirname(RECIPES)
+    proc = subprocess.run([sys.executable, '-m', 'fnl_timm.train', '--help'], cwd=root, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and '--wd2fd' in proc.stdout and '--normalize' in proc.stdout
+    proc = subprocess.run([sys.executable, '-m', 'fnl_timm.train', '--spectral'], cwd=root, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and '--rank-scale' in proc.stderr

@@ -20,7 +20,7 @@ BASE = ['--model', 'fnl_test_resnet', '--img-size', '16', '--batch-size', '32', 
 
 
 def _run(tmp_path, name, *extra):
-    return fnl_train.main(BASE + ['--output', str(tmp_path), '--experiment', name, *extra])
+    return fnl_train.run(BASE + ['--output', str(tmp_path), '--experiment', name, *extra])
 
 
 def test_digits_dataset():
@@ -134,3 +134,37 @@ def test_torchrun_two_processes_agree(tmp_path):
     assert res['epochs_run'] == 2 and res['top1'] is not None
     ckpt = torch.load(tmp_path / 'ddp' / 'last.pth.tar', weights_only=False)
     assert ckpt['epoch'] == 1
+
+
+def _fake_images(folder, n, size, color):
+    from PIL import Image
+    os.makedirs(folder, exist_ok=True)
+    for i in range(n):
+        Image.new('RGB', (size, size), color=(color, (37 * i) % 255, 0)).save(os.path.join(folder, f'{i}.png'))
+
+
+def test_tiny_imagenet_and_folder_datasets(tmp_path):
+    from fnl_timm.data import TinyImageNet
+    root = tmp_path / 'tiny-imagenet-200'
+    wnids = ['n001', 'n002']
+    for k, w in enumerate(wnids):
+        _fake_images(root / 'train' / w / 'images', 3, 64, 100 * k)
+    _fake_images(root / 'val' / 'images', 2, 64, 0)
+    (root / 'wnids.txt').write_text('\n'.join(wnids) + '\n')
+    (root / 'val' / 'val_annotations.txt').write_text('0.png\tn002\t0\t0\t64\t64\n1.png\tn001\t0\t0\t64\t64\n')
+    train = TinyImageNet(str(root), 'train')
+    val = TinyImageNet(str(root), 'val')
+    assert train.targets == [0, 0, 0, 1, 1, 1] and val.targets == [1, 0]
+    tr, va, info = create_datasets('tiny-imagenet', str(root))
+    assert info.num_classes == 200 and tuple(tr[0][0].shape) == (3, 64, 64)
+    with pytest.raises(ValueError, match='wnids'):
+        TinyImageNet(str(tmp_path), 'train')
+    # any class-per-folder tree through timm's folder reader, trained for one step
+    for split in ('train', 'val'):
+        for k, c in enumerate(('cat', 'dog')):
+            _fake_images(tmp_path / 'folder' / split / c, 4, 20, 120 * k)
+    res = fnl_train.run(['--dataset', 'folder', '--data-dir', str(tmp_path / 'folder'), '--img-size', '16',
+                         '--model', 'fnl_test_resnet', '--rank-scale', '0.3', '--batch-size', '4', '--epochs', '1',
+                         '--workers', '0', '--no-progress', '--no-tensorboard', '--output', str(tmp_path / 'out')])
+    assert res['epochs_run'] == 1 and res['top1'] is not None
+    assert res['dense_params'] == fnl.count_parameters(timm.create_model('fnl_test_resnet', num_classes=2))
