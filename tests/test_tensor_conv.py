@@ -251,7 +251,7 @@ def test_from_dense(cls):
     full = _full_rank(cls, 24, 16)
     layer = cls.from_dense(conv, rank=full)
     # an arbitrary kernel: the best depthwise-separable one (per-input-channel rank 1), exactly
-    err = float((layer.dense_weight() - conv.weight).square().sum())
+    err = float((layer.dense_weight() - conv.weight).detach().square().sum())
     assert math.isclose(err, float(cls.separable_error_sq(conv.weight)), rel_tol=1e-9)
     assert err > 0
     assert torch.equal(layer.bias, conv.bias)
