@@ -488,7 +488,7 @@ def compress(
     fixed_params = dense_params - sum(c.dense_params for c in cands)
     solver = _Solver(cands, fixed_params, dense_params, counted_macs, dense_macs, allocation, rank_multiple)
 
-    timings: dict[str, tuple[float, float]] = {}
+    timings: dict[tuple[str, int], tuple[float, float]] = {}  # (layer, rank) -> (factored ms, dense ms)
     bracket = None
     for _ in range(8):  # measurement may exclude layers; solve again until stable
         if mode == "energy":

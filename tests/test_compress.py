@@ -273,9 +273,10 @@ def test_cli_saved_module_input(trained, tmp_path):
     path = tmp_path / 'net.pt'
     torch.save(trained[0], path)
     sha = _sha(path)
-    rep = cli.main(['--model', str(path), '--input-size', '3', '16', '16', '--energy', '0.7', '--rank-multiple', '4',
-                    '--batch-size', '4', '--latency-repeats', '3', '--output', str(tmp_path / 'out')])
+    assert cli.main(['--model', str(path), '--input-size', '3', '16', '16', '--energy', '0.7', '--rank-multiple', '4',
+                     '--batch-size', '4', '--latency-repeats', '3', '--output', str(tmp_path / 'out')]) == 0
     assert _sha(path) == sha
+    rep = json.loads((tmp_path / 'out' / 'report.json').read_text())
     assert rep['mode'] == 'energy' and rep['target'] == 0.7
     assert all(d['energy'] >= 0.7 - 1e-9 for d in rep['layers'] if d['decision'] == 'factorized')
     paths = rep['extra']['paths']
