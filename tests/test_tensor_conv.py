@@ -285,9 +285,9 @@ def test_frobenius_gradient_equals_autograd(cls, dtype):
     for a, p in zip(auto, layer.factor_parameters()):
         assert torch.allclose(p.grad, a.to(dtype), atol=tol * float(a.abs().max()), rtol=tol * 10), \
             f'{(p.grad - a).abs().max()}'
-    norm_sq = float(layer.matrix().double().square().sum())
-    assert math.isclose(float(layer.frobenius_norm_sq()), norm_sq, rel_tol=1e-10 if dtype == torch.float64 else 1e-5)
-    assert math.isclose(float(fnl.frobenius_norm(layer)) ** 2, norm_sq, rel_tol=1e-5)
+    norm_sq = float(layer.matrix().detach().double().square().sum())
+    assert math.isclose(float(layer.frobenius_norm_sq().detach()), norm_sq, rel_tol=1e-10 if dtype == torch.float64 else 1e-5)
+    assert math.isclose(float(fnl.frobenius_norm(layer).detach()) ** 2, norm_sq, rel_tol=1e-5)
     # fnl.frobenius_penalty (the loss-term form) has the same gradient
     layer.zero_grad(set_to_none=True)
     fnl.frobenius_penalty(layer, coef).backward()
@@ -310,7 +310,7 @@ def test_frobenius_decay_moves_the_cores(cls):
     lr, coef = 0.1, 0.05
     opt = fnl.FrobeniusDecay(torch.optim.SGD(groups, lr=lr), model, coef=coef)
     before = [p.detach().clone() for p in layer.factor_parameters()]
-    norm_before = float(layer.frobenius_norm_sq())
+    norm_before = float(layer.frobenius_norm_sq().detach())
     expected = layer._frobenius_grads([p.detach() for p in layer.factor_parameters()])
     for p in model.parameters():
         p.grad = torch.zeros_like(p)  # the loss contributes nothing: only FD moves the cores
@@ -318,7 +318,7 @@ def test_frobenius_decay_moves_the_cores(cls):
     for b, p, g in zip(before, layer.factor_parameters(), expected):
         assert torch.allclose(p.detach(), b - lr * coef * g, atol=1e-14)
         assert float((p.detach() - b).abs().max()) > 1e-6
-    assert float(layer.frobenius_norm_sq()) < norm_before
+    assert float(layer.frobenius_norm_sq().detach()) < norm_before
     # coef 0: nothing moves
     still = [p.detach().clone() for p in layer.factor_parameters()]
     opt0 = fnl.FrobeniusDecay(torch.optim.SGD(fnl.param_groups(model, 5e-4), lr=lr), model, coef=0.0)
@@ -459,8 +459,8 @@ def test_scale_matrix_and_training_reduces_the_loss(cls):
     first = None
     for _ in range(200):
         loss = (layer(x) - target).square().mean()
-        first = float(loss) if first is None else first
+        first = float(loss.detach()) if first is None else first
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert float(loss) < 0.1 * first, (first, float(loss))
+    assert float(loss.detach()) < 0.1 * first, (first, float(loss.detach()))
