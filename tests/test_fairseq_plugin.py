@@ -383,3 +383,30 @@ def test_every_architecture_factorizes_and_runs(arch):
     src, lengths, prev = _batch()
     out = model(src, lengths, prev)[0]
     assert out.shape == (3, 5, 44) and torch.isfinite(out).all()
+
+
+def _recipe():
+    import importlib.util
+    path = os.path.join(os.path.dirname(USER_DIR), "recipes", "iwslt14", "iwslt14.py")
+    spec = importlib.util.spec_from_file_location("iwslt14_recipe", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_recipe_trains_with_the_papers_command():
+    rec = _recipe()
+    a = argparse.Namespace(work_dir="/w", weight_decay=1e-4, seed=1, smoke=False, cpu=False, extra=["--fp16"])
+    cmd = rec.train_command(a)
+    flags = dict(zip(cmd, cmd[1:]))
+    # SPEC 8: rank_scale 0.5, NAG lr 0.25, clip-norm 0.1, dropout 0.2, label smoothing 0.1, warm-up 4000,
+    # max-tokens 4000, 100k updates
+    expected = {"--arch": "fnl_transformer_small", "--rank-scale": "0.5", "--optimizer": "fd_nag", "--lr": "0.25",
+                "--clip-norm": "0.1", "--dropout": "0.2", "--label-smoothing": "0.1", "--warmup-updates": "4000",
+                "--max-tokens": "4000", "--max-update": "100000", "--lr-scheduler": "inverse_sqrt"}
+    assert {k: flags[k] for k in expected} == expected
+    assert {"--spectral", "--spectral-quekey", "--spectral-outval", "--wd2fd", "--wd2fd-quekey",
+            "--wd2fd-outval"} <= set(cmd)
+    assert cmd[-1] == "--fp16"
+    with pytest.raises(SystemExit):
+        rec.main(["all", "--work-dir", "/tmp/x", "--smoke", "--raw", "/tmp/y"])
