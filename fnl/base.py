@@ -10,7 +10,7 @@ forward pass runs.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -211,6 +211,13 @@ class FactorizedLayer(nn.Module):
                 p.grad = g
             else:
                 p.grad.add_(g)
+
+    @torch.no_grad()
+    def scale_matrix_(self, factor: Union[float, Tensor]) -> None:
+        """Multiply the product by ``factor`` (> 0): ``U`` and ``V`` each by ``sqrt(factor)``, ``S`` unchanged."""
+        root = torch.as_tensor(factor, dtype=torch.float32, device=self.U.device).sqrt()
+        self.U.mul_(root.to(self.U.dtype))
+        self.V.mul_(root.to(self.V.dtype))
 
     # --- counts --------------------------------------------------------------------------------
     def num_parameters(self) -> int:

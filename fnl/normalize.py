@@ -63,7 +63,7 @@ class FrobeniusNormRecorder:
         norms = state["norms"]
         if norms.dim() != 2 or norms.shape[1] != len(self.layers):
             raise ValueError(f"state['norms'] must have shape [steps, {len(self.layers)}], got {tuple(norms.shape)}")
-        device = self.layers[0].U.device
+        device = next(self.layers[0].parameters()).device
         self._steps = [row.to(device) for row in norms]
 
     def save(self, path: PathLike, steps_per_epoch: int) -> None:
@@ -83,10 +83,13 @@ def load_frobnorms(path: PathLike) -> Tensor:
 
 @torch.no_grad()
 def rescale_to_norm_(layer: FactorizedLayer, target: Union[float, Tensor]) -> None:
-    """Scale ``U`` and ``V`` each by ``sqrt(target / ||U S Vᵀ||_F)``, so the product's norm is ``target``."""
-    scale = (torch.as_tensor(target, dtype=torch.float32, device=layer.U.device) / frobenius_norm(layer)).sqrt()
-    layer.U.mul_(scale.to(layer.U.dtype))
-    layer.V.mul_(scale.to(layer.V.dtype))
+    """Rescale the layer's factors so that its product has Frobenius norm ``target``.
+
+    ``U`` and ``V`` are each scaled by ``sqrt(target / ||U S Vᵀ||_F)`` (tensor formats spread the
+    scale over their cores): ``layer.scale_matrix_``.
+    """
+    norm = frobenius_norm(layer)
+    layer.scale_matrix_(torch.as_tensor(target, dtype=torch.float32, device=norm.device) / norm)
 
 
 class FrobeniusNormalizer:
@@ -104,7 +107,7 @@ class FrobeniusNormalizer:
         if norms.dim() != 3 or norms.shape[-1] != len(self.layers):
             raise ValueError(f"norms must have shape [epochs, steps, {len(self.layers)}] for this model's "
                              f"{len(self.layers)} factorized layers, got {tuple(norms.shape)}")
-        self.targets = norms.reshape(-1, len(self.layers)).to(self.layers[0].U.device)
+        self.targets = norms.reshape(-1, len(self.layers)).to(next(self.layers[0].parameters()).device)
         self.index = 0
 
     def step(self) -> None:

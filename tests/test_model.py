@@ -198,3 +198,15 @@ def test_frobnorm_record_and_normalize(tmp_path):
         recorder.norms(4)
     with pytest.raises(ValueError, match=r"norms must have shape \[epochs, steps, 3\]"):
         fnl.FrobeniusNormalizer(start, torch.ones(1, 2, 5))
+
+
+def test_normalizer_handles_tensor_convs():
+    torch.manual_seed(5)
+    model = nn.Sequential(fnl.TTConv2d(8, 8, 3, padding=1, rank_scale=0.5),
+                          fnl.FactorizedConv2d(8, 8, 3, padding=1, rank=4, square=True))
+    targets = torch.tensor([[[0.5, 2.0]]])
+    s_before = model[1].S.detach().clone()
+    fnl.FrobeniusNormalizer(model, targets).step()
+    norms = torch.stack([fnl.frobenius_norm(layer) for layer in fnl.factorized_layers(model)]).detach()
+    assert torch.allclose(norms, targets[0, 0], rtol=1e-5), norms
+    assert torch.equal(model[1].S.detach(), s_before), "the square factor is not rescaled"
