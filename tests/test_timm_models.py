@@ -164,3 +164,10 @@ def test_wrn_conv_option():
     from fnl_timm.models import WideResNet
     with pytest.raises(ValueError, match='conv'):
         WideResNet(depth=10, width=1, conv='tt')
+
+
+def test_device_dtype_kwargs():
+    """timm's create_model may forward device= / dtype= (factory kwargs)."""
+    model = timm.create_model('fnl_test_resnet', rank_scale=0.3, spectral=True, device='cpu', dtype=torch.float64)
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    assert model(torch.randn(2, 3, 16, 16, dtype=torch.float64)).dtype == torch.float64

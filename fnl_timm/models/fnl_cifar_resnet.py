@@ -109,6 +109,8 @@ class CifarResNet(nn.Module):
             target_ratio: Optional[float] = None,
             spectral: bool = False,
             square: bool = False,
+            device=None,
+            dtype=None,
     ):
         super().__init__()
         if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
@@ -146,6 +148,8 @@ class CifarResNet(nn.Module):
         self.rank_scale = factorize_model(
             self, include, rank_scale=rank_scale, target_ratio=target_ratio,
             spectral=spectral, square=square, init=nn.init.kaiming_normal_)
+        if device is not None or dtype is not None:  # built (and SVD-initialised) on the CPU, then moved
+            self.to(device=device, dtype=dtype)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:

@@ -43,6 +43,8 @@ class CifarVGG(nn.Module):
             target_ratio: Optional[float] = None,
             spectral: bool = False,
             square: bool = False,
+            device=None,
+            dtype=None,
     ):
         super().__init__()
         self.num_classes = num_classes
@@ -79,6 +81,8 @@ class CifarVGG(nn.Module):
         self.rank_scale = factorize_model(
             self, convs[1:], rank_scale=rank_scale, target_ratio=target_ratio, spectral=spectral,
             square=square, init=lambda w: nn.init.kaiming_normal_(w, mode='fan_out', nonlinearity='relu'))
+        if device is not None or dtype is not None:  # built (and SVD-initialised) on the CPU, then moved
+            self.to(device=device, dtype=dtype)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:

@@ -80,6 +80,8 @@ class WideResNet(nn.Module):
             target_ratio: Optional[float] = None,
             spectral: bool = False,
             square: bool = False,
+            device=None,
+            dtype=None,
     ):
         super().__init__()
         if not isinstance(depth, int) or depth < 10 or (depth - 4) % 6:
@@ -119,10 +121,12 @@ class WideResNet(nn.Module):
         include = ['layer*.conv1', 'layer*.conv2', 'layer*.shortcut']
         if conv != 'lowrank':
             self.rank_scale = _tensorize(self, include[:2], conv, rank_scale, target_ratio, spectral, square)
-            return
-        self.rank_scale = factorize_model(
-            self, include, rank_scale=rank_scale, target_ratio=target_ratio, spectral=spectral,
-            square=square, init=lambda w: nn.init.kaiming_normal_(w, mode='fan_out', nonlinearity='relu'))
+        else:
+            self.rank_scale = factorize_model(
+                self, include, rank_scale=rank_scale, target_ratio=target_ratio, spectral=spectral,
+                square=square, init=lambda w: nn.init.kaiming_normal_(w, mode='fan_out', nonlinearity='relu'))
+        if device is not None or dtype is not None:  # built (and SVD-initialised) on the CPU, then moved
+            self.to(device=device, dtype=dtype)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
