@@ -22,6 +22,7 @@ Extra keyword arguments understood by every FD optimizer (pass them through timm
   ordinary weight decay and no FD (the paper's baseline).
 """
 from typing import Any, Dict, Iterable, List, Optional, Tuple
+import warnings
 import weakref
 
 import torch
@@ -90,7 +91,11 @@ def _split_factor_groups(
         coef = float(fd_coef)
         if not coef >= 0.0 or coef != coef or coef == float('inf'):
             raise ValueError(f'fd_coef must be a finite float >= 0, got {fd_coef!r}')
+        if coef > 0 and not wd2fd:
+            raise ValueError(f'fd_coef={fd_coef!r} with wd2fd=False: the factors get weight decay, not '
+                             'Frobenius decay; drop fd_coef or set wd2fd=True')
     out = []
+    n_factors = 0
     for g in groups:
         ps = g['params']
         ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
@@ -99,11 +104,16 @@ def _split_factor_groups(
         others = [p for p in ps if factor_owner(p) is None]
         if others:
             out.append(dict(rest, params=others, fd_coef=0.0))
+        n_factors += len(factors)
         if factors:
             if wd2fd:
                 out.append(dict(rest, params=factors, weight_decay=0.0, fd_coef=coef))
             else:
                 out.append(dict(rest, params=factors, weight_decay=wd, fd_coef=0.0))
+    if n_factors == 0 and wd2fd and coef > 0:
+        warnings.warn('Frobenius-decay optimizer: no registered factor among the parameters, so it acts as '
+                      'the plain optimizer. Factorize the model (an fnl_* model with rank_scale > 0) or call '
+                      'fnl_timm.mark_factors(model) before creating the optimizer.', stacklevel=4)
     return out, wd, coef
 
 

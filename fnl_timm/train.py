@@ -163,6 +163,9 @@ def validate_args(args: argparse.Namespace) -> None:
             raise ValueError('--normalize replaces Frobenius decay: add --no-frob')
         if not os.path.isfile(args.normalize):
             raise ValueError(f'--normalize: no such file {args.normalize!r}')
+    if (args.wd2fd or args.no_frob) and not factorized:
+        raise ValueError('--wd2fd / --no-frob act on the factors of a factorized model: set --rank-scale > 0 or '
+                         '--target-ratio')
     if (args.dump_frobnorms or args.normalize or args.collapse) and not factorized:
         raise ValueError('--dump-frobnorms, --normalize and --collapse need a factorized model '
                          '(--rank-scale > 0 or --target-ratio)')

@@ -180,6 +180,7 @@ def test_factorize_any_model_then_mark():
     (dict(fd_coef=float('nan')), 'fd_coef'),
     (dict(lr=-0.1), 'lr'),
     (dict(weight_decay=-1.0), 'weight_decay'),
+    (dict(fd_coef=0.1, wd2fd=False), 'wd2fd'),
 ])
 def test_bad_arguments(kwargs, match):
     model = _model()
@@ -234,3 +235,11 @@ def test_stock_timm_train_py_path():
     opt = create_optimizer_v2(model, **optimizer_kwargs(cfg=args))
     assert sum(len(g['params']) for g in opt.param_groups if g['fd_coef'] == 1e-4) == 36
     assert all(g['weight_decay'] == 0.0 for g in opt.param_groups if g['fd_coef'] > 0)
+
+
+def test_warns_without_factors():
+    """A dense model gets a plain optimizer, with a warning that FD has nothing to act on."""
+    model = timm.create_model('fnl_test_resnet')
+    with pytest.warns(UserWarning, match='mark_factors'):
+        opt = create_optimizer_v2(model, 'fdsgd', lr=LR, weight_decay=WD)
+    assert all(g['fd_coef'] == 0.0 for g in opt.param_groups)

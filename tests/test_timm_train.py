@@ -113,6 +113,7 @@ def test_paper_step_schedule(tmp_path):
     (['--rank-scale', '0.2', '--target-ratio', '0.1'], 'target-ratio'),
     (['--batch-size', '0'], 'batch-size'),
     (['--opt', 'nosuchopt'], 'opt'),
+    (['--wd2fd'], 'factorized'),
 ])
 def test_bad_flags(argv, match):
     args = fnl_train.build_parser().parse_args(argv)
@@ -168,3 +169,12 @@ def test_tiny_imagenet_and_folder_datasets(tmp_path):
                          '--workers', '0', '--no-progress', '--no-tensorboard', '--output', str(tmp_path / 'out')])
     assert res['epochs_run'] == 1 and res['top1'] is not None
     assert res['dense_params'] == fnl.count_parameters(timm.create_model('fnl_test_resnet', num_classes=2))
+
+
+def test_amp_bfloat16_cpu(tmp_path):
+    """--amp on the CPU: bfloat16 autocast, FD optimizer, finite results."""
+    res = _run(tmp_path, 'amp', '--rank-scale', '0.3', '--spectral', '--wd2fd', '--epochs', '1', '--amp',
+               '--clip-grad', '1.0')
+    assert res['epochs_run'] == 1 and 0.0 <= res['top1'] <= 100.0
+    ckpt = torch.load(tmp_path / 'amp' / 'last.pth.tar', weights_only=False)
+    assert all(torch.isfinite(v).all() for v in ckpt['state_dict'].values() if v.is_floating_point())
