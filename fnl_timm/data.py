@@ -183,6 +183,8 @@ def create_datasets(
         raise ValueError(f'dataset {name!r} needs data_dir (--data-dir)')
     if cutout and (not isinstance(cutout, int) or cutout < 0):
         raise ValueError(f'cutout must be an int >= 0, got {cutout!r}')
+    if cutout and name == 'folder':
+        raise ValueError("cutout is for the paper's CIFAR-style datasets, not dataset='folder' (timm's transforms)")
     if name == 'digits':
         size = img_size or 32
         train_ds, val_ds = DigitsDataset('train', size), DigitsDataset('val', size)

@@ -35,6 +35,8 @@ def test_digits_dataset():
         create_datasets('mnist')
     with pytest.raises(ValueError, match='data_dir'):
         create_datasets('cifar10')
+    with pytest.raises(ValueError, match='cutout'):
+        create_datasets('folder', 'somewhere', cutout=16)
 
 
 def test_square_collapse_keeps_logits(tmp_path):
