@@ -245,7 +245,8 @@ def evaluate(a: argparse.Namespace) -> dict:
     order = sorted(hyps)
     sys_out = [hyps[i] for i in order]
     ref_out = [refs[i] for i in order]
-    bleu = sacrebleu.corpus_bleu(sys_out, [ref_out])
+    metric = sacrebleu.metrics.BLEU()
+    bleu = metric.corpus_score(sys_out, [ref_out])
     params = None
     train_log = os.path.join(w, "train.log")
     if os.path.isfile(train_log):
@@ -253,7 +254,8 @@ def evaluate(a: argparse.Namespace) -> dict:
             pm = re.search(r"num\. shared model params: ([\d,]+)", f.read())
         params = int(pm.group(1).replace(",", "")) if pm else None
     results = {"checkpoint": ckpt, "fairseq_bleu4": float(m.group(1)), "fairseq_bleu_line": m.group(0),
-               "sacrebleu": round(bleu.score, 2), "sacrebleu_signature": str(bleu.format(signature=True)),
+               "sacrebleu": round(bleu.score, 2), "sacrebleu_detail": str(bleu),
+               "sacrebleu_signature": str(metric.get_signature()),
                "test_sentences": len(sys_out), "num_params": params, "smoke": bool(a.smoke)}
     with open(os.path.join(w, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
