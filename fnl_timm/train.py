@@ -144,7 +144,8 @@ def validate_args(args: argparse.Namespace) -> None:
             raise ValueError(f'--target-ratio must be in (0, 1), got {args.target_ratio}')
         if args.rank_scale:
             raise ValueError('give --rank-scale or --target-ratio, not both')
-    factorized = bool(args.rank_scale) or args.target_ratio is not None
+    factorized = (bool(args.rank_scale) or args.target_ratio is not None
+                  or bool(args.model_kwargs.get('rank_scale')) or args.model_kwargs.get('target_ratio') is not None)
     if (args.spectral or args.square) and not factorized:
         raise ValueError('--spectral and --square need a factorized model: set --rank-scale > 0 or --target-ratio')
     for name in ('lr', 'momentum', 'weight_decay', 'min_lr', 'smoothing', 'drop'):
@@ -327,7 +328,7 @@ def _train(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
     model_kwargs.update(args.model_kwargs)
     model = timm.create_model(args.model, **model_kwargs)
     n_factorized = mark_factors(model)
-    factorized = bool(args.rank_scale) or args.target_ratio is not None
+    factorized = bool(model_kwargs.get('rank_scale')) or model_kwargs.get('target_ratio') is not None
     if factorized and n_factorized == 0:
         raise ValueError(f'--model {args.model!r} ignored the factorization settings: it has no factorized layer '
                          '(use an fnl_* model)')
