@@ -43,7 +43,7 @@ def plot(rows: Sequence[Dict[str, Any]], path: str) -> None:
     ax_curve.set_ylabel('validation top-1 (%)')
     ax_curve.set_title('fnl_resnet20 on digits (32x32)')
     ax_curve.legend(fontsize=8)
-    ax_bar.bar(range(len(rows)), [r['top1'] for r in rows], color=['gray', 'tab:orange', 'tab:blue'][:len(rows)])
+    ax_bar.bar(range(len(rows)), [r['top1'] for r in rows], color=['tab:blue', 'tab:orange', 'tab:green'][:len(rows)])
     ax_bar.set_xticks(range(len(rows)))
     ax_bar.set_xticklabels([f"{r['run']}\n{r['params']:,} params" for r in rows], fontsize=8)
     ax_bar.set_ylabel('final validation top-1 (%)')
