@@ -1,19 +1,22 @@
 """Latency of a compressed resnet50 against the original, next to the multiply-add ratio (issue 6).
 
     python bench/bench_compress.py [--device cpu|cuda] [--batch-sizes 1 32] [--target-ratio 0.3]
-                                   [--repeats 5] [--measure] [--json out.json]
+                                   [--repeats 5] [--fold-bn] [--measure] [--json out.json]
 
 timm's ``resnet50`` with random weights (timing only) is compressed with ``fnl.compress`` at a
 whole-model parameter ratio of 0.3 (energy allocation, ranks rounded to multiples of 8, stem and
 classifier dense). Variants: ``factorized`` (the fnl layers, as fine-tuned), ``inference`` (each
 factorized layer as two plain torch layers, ``fnl.to_inference_form``) and ``fastest@B`` (per layer,
 two plain layers or one collapsed dense layer, whichever ``fnl.select_fastest_paths`` measured
-faster at the largest batch size). Original and compressed models run side by side, interleaved
-(a, b, a, b, ...) with the median taken, in both the default (NCHW) and channels-last memory
-formats. The target: at batch 32, the measured speedup is at least 0.6 x the multiply-add speedup.
-``--measure`` adds ``fnl.compress(measure=True)``: ranks solved again after layers measured
-slower factorized are kept dense (with their original weights). The load average is printed: on a shared machine the numbers
-move with it.
+faster at the largest batch size); with ``--fold-bn`` also original and inference with BatchNorm
+folded into the preceding convs (torch.fx fuse), each compared with the folded original.
+``--measure`` adds ``fnl.compress(measure=True)``: ranks solved again after the layers measured
+slower factorized are kept dense (with their original weights).
+
+All variants run side by side in one process, interleaved (a, b, a, b, ...) with the median
+taken, in the default (NCHW) and channels-last memory formats. The target: at batch 32, the
+measured speedup is at least 0.6 x the multiply-add speedup. The load average is printed: on a
+shared machine the numbers move with it.
 """
 from __future__ import annotations
 
@@ -46,6 +49,8 @@ def main() -> dict:
     p.add_argument("--measure", action="store_true", help="also the per-layer measured variant (at the largest batch)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--model", default="resnet50", help="timm model name (resnet50 is the issue's benchmark)")
+    p.add_argument("--fold-bn", action="store_true",
+                   help="also original and inference with BatchNorm folded into the convs (torch.fx fuse)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = p.parse_args()
 
@@ -81,8 +86,15 @@ def main() -> dict:
         print(f"compress(measure=True) at batch {big}: {time.perf_counter() - start:.1f} s; params "
               f"x{mreport.param_ratio:.4f}; {kept} layers kept dense by measurement")
         variants["measured"] = fnl.to_inference_form(measured)
+    baseline = {k: "original" for k in variants}
+    if args.fold_bn:  # the usual deployment step, applied to both sides: BatchNorm folded into the conv before it
+        from torch.fx.experimental.optimization import fuse
+        variants["original+fold"] = fuse(model)
+        variants["inference+fold"] = fuse(inference)
+        baseline.update({"original+fold": "original+fold", "inference+fold": "original+fold"})
     dense_macs = fnl.count_macs(model, (3, 224, 224))
     mac_ratio = {k: fnl.count_macs(v, (3, 224, 224)) / dense_macs for k, v in variants.items()}
+    mac_ratio = {k: v / mac_ratio[baseline[k]] for k, v in mac_ratio.items()}
     param_ratio = {k: fnl.count_parameters(v) / fnl.count_parameters(model) for k, v in variants.items()}
     print("MAC ratio: " + ", ".join(f"{k} {v:.4f}" for k, v in mac_ratio.items()))
     print("param ratio: " + ", ".join(f"{k} {v:.4f}" for k, v in param_ratio.items()))
@@ -102,15 +114,16 @@ def main() -> dict:
                                             repeats=args.repeats, warmup=1)
                 ms = dict(zip(nets, times))
                 for name in nets:
-                    if name == "original":
+                    base = baseline[name]
+                    if name == base:
                         continue
-                    speedup = ms["original"] / ms[name]
+                    speedup = ms[base] / ms[name]
                     mac_speedup = 1 / mac_ratio[name]
-                    row = {"batch": batch, "format": fmt, "variant": name, "original_ms": ms["original"],
+                    row = {"batch": batch, "format": fmt, "variant": name, "baseline": base, "original_ms": ms[base],
                            "compressed_ms": ms[name], "speedup": speedup, "mac_speedup": mac_speedup,
                            "fraction_of_mac_speedup": speedup / mac_speedup, "load": [load_before, _load()]}
                     results["runs"].append(row)
-                    print(f"batch {batch:3d} {fmt:13s} {name:11s}: original {ms['original']:9.2f} ms, "
+                    print(f"batch {batch:3d} {fmt:13s} {name:14s}: {base} {ms[base]:9.2f} ms, "
                           f"compressed {ms[name]:9.2f} ms, speedup x{speedup:.2f} vs MAC speedup x{mac_speedup:.2f} "
                           f"-> {speedup / mac_speedup:.2f} of it (target >= 0.6 at batch 32); {_load()}")
     for name, net in variants.items():  # models restored to the default format for any later use

@@ -590,7 +590,7 @@ def apply_ranks(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
         if type(module) not in (nn.Conv2d, nn.Linear):
             raise ValueError(f"ranks names layer {name!r} of type {type(module).__name__}; only nn.Conv2d / "
                              "nn.Linear can be factorized")
-        _replace(model, module, _factorized(module, int(rank)))
+        _replace(model, module, _factorized(module, int(rank)).train(module.training))
     return model
 
 
