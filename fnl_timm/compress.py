@@ -266,7 +266,8 @@ def compress_model(
         latency: bool = True,
         latency_repeats: int = 15,
 ) -> Tuple[nn.Module, fnl.CompressionReport]:
-    """Compress ``model`` (not modified); evaluate, fine-tune, choose paths and time it.
+    """Compress ``model`` (its weights are not modified; it is moved to ``device``); evaluate, fine-tune,
+    choose paths and time it.
 
     The report's ``extra`` gets: ``accuracy`` (original / compressed / finetuned), ``finetune``,
     ``paths`` (per-layer measured factored vs collapsed, with ``finalize='fastest'``) and ``latency``
@@ -318,6 +319,10 @@ def compress_model(
                                    'compressed_ms': comp_ms, 'speedup': orig_ms / comp_ms,
                                    'mac_speedup': 1 / report.macs_ratio, 'repeats': latency_repeats,
                                    'cpu_threads': torch.get_num_threads(), 'load_avg': _load_avg()}
+        if comp_ms > orig_ms:
+            _logger.warning('the compressed model measured slower than the original (%.3f ms vs %.3f ms at batch '
+                            '%d on %s): use --finalize fastest (and --measure) at this batch size, or a busy machine '
+                            'disturbed the timing', comp_ms, orig_ms, batch_size, dev)
     return compressed.eval(), report
 
 
