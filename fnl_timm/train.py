@@ -16,6 +16,7 @@ checkpoints (``last.pth.tar``, best ones), ``frobnorms.pt`` (``--dump-frobnorms`
 ``model_collapsed.pth`` (``--collapse``: a state dict for the dense model).
 """
 import argparse
+import inspect
 import json
 import logging
 import math
@@ -387,8 +388,10 @@ def _train(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
 
     start_epoch = 0
     if args.resume:
+        # our checkpoints hold the argparse Namespace: not loadable with weights_only=True
+        extra = {'weights_only': False} if 'weights_only' in inspect.signature(resume_checkpoint).parameters else {}
         start_epoch = resume_checkpoint(model, args.resume, optimizer=optimizer, loss_scaler=loss_scaler,
-                                        log_info=_is_main(args), weights_only=False) or 0
+                                        log_info=_is_main(args), **extra) or 0
         if normalizer is not None:
             normalizer.load_state_dict({'index': start_epoch * steps_per_epoch})
         if recorder is not None:
