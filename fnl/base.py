@@ -109,12 +109,6 @@ class FactorizedLayer(nn.Module):
     counts.
     """
 
-    rank: int
-    square: bool
-    U: nn.Parameter
-    V: nn.Parameter
-    S: Optional[nn.Parameter]
-
     def _create_factors(self, m: int, n: int, rank: int, square: bool, factory_kwargs: dict) -> None:
         self.rank = rank
         self.square = square

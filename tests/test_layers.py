@@ -264,3 +264,16 @@ def test_spectral_of_rank_deficient_weight_is_finite():
     f = fnl.FactorizedLinear.from_dense(dense, rank=4)
     assert torch.isfinite(f.U).all() and torch.isfinite(f.V).all()
     _close(f.dense_weight(), dense.weight)
+
+
+@pytest.mark.parametrize("make, x", [
+    (lambda: fnl.FactorizedLinear(8, 4, rank=2, square=True), torch.randn(3, 8)),
+    (lambda: fnl.FactorizedConv2d(3, 4, 3, padding=1, rank=2), torch.randn(2, 3, 6, 6)),
+    (lambda: fnl.FactorizedConv2d(3, 4, 3, rank_scale=1.0, path="dense"), torch.randn(2, 3, 6, 6)),
+    (lambda: fnl.FactorizedEmbedding(10, 4, padding_idx=0, rank=2), torch.randint(0, 10, (2, 5))),
+])
+def test_torchscript(make, x):
+    torch.manual_seed(11)
+    layer = make()
+    scripted = torch.jit.script(layer)
+    _close(scripted(x), layer(x), atol=1e-6)
