@@ -16,7 +16,6 @@ checkpoints (``last.pth.tar``, best ones), ``frobnorms.pt`` (``--dump-frobnorms`
 ``model_collapsed.pth`` (``--collapse``: a state dict for the dense model).
 """
 import argparse
-import inspect
 import json
 import logging
 import math
@@ -206,6 +205,11 @@ def _create_loader(ds, batch_size: int, train: bool, args: argparse.Namespace) -
                       persistent_workers=False)
 
 
+def _checkpoint_globals():
+    """timm's checkpoints hold the run's argparse Namespace: allow exactly that type in weights_only loads."""
+    return torch.serialization.safe_globals([argparse.Namespace])
+
+
 class _Saver(CheckpointSaver):
     """timm's CheckpointSaver, plus the FNL state (recorded Frobenius norms) in each checkpoint."""
 
@@ -217,7 +221,8 @@ class _Saver(CheckpointSaver):
         super()._save(save_path, epoch, metric)
         extra = self.extra_state() if self.extra_state is not None else None
         if extra:
-            state = torch.load(save_path, map_location='cpu', weights_only=False)
+            with _checkpoint_globals():
+                state = torch.load(save_path, map_location='cpu', weights_only=True)
             state['fnl'] = extra
             torch.save(state, save_path)
 
@@ -388,16 +393,16 @@ def _train(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
 
     start_epoch = 0
     if args.resume:
-        # our checkpoints hold the argparse Namespace: not loadable with weights_only=True
-        extra = {'weights_only': False} if 'weights_only' in inspect.signature(resume_checkpoint).parameters else {}
-        start_epoch = resume_checkpoint(model, args.resume, optimizer=optimizer, loss_scaler=loss_scaler,
-                                        log_info=_is_main(args), **extra) or 0
+        with _checkpoint_globals():
+            start_epoch = resume_checkpoint(model, args.resume, optimizer=optimizer, loss_scaler=loss_scaler,
+                                            log_info=_is_main(args)) or 0
         if normalizer is not None:
             normalizer.load_state_dict({'index': start_epoch * steps_per_epoch})
         if recorder is not None:
-            saved = torch.load(args.resume, map_location='cpu', weights_only=False).get('fnl', {}) or {}
+            with _checkpoint_globals():
+                saved = torch.load(args.resume, map_location='cpu', weights_only=True).get('fnl', {}) or {}
             if 'frobnorms' in saved:
-                recorder._steps = [s.to(device) for s in saved['frobnorms'].reshape(-1, saved['frobnorms'].shape[-1])]
+                recorder.load_state_dict({'norms': saved['frobnorms'].reshape(-1, saved['frobnorms'].shape[-1])})
         lr_scheduler.step(start_epoch)  # epoch-based schedulers
         lr_scheduler.step_update(start_epoch * steps_per_epoch)  # update-based ones
 
