@@ -52,7 +52,10 @@ PAPER_OPTIM = ["--optimizer", "fd_nag", "--lr", "0.25", "--clip-norm", "0.1", "-
 SMOKE_OVERRIDES = ["--encoder-embed-dim", "64", "--decoder-embed-dim", "64", "--encoder-ffn-embed-dim", "256",
                    "--decoder-ffn-embed-dim", "256", "--optimizer", "fd_adam", "--lr", "0.005",
                    "--adam-betas", "(0.9, 0.98)", "--clip-norm", "0", "--warmup-updates", "100",
-                   "--max-tokens", "2000", "--max-update", "300", "--dropout", "0.1"]
+                   "--max-tokens", "2000", "--max-update", "300", "--dropout", "0.1",
+                   # an epoch is 8 updates here: validate and save every 100 updates, not every epoch
+                   "--validate-interval", "1000", "--save-interval", "1000", "--validate-interval-updates", "100",
+                   "--save-interval-updates", "100", "--keep-interval-updates", "1"]
 
 
 def _log(msg: str) -> None:
