@@ -17,7 +17,7 @@ setup(
     # the core imports only torch
     install_requires=["torch>=2.1"],
     extras_require={
-        "timm": ["timm>=1.0", "torchvision", "scikit-learn", "matplotlib", "tqdm", "tensorboard"],
+        "timm": ["timm>=1.0.12", "torchvision", "scikit-learn", "matplotlib", "tqdm", "tensorboard"],
         "fairseq": [
             # fairseq 0.12.2 does not import on Python >= 3.11; fairseq-fixed is the same `fairseq` module
             "fairseq==0.12.2; python_version < '3.11'",
@@ -25,8 +25,13 @@ setup(
             "sacrebleu>=2.0",
             "sentencepiece",
         ],
-        "dev": ["pytest"],
+        "dev": ["pytest", "tensorly"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": [
+        "fnl-train = fnl_timm.train:main",
+        "fnl-demo = fnl_timm.demo:main",
+        "fnl-compress = fnl_timm.compress:main",
+        "fnl-fairseq-train = fnl_fairseq.launch:main",
+    ]},
     classifiers=["Programming Language :: Python :: 3", "Topic :: Scientific/Engineering :: Artificial Intelligence"],
 )
