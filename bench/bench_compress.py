@@ -1,7 +1,7 @@
 """Latency of a compressed resnet50 against the original, next to the multiply-add ratio (issue 6).
 
     python bench/bench_compress.py [--device cpu|cuda] [--batch-sizes 1 32] [--target-ratio 0.3]
-                                   [--repeats 5] [--fold-bn] [--measure] [--json out.json]
+                                   [--repeats 5] [--fold-bn] [--compile] [--measure] [--json out.json]
 
 timm's ``resnet50`` with random weights (timing only) is compressed with ``fnl.compress`` at a
 whole-model parameter ratio of 0.3 (energy allocation, ranks rounded to multiples of 8, stem and
@@ -9,7 +9,9 @@ classifier dense). Variants: ``factorized`` (the fnl layers, as fine-tuned), ``i
 factorized layer as two plain torch layers, ``fnl.to_inference_form``) and ``fastest@B`` (per layer,
 two plain layers or one collapsed dense layer, whichever ``fnl.select_fastest_paths`` measured
 faster at the largest batch size); with ``--fold-bn`` also original and inference with BatchNorm
-folded into the preceding convs (torch.fx fuse), each compared with the folded original.
+folded into the preceding convs (torch.fx fuse), each compared with the folded original; with
+``--compile`` also both through ``torch.compile`` (inductor with freezing: BatchNorm folded and the
+elementwise ops fused), compared with the compiled original.
 ``--measure`` adds ``fnl.compress(measure=True)``: ranks solved again after the layers measured
 slower factorized are kept dense (with their original weights).
 
@@ -51,6 +53,8 @@ def main() -> dict:
     p.add_argument("--model", default="resnet50", help="timm model name (resnet50 is the issue's benchmark)")
     p.add_argument("--fold-bn", action="store_true",
                    help="also original and inference with BatchNorm folded into the convs (torch.fx fuse)")
+    p.add_argument("--compile", action="store_true",
+                   help="also original and inference through torch.compile (inductor, freezing), compiled per format")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = p.parse_args()
 
@@ -92,10 +96,21 @@ def main() -> dict:
         variants["original+fold"] = fuse(model)
         variants["inference+fold"] = fuse(inference)
         baseline.update({"original+fold": "original+fold", "inference+fold": "original+fold"})
+    compiled = {}
+    if args.compile:  # inductor with freezing: BatchNorm folded, elementwise ops fused into the convs
+        import torch._inductor.config as inductor_config
+        inductor_config.freezing = True
+        for name in ("original", "inference"):
+            compiled[f"{name}+compile"] = torch.compile(variants[name])
+        baseline.update({"original+compile": "original+compile", "inference+compile": "original+compile"})
     dense_macs = fnl.count_macs(model, (3, 224, 224))
     mac_ratio = {k: fnl.count_macs(v, (3, 224, 224)) / dense_macs for k, v in variants.items()}
+    for k in compiled:  # the compiled programs run the same layers as their eager models
+        mac_ratio[k] = mac_ratio[k.split("+")[0]]
+    variants.update(compiled)
     mac_ratio = {k: v / mac_ratio[baseline[k]] for k, v in mac_ratio.items()}
-    param_ratio = {k: fnl.count_parameters(v) / fnl.count_parameters(model) for k, v in variants.items()}
+    param_ratio = {k: fnl.count_parameters(v) / fnl.count_parameters(model) for k, v in variants.items()
+                   if k not in compiled}
     print("MAC ratio: " + ", ".join(f"{k} {v:.4f}" for k, v in mac_ratio.items()))
     print("param ratio: " + ", ".join(f"{k} {v:.4f}" for k, v in param_ratio.items()))
     if device.type == "cuda":
