@@ -145,7 +145,8 @@ class CompressionReport:
         lines.insert(1, rule)
         lines.insert(len(lines) - 2, rule)
         target = "" if self.target is None else f" {self.mode}={self.target:g}"
-        bracket = "" if self.bracket is None else f", reachable neighbours {self.bracket[0]:.4f} / {self.bracket[1]:.4f}"
+        bracket = ("" if self.bracket is None
+                   else f", reachable neighbours {self.bracket[0]:.4f} / {self.bracket[1]:.4f}")
         lines.insert(0, f"compression{target}: allocation={self.allocation}, t={self.t:.4f}, "
                         f"rank_multiple={self.rank_multiple}{bracket}")
         return "\n".join(lines)

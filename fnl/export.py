@@ -20,7 +20,6 @@ from torch import Tensor, nn
 __all__ = ["EXPORT_FORMATS", "ExportMismatchError", "atomic_path", "export_model"]
 
 EXPORT_FORMATS = ("torchscript", "export", "onnx")
-_SUFFIX = {"torchscript": ".ts", "export": ".pt2", "onnx": ".onnx"}
 
 
 class ExportMismatchError(RuntimeError):
@@ -52,7 +51,8 @@ def _first_tensor(out: object) -> Tensor:
         return out[0]
     if isinstance(out, dict) and out:
         return _first_tensor(next(iter(out.values())))
-    raise TypeError(f"the model's output must be a tensor (or a tuple/list/dict starting with one), got {type(out).__name__}")
+    raise TypeError("the model's output must be a tensor (or a tuple/list/dict starting with one), "
+                    f"got {type(out).__name__}")
 
 
 def _check(name: str, ref: Tensor, got: Tensor, atol: float, rtol: float) -> float:
@@ -101,8 +101,8 @@ def export_model(
         raise TypeError("example_input must be a batched tensor")
     path = os.fspath(path)
     batch = example_input.shape[0]
-    second = torch.randn((check_batch or batch + 1, *example_input.shape[1:]), generator=torch.Generator().manual_seed(0),
-                         dtype=example_input.dtype).to(example_input.device)
+    second = torch.randn((check_batch or batch + 1, *example_input.shape[1:]),
+                         generator=torch.Generator().manual_seed(0), dtype=example_input.dtype).to(example_input.device)
     if not example_input.is_floating_point():
         second = example_input[:1].expand(check_batch or batch + 1, *example_input.shape[1:]).clone()
     was_training = model.training

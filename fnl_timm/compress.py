@@ -22,7 +22,6 @@ rebuilds it), ``report.json``, ``report.txt``, ``report.png`` and ``model.ts`` /
 ``model.onnx`` for ``--export``. The input files are only read.
 """
 import argparse
-import copy
 import json
 import logging
 import math
@@ -125,8 +124,8 @@ def load_model(
                              '(its weights are loaded into the eager model), or torch.save the eager module')
         obj = _torch_load(model, '--model')
         if not isinstance(obj, nn.Module):
-            raise ValueError(f'--model {model!r} is not a saved nn.Module (it holds a {type(obj).__name__}); for a state dict '
-                             'give the timm model name as --model and the file as --checkpoint')
+            raise ValueError(f'--model {model!r} is not a saved nn.Module (it holds a {type(obj).__name__}); for a '
+                             'state dict give the timm model name as --model and the file as --checkpoint')
         return obj.eval(), {'arch': None, 'model_kwargs': {}, 'source': os.path.abspath(model)}
     if not timm.is_model(model):
         raise ValueError(f'--model {model!r} is neither a timm model name nor an existing file '

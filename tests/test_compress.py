@@ -7,7 +7,6 @@ bad inputs fail with clear errors and leave the input file's bytes unchanged.
 """
 import hashlib
 import json
-import math
 import os
 
 import pytest
