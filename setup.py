@@ -25,6 +25,7 @@ setup(
             "sacrebleu>=2.0",
             "sentencepiece",
         ],
+        "onnx": ["onnx", "onnxscript", "onnxruntime"],
         "dev": ["pytest", "tensorly"],
     },
     entry_points={"console_scripts": [
