@@ -2,7 +2,10 @@
 from typing import Callable, Optional, Sequence, Union
 import math
 
+import torch
 from torch import nn
+
+from timm.layers import create_classifier
 
 import fnl
 
@@ -60,3 +63,24 @@ def factorize_model(
     )
     mark_factors(model)
     return float(rank_scale)
+
+
+class ClassifierMixin:
+    """timm's model conventions shared by the fnl_* models (``self.fc``, ``self.global_pool``, ``self.num_features``)."""
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        """Names of the factors: timm's optimizer factory leaves them to Frobenius decay."""
+        return fnl.factor_parameter_names(self)
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str = 'avg') -> None:
+        self.num_classes = num_classes
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from timm.layers import create_classifier
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 
-from ._factorize import factorize_model
+from ._factorize import ClassifierMixin, factorize_model
 
 __all__ = ['CifarResNet', 'BasicBlock']
 
@@ -79,7 +79,7 @@ class BasicBlock(nn.Module):
         return self.act2(x + shortcut)
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(ClassifierMixin, nn.Module):
     """CIFAR ResNet (three stages of basic blocks) with factorized block convs.
 
     Args:
@@ -154,24 +154,6 @@ class CifarResNet(nn.Module):
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         return dict(stem=r'^conv1|bn1', blocks=r'^layer(\d+)' if coarse else r'^layer(\d+)\.(\d+)')
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        """Names of the factors: timm's optimizer factory leaves them to Frobenius decay."""
-        import fnl
-        return fnl.factor_parameter_names(self)
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str = 'avg') -> None:
-        self.num_classes = num_classes
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act1(self.bn1(self.conv1(x)))  # (B, w0, H, W)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from timm.layers import create_classifier
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 
-from ._factorize import factorize_model
+from ._factorize import ClassifierMixin, factorize_model
 from .fnl_cifar_resnet import CIFAR10_MEAN, CIFAR10_STD
 
 __all__ = ['CifarVGG']
@@ -23,7 +23,7 @@ VGG19_CFG = (64, 64, 'M', 128, 128, 'M', 256, 256, 256, 256, 'M', 512, 512, 512,
              512, 512, 512, 512)
 
 
-class CifarVGG(nn.Module):
+class CifarVGG(ClassifierMixin, nn.Module):
     """VGG with BN for small images; every conv but the first is factorized.
 
     Args:
@@ -87,24 +87,6 @@ class CifarVGG(nn.Module):
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         return dict(stem=r'^features\.[012]\.', blocks=r'^features\.(\d+)')
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        """Names of the factors: timm's optimizer factory leaves them to Frobenius decay."""
-        import fnl
-        return fnl.factor_parameter_names(self)
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str = 'avg') -> None:
-        self.num_classes = num_classes
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and not torch.jit.is_scripting():
