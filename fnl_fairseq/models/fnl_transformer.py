@@ -144,44 +144,38 @@ def _shrunk(attn: nn.Module, s: FNLSettings, embed_dim: int) -> nn.Module:
     return shrink_heads_(attn, head_dim_for(s.rank_scale, embed_dim, attn.num_heads))
 
 
-class FNLTransformerEncoderLayer(TransformerEncoderLayerBase):
+class _FactorizedFFN:
+    """The FFN linears of a fairseq Transformer layer, factorized when ``--rank-scale`` is set."""
+
+    def build_fc1(self, input_dim, output_dim, q_noise, qn_block_size):
+        if self.fnl_settings.rank_scale is None:
+            return super().build_fc1(input_dim, output_dim, q_noise, qn_block_size)
+        return self.fnl_settings.linear(input_dim, output_dim)
+
+    def build_fc2(self, input_dim, output_dim, q_noise, qn_block_size):
+        if self.fnl_settings.rank_scale is None:
+            return super().build_fc2(input_dim, output_dim, q_noise, qn_block_size)
+        return self.fnl_settings.linear(input_dim, output_dim)
+
+
+class FNLTransformerEncoderLayer(_FactorizedFFN, TransformerEncoderLayerBase):
     """fairseq's encoder layer with factorized FFN linears and shrunk attention heads."""
 
     def __init__(self, cfg: TransformerConfig, return_fc: bool = False) -> None:
         self.fnl_settings = FNLSettings.from_cfg(cfg)  # read by the build_* hooks that __init__ calls
         super().__init__(cfg, return_fc=return_fc)
 
-    def build_fc1(self, input_dim, output_dim, q_noise, qn_block_size):
-        if self.fnl_settings.rank_scale is None:
-            return super().build_fc1(input_dim, output_dim, q_noise, qn_block_size)
-        return self.fnl_settings.linear(input_dim, output_dim)
-
-    def build_fc2(self, input_dim, output_dim, q_noise, qn_block_size):
-        if self.fnl_settings.rank_scale is None:
-            return super().build_fc2(input_dim, output_dim, q_noise, qn_block_size)
-        return self.fnl_settings.linear(input_dim, output_dim)
-
     def build_self_attention(self, embed_dim, cfg):
         return _shrunk(super().build_self_attention(embed_dim, cfg), self.fnl_settings, embed_dim)
 
 
-class FNLTransformerDecoderLayer(TransformerDecoderLayerBase):
+class FNLTransformerDecoderLayer(_FactorizedFFN, TransformerDecoderLayerBase):
     """fairseq's decoder layer with factorized FFN linears and shrunk attention heads."""
 
     def __init__(self, cfg: TransformerConfig, no_encoder_attn: bool = False, add_bias_kv: bool = False,
                  add_zero_attn: bool = False) -> None:
         self.fnl_settings = FNLSettings.from_cfg(cfg)
         super().__init__(cfg, no_encoder_attn=no_encoder_attn, add_bias_kv=add_bias_kv, add_zero_attn=add_zero_attn)
-
-    def build_fc1(self, input_dim, output_dim, q_noise, qn_block_size):
-        if self.fnl_settings.rank_scale is None:
-            return super().build_fc1(input_dim, output_dim, q_noise, qn_block_size)
-        return self.fnl_settings.linear(input_dim, output_dim)
-
-    def build_fc2(self, input_dim, output_dim, q_noise, qn_block_size):
-        if self.fnl_settings.rank_scale is None:
-            return super().build_fc2(input_dim, output_dim, q_noise, qn_block_size)
-        return self.fnl_settings.linear(input_dim, output_dim)
 
     def build_self_attention(self, embed_dim, cfg, add_bias_kv=False, add_zero_attn=False):
         attn = super().build_self_attention(embed_dim, cfg, add_bias_kv=add_bias_kv, add_zero_attn=add_zero_attn)
