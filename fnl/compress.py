@@ -24,7 +24,6 @@ search, only once at the end.
 from __future__ import annotations
 
 import copy
-import fnmatch
 import math
 import statistics
 import time
@@ -37,7 +36,7 @@ from torch import Tensor, nn
 from .base import FactorizedLayer
 from .conv import FactorizedConv2d
 from .linear import FactorizedLinear
-from .model import module_output_hw
+from .model import _check_selector, _selects, _trace_input_shapes, module_output_hw
 
 __all__ = ["CompressionReport", "LayerDecision", "apply_ranks", "compress", "measure_latency", "round_rank",
            "select_fastest_paths", "to_inference_form"]
@@ -215,37 +214,11 @@ class _Candidate:
         return float(self.cum_energy[min(rank, self.full_rank) - 1])
 
 
-def _selects(selector: Selector, name: str, module: nn.Module) -> bool:
-    if selector is None:
-        return False
-    if callable(selector):
-        return bool(selector(name, module))
-    patterns = [selector] if isinstance(selector, str) else list(selector)
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
 def _trace(model: nn.Module, example: Tensor) -> tuple[dict[str, tuple], list[str]]:
     """Input shape (batch dropped) and call order of every Conv2d / Linear, from one eval forward pass."""
-    shapes: dict[str, tuple] = {}
-    order: list[str] = []
-    handles = []
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear, FactorizedLayer)):
-            def hook(mod: nn.Module, args: tuple, _name: str = name) -> None:
-                if _name not in shapes:
-                    shapes[_name] = tuple(args[0].shape[1:])
-                    order.append(_name)
-            handles.append(module.register_forward_pre_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    return shapes, order
+    shapes = {name: shape for name, shape in _trace_input_shapes(model, example).items()  # in call order
+              if isinstance(model.get_submodule(name), (nn.Conv2d, nn.Linear, FactorizedLayer))}
+    return shapes, list(shapes)
 
 
 def _dense_row(name: str, module: nn.Module, shape: Optional[tuple], reason: str) -> LayerDecision:
@@ -422,6 +395,7 @@ def compress(
         raise ValueError(f"min_saving must be a float in [0, 1), got {min_saving!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    _check_selector("exclude", exclude)
     if isinstance(model, torch.jit.ScriptModule):
         raise TypeError("model is a TorchScript module: its graph is frozen and its layers cannot be replaced; "
                         "load the eager model (or its state_dict into the model's class) and compress that")
@@ -468,7 +442,7 @@ def compress(
             reason = "stem (first layer run)"
         elif name == head:
             reason = "classifier (last layer run)"
-        elif _selects(exclude, name, module):
+        elif exclude is not None and _selects(exclude, name, module):
             reason = "excluded"
         if reason is None:
             cand = _Candidate(name, module, shape, float(min_saving))
