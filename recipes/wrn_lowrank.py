@@ -1,7 +1,7 @@
 """WRN-28-10 on CIFAR-10 at target compression 0.06667 (SPEC 6, 8): low-rank block convs with
 spectral init and Frobenius decay, against the dense WRN-28-10. SGD momentum 0.9, lr 0.1, weight
 decay 5e-4, batch 128, 200 epochs, lr x0.2 at epochs 60/120/160, crop + flip + Cutout(16).
-(The Tensor-Train / Tucker points of SPEC 6 come with the tensor-format convs.)
+(The Tensor-Train / Tucker points of SPEC 6, with this low-rank run beside them: recipes/wrn_tensor.py.)
 
     python recipes/wrn_lowrank.py --data-dir data --download
     python recipes/wrn_lowrank.py --smoke          # the factorized model only
