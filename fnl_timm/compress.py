@@ -43,6 +43,7 @@ import fnl
 from fnl.export import EXPORT_FORMATS, atomic_path, export_model
 
 from . import data as fnl_data
+from ._serialization import allow_argparse_namespace
 from .optim import FD_OPTIMIZERS, mark_factors
 
 __all__ = ['build_parser', 'compress_file', 'compress_model', 'load_compressed', 'load_model', 'main', 'run']
@@ -65,7 +66,7 @@ def _is_torchscript(path: str) -> bool:
 def _torch_load(path: str, arg: str) -> Any:
     """``torch.load`` on the CPU, safe loading first; fnl-train / timm checkpoints also hold an argparse Namespace."""
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with allow_argparse_namespace():
             return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError:
         pass  # a pickled module: needs the full unpickler (only for files you trust)

@@ -43,6 +43,7 @@ from timm.utils import (
 import fnl
 
 from . import data as fnl_data
+from ._serialization import allow_argparse_namespace
 from .optim import FD_OPTIMIZERS, mark_factors
 
 _logger = logging.getLogger('fnl_train')
@@ -205,11 +206,6 @@ def _create_loader(ds, batch_size: int, train: bool, args: argparse.Namespace) -
                       persistent_workers=False)
 
 
-def _checkpoint_globals():
-    """timm's checkpoints hold the run's argparse Namespace: allow exactly that type in weights_only loads."""
-    return torch.serialization.safe_globals([argparse.Namespace])
-
-
 class _Saver(CheckpointSaver):
     """timm's CheckpointSaver, plus the FNL state (recorded Frobenius norms) in each checkpoint."""
 
@@ -221,7 +217,7 @@ class _Saver(CheckpointSaver):
         super()._save(save_path, epoch, metric)
         extra = self.extra_state() if self.extra_state is not None else None
         if extra:
-            with _checkpoint_globals():
+            with allow_argparse_namespace():
                 state = torch.load(save_path, map_location='cpu', weights_only=True)
             state['fnl'] = extra
             torch.save(state, save_path)
@@ -393,13 +389,13 @@ def _train(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
 
     start_epoch = 0
     if args.resume:
-        with _checkpoint_globals():
+        with allow_argparse_namespace():
             start_epoch = resume_checkpoint(model, args.resume, optimizer=optimizer, loss_scaler=loss_scaler,
                                             log_info=_is_main(args)) or 0
         if normalizer is not None:
             normalizer.load_state_dict({'index': start_epoch * steps_per_epoch})
         if recorder is not None:
-            with _checkpoint_globals():
+            with allow_argparse_namespace():
                 saved = torch.load(args.resume, map_location='cpu', weights_only=True).get('fnl', {}) or {}
             if 'frobnorms' in saved:
                 recorder.load_state_dict({'norms': saved['frobnorms'].reshape(-1, saved['frobnorms'].shape[-1])})

@@ -180,3 +180,23 @@ def test_amp_bfloat16_cpu(tmp_path):
     assert res['epochs_run'] == 1 and 0.0 <= res['top1'] <= 100.0
     ckpt = torch.load(tmp_path / 'amp' / 'last.pth.tar', weights_only=False)
     assert all(torch.isfinite(v).all() for v in ckpt['state_dict'].values() if v.is_floating_point())
+
+
+def test_checkpoint_loading_keeps_other_safe_global_registrations():
+    """torch's safe_globals context removes its globals on exit; ours must not undo e.g. the fairseq plugin's."""
+    import argparse
+    from fnl_timm._serialization import allow_argparse_namespace
+    registered = list(torch.serialization.get_safe_globals())
+    before = argparse.Namespace in registered
+    torch.serialization.add_safe_globals([argparse.Namespace])  # a permanent registration, as fnl_fairseq makes
+    try:
+        with allow_argparse_namespace():
+            pass
+        assert argparse.Namespace in torch.serialization.get_safe_globals()
+    finally:
+        if not before:  # back to exactly what was registered
+            torch.serialization.clear_safe_globals()
+            torch.serialization.add_safe_globals(registered)
+    with allow_argparse_namespace():
+        assert argparse.Namespace in torch.serialization.get_safe_globals()
+    assert (argparse.Namespace in torch.serialization.get_safe_globals()) == before
