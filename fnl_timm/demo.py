@@ -87,7 +87,7 @@ def run(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         res = fnl_train.run(argv_run)
         rows.append(dict(run=name, params=res['params'], macs=res['macs'], compression=res['compression_ratio'],
                          top1=res['top1'], seconds=time.time() - t0,
-                         curve=_curve(os.path.join(args.output, exp))))
+                         curve=_curve(os.path.join(args.output, res['experiment']))))
 
     header = f'{"run":<30} {"params":>9} {"ratio":>6} {"MMACs":>7} {"top-1 %":>8} {"time s":>7}'
     lines = [header, '-' * len(header)]

@@ -37,7 +37,7 @@ from timm.optim import create_optimizer_v2, list_optimizers
 from timm.scheduler import create_scheduler_v2
 from timm.utils import (
     AverageMeter, CheckpointSaver, NativeScaler, ParseKwargs, accuracy, dispatch_clip_grad, distribute_bn,
-    init_distributed_device, reduce_tensor, unwrap_model, update_summary,
+    get_outdir, init_distributed_device, reduce_tensor, unwrap_model, update_summary,
 )
 
 import fnl
@@ -407,10 +407,22 @@ def _train(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == 'cuda' else None)
 
-    out_dir = os.path.join(args.output, args.experiment or _experiment_name(args))
+    # a new run never writes into an earlier run's folder (name-1, name-2, ... as in timm's train.py);
+    # --resume continues in the run's own folder
+    name = args.experiment or _experiment_name(args)
+    out_dir = os.path.join(args.output, name)
+    if _is_main(args):
+        if args.resume:
+            os.makedirs(out_dir, exist_ok=True)
+        else:
+            out_dir = get_outdir(args.output, name, inc=True)
+    if args.distributed:
+        shared = [out_dir]
+        dist.broadcast_object_list(shared, src=0)
+        out_dir = shared[0]
     saver = writer = None
     if _is_main(args):
-        os.makedirs(out_dir, exist_ok=True)
+        _logger.info(f'writing to {out_dir}')
         saver = _Saver(model=model, optimizer=optimizer, args=args, amp_scaler=loss_scaler,
                        checkpoint_dir=out_dir, recovery_dir=out_dir, decreasing=False,
                        max_history=args.checkpoint_hist,

@@ -53,6 +53,7 @@ def main(argv=None):
         tag = '-spectral' if spectral else ''
         spec = ['--spectral'] if spectral else []
         frob_name = f'resnet20-frob{tag}'
+        frobnorms = None
         runs = [
             ('frob', frob_name, []),
             ('none', f'resnet20-none{tag}', ['--no-frob']),
@@ -60,9 +61,13 @@ def main(argv=None):
              ['--no-frob', '--normalize', os.path.join(experiment_dir(args, frob_name), 'frobnorms.pt')]),
         ]
         for mode, name, extra in runs:
+            if mode == 'norm' and frobnorms:  # the frob run's own file (its folder may carry a -N suffix)
+                extra = ['--no-frob', '--normalize', frobnorms]
             res = run(PAPER + spec + extra + ['--experiment', name], args, smoke_epochs=2, small=dict(depth=8))
             if res is not None:
                 rows.append(dict(run=name, mode=mode, **res))
+                if mode == 'frob':
+                    frobnorms = res.get('frobnorms')
     if rows:
         print(table(rows, ['run', 'spectral', 'top1', 'eval_loss']))
         save_json(os.path.join(args.output, 'normalization.json'), rows)

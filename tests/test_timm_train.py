@@ -200,3 +200,17 @@ def test_checkpoint_loading_keeps_other_safe_global_registrations():
     with allow_argparse_namespace():
         assert argparse.Namespace in torch.serialization.get_safe_globals()
     assert (argparse.Namespace in torch.serialization.get_safe_globals()) == before
+
+
+def test_second_run_gets_its_own_folder(tmp_path):
+    """A new run never writes into an earlier run's folder: the earlier results stay as they were."""
+    argv = ['--epochs', '1', '--limit-train-batches', '1', '--limit-val-batches', '1', '--workers', '0',
+            '--no-tensorboard', '--device', 'cpu', '--output', str(tmp_path), '--experiment', 'exp',
+            '--model', 'fnl_test_resnet']
+    first = fnl_train.run(argv)
+    before = (tmp_path / 'exp' / 'results.json').read_bytes()
+    second = fnl_train.run(argv)
+    assert (first['experiment'], second['experiment']) == ('exp', 'exp-1')
+    assert (tmp_path / 'exp' / 'results.json').read_bytes() == before
+    rows = (tmp_path / 'exp-1' / 'summary.csv').read_text().splitlines()
+    assert len(rows) == 2 and rows[0].startswith('epoch'), rows
