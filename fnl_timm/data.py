@@ -195,8 +195,14 @@ def create_datasets(
     elif name in ('cifar10', 'cifar100'):
         from timm.data import create_dataset
         size = img_size or 32
-        train_ds = create_dataset(f'torch/{name}', root=data_dir, split='train', download=download)
-        val_ds = create_dataset(f'torch/{name}', root=data_dir, split='validation', download=download)
+        try:
+            train_ds = create_dataset(f'torch/{name}', root=data_dir, split='train', download=download)
+            val_ds = create_dataset(f'torch/{name}', root=data_dir, split='validation', download=download)
+        except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
+            if download:
+                raise
+            raise ValueError(f'data_dir (--data-dir) {data_dir!r} holds no {name} data ({e}); '
+                             'add download=True (--download) to fetch it') from None
         mean, std = (CIFAR10_MEAN, CIFAR10_STD) if name == 'cifar10' else (CIFAR100_MEAN, CIFAR100_STD)
         info = DatasetInfo(10 if name == 'cifar10' else 100, (3, size, size), mean, std)
     elif name == 'tiny-imagenet':

@@ -138,6 +138,9 @@ def validate_args(args: argparse.Namespace) -> None:
         positive(name.replace('_', '-'), getattr(args, name))
     if args.workers < 0:
         raise ValueError(f'--workers must be >= 0, got {args.workers}')
+    if not timm.is_model(args.model):
+        raise ValueError(f'--model {args.model!r} is not a registered timm model '
+                         f'(fnl models: {", ".join(timm.list_models("fnl_*"))})')
     if args.rank_scale is not None and (not math.isfinite(args.rank_scale) or args.rank_scale < 0):
         raise ValueError(f'--rank-scale must be a finite float >= 0, got {args.rank_scale}')
     if args.target_ratio is not None:
@@ -538,8 +541,12 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """The ``fnl-train`` console script."""
-    run(argv)
+    """The ``fnl-train`` console script: bad input found while setting up (data, model) exits 2 with its message."""
+    try:
+        run(argv)
+    except ValueError as e:
+        print(f'fnl-train: error: {e}', file=sys.stderr)
+        return 2
     return 0
 
 

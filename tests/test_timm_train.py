@@ -116,6 +116,7 @@ def test_paper_step_schedule(tmp_path):
     (['--batch-size', '0'], 'batch-size'),
     (['--opt', 'nosuchopt'], 'opt'),
     (['--wd2fd'], 'factorized'),
+    (['--model', 'nosuch_model'], "--model 'nosuch_model' is not a registered timm model"),
 ])
 def test_bad_flags(argv, match):
     args = fnl_train.build_parser().parse_args(argv)
@@ -214,3 +215,10 @@ def test_second_run_gets_its_own_folder(tmp_path):
     assert (tmp_path / 'exp' / 'results.json').read_bytes() == before
     rows = (tmp_path / 'exp-1' / 'summary.csv').read_text().splitlines()
     assert len(rows) == 2 and rows[0].startswith('epoch'), rows
+
+
+def test_missing_dataset_is_a_clear_cli_error(tmp_path, capsys):
+    code = fnl_train.main(['--dataset', 'cifar10', '--data-dir', str(tmp_path / 'none'), '--output', str(tmp_path)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "fnl-train: error: data_dir (--data-dir)" in err and "holds no cifar10 data" in err and "--download" in err
