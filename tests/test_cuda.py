@@ -10,6 +10,15 @@ import fnl
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+@pytest.fixture(autouse=True)
+def no_tf32():
+    """Exact float32 on the GPU: TF32 convs/matmuls (cuDNN's default) differ from the CPU by ~1e-3."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def _net(device):
     torch.manual_seed(0)
     return nn.Sequential(
