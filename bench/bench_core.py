@@ -17,31 +17,17 @@ from torch import nn
 import fnl
 
 
-def timeit(fn: Callable[[], object], device: str, warmup: int = 3, repeat: int = 10) -> float:
-    """Median seconds of ``fn`` over ``repeat`` runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def interleaved(fns: dict[str, Callable[[], object]], device: str, rounds: int = 5, repeat: int = 4) -> dict[str, float]:
-    """Median seconds per call of each function, measured in alternating rounds (fair under drift)."""
-    for fn in fns.values():
-        fn()
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            samples[k].append(timeit(fn, device, warmup=1, repeat=repeat))
-    return {k: statistics.median(v) for k, v in samples.items()}
+    """Median seconds per call of each function, timed interleaved (``fnl.measure_latency``, which times
+    under no_grad: training steps turn grad back on inside the timed call)."""
+    def with_grad(fn: Callable[[], object]) -> Callable[[], object]:
+        def run() -> object:
+            with torch.enable_grad():
+                return fn()
+        return run
+
+    ms = fnl.measure_latency([with_grad(fn) for fn in fns.values()], device, repeats=rounds * repeat, warmup=1)
+    return {k: t / 1e3 for k, t in zip(fns, ms)}
 
 
 class TwoMatmul(nn.Module):
