@@ -39,6 +39,20 @@ def _conv_out(size: int, k: int, s: int, p: int, d: int) -> int:
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
+def conv_repr_options(layer: nn.Module) -> str:
+    """The non-default padding / dilation / bias / path settings of a conv layer, for ``extra_repr``."""
+    s = ""
+    if layer.padding != (0, 0):
+        s += f", padding={layer.padding}"
+    if layer.dilation != (1, 1):
+        s += f", dilation={layer.dilation}"
+    if layer.bias is None:
+        s += ", bias=False"
+    if layer.path != "auto":
+        s += f", path={layer.path!r}"
+    return s
+
+
 class FactorizedConv2d(FactorizedLayer):
     """A 2-d convolution whose kernel, as an (out*kh) x (in*kw) matrix, is ``U Vᵀ``.
 
@@ -235,12 +249,4 @@ class FactorizedConv2d(FactorizedLayer):
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
              f"stride={self.stride}, {self._extra_repr_common()}")
-        if self.padding != (0, 0):
-            s += f", padding={self.padding}"
-        if self.dilation != (1, 1):
-            s += f", dilation={self.dilation}"
-        if self.bias is None:
-            s += ", bias=False"
-        if self.path != "auto":
-            s += f", path={self.path!r}"
-        return s
+        return s + conv_repr_options(self)

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import FactorizedLayer, InitFn, check_positive_int
-from .conv import IntPair, _conv_out, _pair
+from .conv import IntPair, _conv_out, _pair, conv_repr_options
 from .model import Selector, _all_names, _candidates, _replace, count_parameters
 
 __all__ = [
@@ -592,15 +592,7 @@ class TensorConv2d(FactorizedLayer):
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
              f"ranks={self.ranks}, out_modes={self.out_modes}, in_modes={self.in_modes}")
-        if self.padding != (0, 0):
-            s += f", padding={self.padding}"
-        if self.dilation != (1, 1):
-            s += f", dilation={self.dilation}"
-        if self.bias is None:
-            s += ", bias=False"
-        if self.path != "auto":
-            s += f", path={self.path!r}"
-        return s
+        return s + conv_repr_options(self)
 
 
 class TTConv2d(TensorConv2d):
