@@ -13,7 +13,7 @@ $(PY):
 
 $(STAMP): setup.py | $(PY)
 	$(PY) -m pip install --quiet $(TORCH_PIN)
-	$(PY) -m pip install --quiet -e ".[timm,fairseq,dev]" $(TORCH_PIN)
+	$(PY) -m pip install --quiet -e ".[timm,fairseq,onnx,dev]" $(TORCH_PIN)
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -107,6 +107,8 @@ def export_model(
         second = example_input[:1].expand(check_batch or batch + 1, *example_input.shape[1:]).clone()
     was_training = model.training
     model.eval()
+    # a batch-1 example cannot mark the batch dimension dynamic (torch.export specialises sizes 0 and 1)
+    dynamic = ({0: torch.export.Dim("batch", min=1, max=max(4096, 2 * batch))},) if batch >= 2 else None
     try:
         refs = [_first_tensor(model(x)) for x in (example_input, second)]
         note = ""
@@ -119,9 +121,6 @@ def export_model(
                 loaded = torch.jit.load(path, map_location=example_input.device)
             outs = [_first_tensor(loaded(x)) for x in (example_input, second)]
         elif format == "export":
-            dynamic = None
-            if batch >= 2:
-                dynamic = ({0: torch.export.Dim("batch", min=1, max=max(4096, 2 * batch))},)
             program = torch.export.export(model, (example_input,), dynamic_shapes=dynamic)
             with atomic_path(path) as tmp:
                 torch.export.save(program, tmp)
@@ -135,7 +134,7 @@ def export_model(
                 raise ImportError("format='onnx' needs the onnx package (pip install onnx onnxscript)")
             with atomic_path(path) as tmp:
                 torch.onnx.export(model, (example_input,), tmp, input_names=["input"], output_names=["output"],
-                                  dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+                                  dynamic_shapes=dynamic, external_data=False, verbose=False)
             import onnx
             onnx.checker.check_model(onnx.load(path))
             if importlib.util.find_spec("onnxruntime") is None:
@@ -143,8 +142,10 @@ def export_model(
                         "note": "onnx.checker passed; outputs not compared (onnxruntime not installed)"}
             import onnxruntime
             session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-            outs = [torch.from_numpy(session.run(None, {"input": x.detach().cpu().numpy()})[0])
-                    for x in (example_input, second)]
+            xs = (example_input, second) if dynamic else (example_input,)
+            if not dynamic:
+                note = "batch size 1 example: the ONNX graph is specialised to batch 1"
+            outs = [torch.from_numpy(session.run(None, {"input": x.detach().cpu().numpy()})[0]) for x in xs]
     finally:
         model.train(was_training)
     diffs = [_check(f"{format} batch {r.shape[0]}", r, o, atol, rtol) for r, o in zip(refs, outs)]

@@ -30,7 +30,7 @@ import pickle
 import sys
 import time
 import zipfile
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -78,7 +78,7 @@ def _torch_load(path: str, arg: str) -> Any:
         raise ValueError(f'{arg} {path!r} could not be read as a torch file ({type(e).__name__}: {e})') from None
 
 
-def _state_dict_of(obj: Any, path: str) -> Dict[str, torch.Tensor]:
+def _state_dict_of(obj: Any, path: str, arg: str = '--checkpoint') -> Dict[str, torch.Tensor]:
     if isinstance(obj, nn.Module):
         return obj.state_dict()
     if isinstance(obj, dict):
@@ -88,7 +88,7 @@ def _state_dict_of(obj: Any, path: str) -> Dict[str, torch.Tensor]:
                 break
         if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
             return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in obj.items()}
-    raise ValueError(f'--checkpoint {path!r} holds no state dict (expected a dict of tensors, or one under '
+    raise ValueError(f'{arg} {path!r} holds no state dict (expected a dict of tensors, or one under '
                      f"'state_dict' / 'model'; got {type(obj).__name__})")
 
 
@@ -156,12 +156,23 @@ def load_model(
                         'source': None if checkpoint is None else os.path.abspath(checkpoint)}
 
 
-def load_compressed(path: str, device: str = 'cpu') -> nn.Module:
-    """Rebuild a compressed timm model from ``compressed.pth`` (arch + kwargs + ranks + state dict)."""
-    if not os.path.isfile(path):
-        raise ValueError(f'path {path!r}: no such file')
-    ckpt = torch.load(path, map_location=device, weights_only=True)
-    if not isinstance(ckpt, dict) or 'ranks' not in ckpt or 'arch' not in ckpt:
+def is_compressed_checkpoint(obj: Any) -> bool:
+    """Whether a loaded file is an fnl-compress ``compressed.pth`` (arch, model kwargs, ranks, state dict)."""
+    return isinstance(obj, dict) and all(k in obj for k in ('arch', 'model_kwargs', 'ranks', 'state_dict'))
+
+
+def load_compressed(path: Union[str, Dict[str, Any]], device: str = 'cpu') -> nn.Module:
+    """Rebuild a compressed timm model from ``compressed.pth`` (arch + kwargs + ranks + state dict).
+
+    ``path`` may also be the already loaded checkpoint dict.
+    """
+    if isinstance(path, dict):
+        ckpt, path = path, '<dict>'
+    else:
+        if not os.path.isfile(path):
+            raise ValueError(f'path {path!r}: no such file')
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    if not is_compressed_checkpoint(ckpt):
         raise ValueError(f'path {path!r} is not an fnl-compress checkpoint (no arch / ranks)')
     net = timm.create_model(ckpt['arch'], **ckpt['model_kwargs'])
     fnl.apply_ranks(net, ckpt['ranks'])
@@ -571,6 +582,16 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         if 'input_size' not in cfg:
             raise ValueError('--input-size is needed: the model has no pretrained_cfg input_size and no --dataset')
         input_size = cfg['input_size']
+    if args.dataset is not None and args.input_size is not None and tuple(args.input_size) != tuple(info.input_size):
+        raise ValueError(f'--input-size {" ".join(map(str, args.input_size))} differs from the --dataset '
+                         f'{args.dataset} images ({" ".join(map(str, info.input_size))}); leave --input-size out '
+                         f'(with --dataset it is the dataset\'s) or set --img-size')
+    try:
+        with torch.no_grad():
+            model(torch.zeros((1, *input_size)))
+    except RuntimeError as e:
+        raise ValueError(f'--input-size {" ".join(map(str, input_size))} does not fit --model {args.model!r}: '
+                         f'{str(e).splitlines()[0]}') from None
     compressed, report = compress_model(
         model, input_size=input_size, target_ratio=args.target_ratio, target_macs=args.target_macs,
         energy=args.energy, allocation=args.allocation, rank_multiple=args.rank_multiple, exclude=args.exclude,

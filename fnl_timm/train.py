@@ -44,6 +44,7 @@ import fnl
 
 from . import data as fnl_data
 from ._serialization import allow_argparse_namespace
+from .compress import _state_dict_of, is_compressed_checkpoint, load_compressed
 from .optim import FD_OPTIMIZERS, mark_factors
 
 _logger = logging.getLogger('fnl_train')
@@ -66,7 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('-j', '--workers', type=int, default=2, help='data loader processes')
 
     g = p.add_argument_group('model')
-    g.add_argument('--model', default='fnl_resnet20', help='a timm model name (fnl_* for factorized ones)')
+    g.add_argument('--model', default=None,
+                   help='a timm model name (fnl_* for factorized ones); default fnl_resnet20, or the architecture '
+                        'of an fnl-compress --initial-checkpoint')
+    g.add_argument('--initial-checkpoint', default=None, metavar='FILE',
+                   help="start from these weights: an fnl-compress compressed.pth (its architecture and ranks "
+                        "define the model: fine-tune a compressed model with Frobenius decay), or a state dict / "
+                        "timm checkpoint for --model")
     g.add_argument('--rank-scale', type=float, default=None, help='rank = round(rank_scale * ...); 0 = dense')
     g.add_argument('--target-ratio', type=float, default=None,
                    help='solve one rank_scale for params(factorized)/params(dense) closest to this')
@@ -138,6 +145,22 @@ def validate_args(args: argparse.Namespace) -> None:
         positive(name.replace('_', '-'), getattr(args, name))
     if args.workers < 0:
         raise ValueError(f'--workers must be >= 0, got {args.workers}')
+    initial = _initial_checkpoint(args.initial_checkpoint) if args.initial_checkpoint is not None else None
+    compressed = initial is not None and is_compressed_checkpoint(initial)
+    if compressed:
+        given = [flag for flag, value in (('--rank-scale', args.rank_scale), ('--target-ratio', args.target_ratio),
+                                          ('--spectral', args.spectral), ('--square', args.square),
+                                          ('--model-kwargs', args.model_kwargs), ('--drop', args.drop)) if value]
+        if given:
+            raise ValueError(f'--initial-checkpoint {args.initial_checkpoint!r} is an fnl-compress checkpoint: its '
+                             f'architecture, ranks and weights define the model; drop {", ".join(given)}')
+        if args.model is not None and args.model != initial['arch']:
+            raise ValueError(f'--model {args.model!r} differs from the architecture of --initial-checkpoint '
+                             f'{args.initial_checkpoint!r} ({initial["arch"]!r}); leave --model out')
+        args.model = initial['arch']
+        args.initial_is_compressed = True
+    elif args.model is None:
+        args.model = 'fnl_resnet20'
     if not timm.is_model(args.model):
         raise ValueError(f'--model {args.model!r} is not a registered timm model '
                          f'(fnl models: {", ".join(timm.list_models("fnl_*"))})')
@@ -149,7 +172,12 @@ def validate_args(args: argparse.Namespace) -> None:
         if args.rank_scale:
             raise ValueError('give --rank-scale or --target-ratio, not both')
     factorized = (bool(args.rank_scale) or args.target_ratio is not None
-                  or bool(args.model_kwargs.get('rank_scale')) or args.model_kwargs.get('target_ratio') is not None)
+                  or bool(args.model_kwargs.get('rank_scale')) or args.model_kwargs.get('target_ratio') is not None
+                  or (compressed and initial.get('form', 'factorized') == 'factorized' and bool(initial['ranks'])))
+    if compressed and not factorized and opt_is_fd(args):
+        raise ValueError(f'--initial-checkpoint {args.initial_checkpoint!r} holds the compressed model in inference '
+                         f'form (plain layers, no factors for Frobenius decay to act on): write it with '
+                         f'fnl-compress --finalize factorized, or fine-tune with a plain --opt (e.g. momentum)')
     if (args.spectral or args.square) and not factorized:
         raise ValueError('--spectral and --square need a factorized model: set --rank-scale > 0 or --target-ratio')
     for name in ('lr', 'momentum', 'weight_decay', 'min_lr', 'smoothing', 'drop'):
@@ -180,9 +208,50 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f'--decay-milestones must increase, got {args.decay_milestones}')
 
 
+def opt_is_fd(args: argparse.Namespace) -> bool:
+    """Whether ``--opt`` is a Frobenius-decay optimizer with a non-zero coefficient."""
+    return args.opt.lower().split('_')[-1] in FD_OPTIMIZERS and not args.no_frob
+
+
+def _initial_checkpoint(path: str) -> Any:
+    """``--initial-checkpoint`` read with safe (weights-only) loading."""
+    if not os.path.isfile(path):
+        raise ValueError(f'--initial-checkpoint: no such file {path!r}')
+    try:
+        with allow_argparse_namespace():
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any reader error means the file is not a (safe) torch file
+        raise ValueError(f'--initial-checkpoint {path!r} could not be read as a weights-only torch file '
+                         f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})') from None
+
+
+def _create_model(args: argparse.Namespace, model_kwargs: Dict[str, Any], info: Any) -> nn.Module:
+    """``timm.create_model``, or the model of an fnl-compress ``--initial-checkpoint``, with its weights."""
+    initial = _initial_checkpoint(args.initial_checkpoint) if args.initial_checkpoint else None
+    if initial is not None and is_compressed_checkpoint(initial):
+        model = load_compressed(initial).train()
+        classes, chans = getattr(model, 'num_classes', None), initial['model_kwargs'].get('in_chans', 3)
+        if classes != info.num_classes or chans != info.input_size[0]:
+            raise ValueError(f'--initial-checkpoint {args.initial_checkpoint!r} is a model for {classes} classes and '
+                             f'{chans} input channels; --dataset {args.dataset} has {info.num_classes} classes and '
+                             f'{info.input_size[0]} channels')
+        return model
+    model = timm.create_model(args.model, **model_kwargs)
+    if initial is not None:
+        state = _state_dict_of(initial, args.initial_checkpoint, '--initial-checkpoint')
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f'--initial-checkpoint {args.initial_checkpoint!r} does not fit --model {args.model!r} '
+                             f'with {model_kwargs}: {str(e).splitlines()[0]}') from None
+    return model
+
+
 def _experiment_name(args: argparse.Namespace) -> str:
     parts = [args.model, args.dataset]
-    if args.target_ratio is not None:
+    if getattr(args, 'initial_is_compressed', False):
+        parts.append('compressed')
+    elif args.target_ratio is not None:
         parts.append(f'tr{args.target_ratio:g}')
     elif args.rank_scale:
         parts.append(f'rs{args.rank_scale:g}')
@@ -331,7 +400,7 @@ def _train(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
     if args.square:
         model_kwargs['square'] = True
     model_kwargs.update(args.model_kwargs)
-    model = timm.create_model(args.model, **model_kwargs)
+    model = _create_model(args, model_kwargs, info)
     n_factorized = mark_factors(model)
     factorized = bool(model_kwargs.get('rank_scale')) or model_kwargs.get('target_ratio') is not None
     if factorized and n_factorized == 0:
@@ -474,6 +543,7 @@ def _train(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
 
     results: Dict[str, Any] = OrderedDict(
         model=args.model, dataset=args.dataset, experiment=os.path.basename(out_dir),
+        initial_checkpoint=args.initial_checkpoint, factorized_layers=n_factorized,
         rank_scale=float(getattr(model, 'rank_scale', 0.0) or 0.0), target_ratio=args.target_ratio,
         spectral=args.spectral, square=args.square, wd2fd=args.wd2fd, no_frob=args.no_frob,
         normalize=args.normalize, epochs=args.epochs, epochs_run=max(0, stop - start_epoch),
