@@ -2,6 +2,7 @@
 
     python bench/bench_compress.py [--device cpu|cuda] [--batch-sizes 1 32] [--target-ratio 0.3]
                                    [--repeats 5] [--fold-bn] [--compile] [--measure] [--json out.json]
+                                   [--allocators default cached]
 
 timm's ``resnet50`` with random weights (timing only) is compressed with ``fnl.compress`` at a
 whole-model parameter ratio of 0.3 (energy allocation, ranks rounded to multiples of 8, stem and
@@ -16,7 +17,10 @@ elementwise ops fused), compared with the compiled original.
 slower factorized are kept dense (with their original weights).
 
 All variants run side by side in one process, interleaved (a, b, a, b, ...) with the median
-taken, in the default (NCHW) and channels-last memory formats. The target: at batch 32, the
+taken, in the default (NCHW) and channels-last memory formats; on the CPU first with glibc's
+default malloc, then again after ``fnl.cache_cpu_allocations()`` (freed memory kept for reuse, as
+jemalloc / tcmalloc do: glibc's default page-faults every large activation in again on each
+forward, a cost both models pay per activation byte; see ``fnl/runtime.py``). The target: at batch 32, the
 measured speedup is at least 0.6 x the multiply-add speedup. The load average is printed: on a
 shared machine the numbers move with it.
 """
@@ -56,6 +60,9 @@ def main() -> dict:
     p.add_argument("--compile", action="store_true",
                    help="also original and inference through torch.compile (inductor, freezing), compiled per format")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--allocators", nargs="+", default=["default", "cached"], choices=["default", "cached"],
+                   help="CPU: time with glibc's default malloc, then with fnl.cache_cpu_allocations() (freed "
+                        "memory kept for reuse, as jemalloc/tcmalloc do); ignored on CUDA")
     args = p.parse_args()
 
     import timm  # the benchmark model; the core itself does not import timm
@@ -118,29 +125,37 @@ def main() -> dict:
 
     results = {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
                "param_ratio": param_ratio, "macs_ratio": mac_ratio, "runs": []}
+    allocators = args.allocators if device.type == "cpu" else ["cuda"]
+    if allocators == ["cached", "default"]:
+        raise SystemExit("--allocators: give default before cached (the setting cannot be undone in-process)")
     with torch.no_grad():
-        for batch in args.batch_sizes:
-            for fmt in args.formats:
-                memory = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
-                nets = {k: v.to(memory_format=memory) for k, v in variants.items()}
-                x = torch.randn(batch, 3, 224, 224, device=device).to(memory_format=memory)
-                load_before = _load()
-                times = fnl.measure_latency([lambda n=n: n(x) for n in nets.values()], device,
-                                            repeats=args.repeats, warmup=1)
-                ms = dict(zip(nets, times))
-                for name in nets:
-                    base = baseline[name]
-                    if name == base:
-                        continue
-                    speedup = ms[base] / ms[name]
-                    mac_speedup = 1 / mac_ratio[name]
-                    row = {"batch": batch, "format": fmt, "variant": name, "baseline": base, "original_ms": ms[base],
-                           "compressed_ms": ms[name], "speedup": speedup, "mac_speedup": mac_speedup,
-                           "fraction_of_mac_speedup": speedup / mac_speedup, "load": [load_before, _load()]}
-                    results["runs"].append(row)
-                    print(f"batch {batch:3d} {fmt:13s} {name:14s}: {base} {ms[base]:9.2f} ms, "
-                          f"compressed {ms[name]:9.2f} ms, speedup x{speedup:.2f} vs MAC speedup x{mac_speedup:.2f} "
-                          f"-> {speedup / mac_speedup:.2f} of it (target >= 0.6 at batch 32); {_load()}")
+        for allocator in allocators:
+            if allocator == "cached":
+                fnl.cache_cpu_allocations()
+            for batch in args.batch_sizes:
+                for fmt in args.formats:
+                    memory = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+                    nets = {k: v.to(memory_format=memory) for k, v in variants.items()}
+                    x = torch.randn(batch, 3, 224, 224, device=device).to(memory_format=memory)
+                    load_before = _load()
+                    times = fnl.measure_latency([lambda n=n: n(x) for n in nets.values()], device,
+                                                repeats=args.repeats, warmup=1)
+                    ms = dict(zip(nets, times))
+                    for name in nets:
+                        base = baseline[name]
+                        if name == base:
+                            continue
+                        speedup = ms[base] / ms[name]
+                        mac_speedup = 1 / mac_ratio[name]
+                        row = {"allocator": allocator, "batch": batch, "format": fmt, "variant": name,
+                               "baseline": base, "original_ms": ms[base], "compressed_ms": ms[name],
+                               "speedup": speedup, "mac_speedup": mac_speedup,
+                               "fraction_of_mac_speedup": speedup / mac_speedup, "load": [load_before, _load()]}
+                        results["runs"].append(row)
+                        print(f"{allocator:7s} batch {batch:3d} {fmt:13s} {name:14s}: {base} {ms[base]:9.2f} ms, "
+                              f"compressed {ms[name]:9.2f} ms, speedup x{speedup:.2f} vs MAC speedup "
+                              f"x{mac_speedup:.2f} -> {speedup / mac_speedup:.2f} of it (target >= 0.6 at batch 32); "
+                              f"{_load()}")
     for name, net in variants.items():  # models restored to the default format for any later use
         net.to(memory_format=torch.contiguous_format)
     if args.json:

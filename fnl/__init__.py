@@ -19,6 +19,7 @@ from .frobenius import (
 from .linear import FactorizedLinear
 from .model import ModelSummary, collapse, count_macs, count_parameters, factorize, solve_rank_scale, summary
 from .normalize import FrobeniusNormalizer, FrobeniusNormRecorder, load_frobnorms, rescale_to_norm_
+from .runtime import cache_cpu_allocations, cpu_allocations_cached
 from .tensor_conv import (
     TensorConv2d, TTConv2d, TuckerConv2d, hosvd, solve_tensor_scale, tensor_modes, tensorize, tt_svd,
 )
@@ -28,7 +29,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CompressionReport", "FactorizedConv2d", "FactorizedEmbedding", "FactorizedLayer", "FactorizedLinear",
     "FrobeniusDecay", "FrobeniusNormRecorder", "FrobeniusNormalizer", "LayerDecision", "ModelSummary",
-    "add_outval_fd_grad_", "add_quekey_fd_grad_", "apply_ranks", "balance_outval_", "balance_quekey_",
+    "add_outval_fd_grad_", "add_quekey_fd_grad_", "apply_ranks", "cache_cpu_allocations", "cpu_allocations_cached", "balance_outval_", "balance_quekey_",
     "collapse", "compress", "count_macs", "count_parameters", "factor_parameter_names", "factorize",
     "factorized_layers", "frobenius_norm", "frobenius_penalty", "load_frobnorms", "measure_latency",
     "outval_norm_sq", "param_groups", "quekey_norm_sq", "rescale_to_norm_", "resolve_rank", "round_rank",

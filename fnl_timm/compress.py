@@ -241,12 +241,23 @@ def finetune(model: nn.Module, loader: DataLoader, device: torch.device, epochs:
 
 
 def measure_models(models: Sequence[nn.Module], input_size: Sequence[int], batch_size: int, device: torch.device,
-                   repeats: int = 15) -> List[float]:
-    """Median latency (ms) of each model on one random batch, timed interleaved."""
+                   repeats: int = 15, channels_last: bool = False) -> List[float]:
+    """Median latency (ms) of each model on one random batch, timed interleaved (with ``channels_last``,
+    models and input in the channels-last memory format; the models are restored afterwards)."""
     x = torch.randn((batch_size, *input_size), device=device)
+    fmt = torch.channels_last if channels_last and x.dim() == 4 else None
     for m in models:
         m.eval()
-    return fnl.measure_latency([lambda m=m: m(x) for m in models], device, repeats=repeats, warmup=3)
+        if fmt is not None:
+            m.to(memory_format=fmt)
+    try:
+        if fmt is not None:
+            x = x.contiguous(memory_format=fmt)
+        return fnl.measure_latency([lambda m=m: m(x) for m in models], device, repeats=repeats, warmup=3)
+    finally:
+        if fmt is not None:
+            for m in models:
+                m.to(memory_format=torch.contiguous_format)
 
 
 # --- the pipeline --------------------------------------------------------------------------------
@@ -276,6 +287,7 @@ def compress_model(
         finalize: str = 'fastest',
         latency: bool = True,
         latency_repeats: int = 15,
+        channels_last: bool = False,
 ) -> Tuple[nn.Module, fnl.CompressionReport]:
     """Compress ``model`` (its weights are not modified; it is moved to ``device``); evaluate, fine-tune,
     choose paths and time it.
@@ -325,8 +337,11 @@ def compress_model(
     report.extra['form'] = 'factorized' if finalize == 'factorized' else 'inference'
     _update_counts(report, compressed, collapsed, batch_size)
     if latency:
-        orig_ms, comp_ms = measure_models([model, compressed], input_size, batch_size, dev, latency_repeats)
+        orig_ms, comp_ms = measure_models([model, compressed], input_size, batch_size, dev, latency_repeats,
+                                          channels_last)
         report.extra['latency'] = {'batch_size': batch_size, 'device': str(dev), 'original_ms': orig_ms,
+                                   'memory_format': 'channels_last' if channels_last else 'contiguous',
+                                   'cpu_allocations': 'cached' if fnl.cpu_allocations_cached() else 'default',
                                    'compressed_ms': comp_ms, 'speedup': orig_ms / comp_ms,
                                    'mac_speedup': 1 / report.macs_ratio, 'repeats': latency_repeats,
                                    'cpu_threads': torch.get_num_threads(), 'load_avg': _load_avg()}
@@ -475,9 +490,13 @@ def _text_report(report: fnl.CompressionReport) -> str:
         lines.append(f'collapsed to dense (measured faster): {", ".join(report.extra["collapsed"])}')
     lat = report.extra.get('latency')
     if lat:
-        lines.append(f'latency at batch {lat["batch_size"]} on {lat["device"]}: original {lat["original_ms"]:.3f} ms, '
-                     f'compressed {lat["compressed_ms"]:.3f} ms, speedup x{lat["speedup"]:.2f} '
-                     f'(multiply-add speedup x{lat["mac_speedup"]:.2f}; load average {lat["load_avg"]})')
+        setting = lat.get('memory_format', 'contiguous')
+        if lat['device'].startswith('cpu'):
+            setting += f', {lat.get("cpu_allocations", "default")} CPU allocations'
+        lines.append(f'latency at batch {lat["batch_size"]} on {lat["device"]} ({setting}): original '
+                     f'{lat["original_ms"]:.3f} ms, compressed {lat["compressed_ms"]:.3f} ms, speedup '
+                     f'x{lat["speedup"]:.2f} (multiply-add speedup x{lat["mac_speedup"]:.2f}; load average '
+                     f'{lat["load_avg"]})')
     for f, r in (report.extra.get('exports') or {}).items():
         diff = '-' if r['max_abs_diff'] is None else f'{r["max_abs_diff"]:.3g}'
         lines.append(f'export {f}: {r["path"]} (max |diff| {diff} on batches {r["checked_batches"]}) {r["note"]}')
@@ -531,6 +550,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--device', default='cpu')
     g.add_argument('--latency-repeats', type=int, default=15)
     g.add_argument('--no-latency', action='store_true')
+    g.add_argument('--channels-last', action='store_true',
+                   help='time both models in the channels-last memory format (usually faster on CPU)')
+    g.add_argument('--cache-allocations', action='store_true',
+                   help='CPU: keep freed memory in the process for reuse while timing (fnl.cache_cpu_allocations; '
+                        'as jemalloc / tcmalloc do); glibc\'s default maps large activations afresh on every call')
     g.add_argument('--seed', type=int, default=0)
 
     g = p.add_argument_group('outputs')
@@ -556,6 +580,10 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         _positive('--' + n.replace('_', '-'), getattr(args, n))
     if args.finetune_epochs < 0:
         raise ValueError(f'--finetune-epochs must be >= 0, got {args.finetune_epochs}')
+    if args.cache_allocations:
+        if torch.device(args.device).type != 'cpu':
+            raise ValueError(f'--cache-allocations is a CPU setting; --device is {args.device!r}')
+        fnl.cache_cpu_allocations()  # before anything is timed (also the per-layer path choice)
     if 'onnx' in args.export:
         import importlib.util
         if importlib.util.find_spec('onnx') is None:
@@ -599,7 +627,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         batch_size=args.batch_size, device=args.device, train_loader=train_loader, val_loader=val_loader,
         eval_batches=args.eval_batches, finetune_epochs=args.finetune_epochs, finetune_steps=args.finetune_steps,
         opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, finalize=args.finalize,
-        latency=not args.no_latency, latency_repeats=args.latency_repeats)
+        latency=not args.no_latency, latency_repeats=args.latency_repeats, channels_last=args.channels_last)
     write_outputs(args.output, compressed, report, provenance, input_size, args.export, inputs=inputs)
     if _fingerprints(inputs) != before:  # a guard: nothing here writes the inputs
         raise RuntimeError(f'an input file changed during the run: {inputs}')

@@ -276,10 +276,14 @@ def test_cli_saved_module_input(trained, tmp_path):
     torch.save(trained[0], path)
     sha = _sha(path)
     assert cli.main(['--model', str(path), '--input-size', '3', '16', '16', '--energy', '0.7', '--rank-multiple', '4',
-                     '--batch-size', '4', '--latency-repeats', '3', '--output', str(tmp_path / 'out')]) == 0
+                     '--batch-size', '4', '--latency-repeats', '3', '--channels-last',
+                     '--output', str(tmp_path / 'out')]) == 0
     assert _sha(path) == sha
     rep = json.loads((tmp_path / 'out' / 'report.json').read_text())
     assert rep['mode'] == 'energy' and rep['target'] == 0.7
+    assert rep['extra']['latency']['memory_format'] == 'channels_last'
+    saved = torch.load(tmp_path / 'out' / 'model.pt', weights_only=False)
+    assert all(p.is_contiguous() for p in saved.parameters())  # timed channels-last, saved in the default format
     assert all(d['energy'] >= 0.7 - 1e-9 for d in rep['layers'] if d['decision'] == 'factorized')
     paths = rep['extra']['paths']
     assert paths and all((p['factored_ms'] < p['dense_ms']) == p['kept'] for p in paths.values())
@@ -294,7 +298,7 @@ def _corrupt(tmp_path):
 
 @pytest.mark.parametrize('case', ['unknown_model', 'missing_checkpoint', 'unreachable_ratio', 'corrupt_checkpoint',
                                   'corrupt_module', 'torchscript_module', 'state_dict_as_module', 'wrong_classes',
-                                  'overwrite_input'])
+                                  'overwrite_input', 'cache_on_cuda', 'input_size'])
 def test_cli_bad_inputs(trained, tmp_path, capsys, case):
     ckpt = tmp_path / 'in.pth'
     ckpt.write_bytes(open(trained[1], 'rb').read())
@@ -326,6 +330,13 @@ def test_cli_bad_inputs(trained, tmp_path, capsys, case):
     elif case == 'wrong_classes':
         argv, msg = ['--model', 'fnl_test_resnet', '--num-classes', '7', '--checkpoint', str(ckpt)], \
             f"--checkpoint '{ckpt}' does not fit --model 'fnl_test_resnet'"
+    elif case == 'cache_on_cuda':
+        argv, msg = ['--model', 'fnl_test_resnet', '--checkpoint', str(ckpt), '--cache-allocations', '--device',
+                     'cuda'], "--cache-allocations is a CPU setting; --device is 'cuda'"
+    elif case == 'input_size':
+        argv, msg = ['--model', 'fnl_test_resnet', '--num-classes', '10', '--checkpoint', str(ckpt)], \
+            "--input-size 1 16 16 does not fit --model 'fnl_test_resnet'"
+        base[base.index('3')] = '1'
     else:
         watched = tmp_path / 'o' / 'model.pt'
         os.makedirs(watched.parent)
@@ -387,7 +398,8 @@ def test_fnl_train_initial_checkpoint_errors(trained, compressed_dir, tmp_path, 
     ckpt = str(compressed_dir[0] / 'compressed.pth')
     if case == 'rank_flag':
         argv, msg = ['--initial-checkpoint', ckpt, '--rank-scale', '0.5', '--spectral'], \
-            'is an fnl-compress checkpoint: its architecture, ranks and weights define the model; drop --rank-scale, --spectral'
+            'is an fnl-compress checkpoint: its architecture, ranks and weights define the model; ' \
+            'drop --rank-scale, --spectral'
     elif case == 'other_model':
         argv, msg = ['--initial-checkpoint', ckpt, '--model', 'fnl_resnet20'], \
             "--model 'fnl_resnet20' differs from the architecture of --initial-checkpoint"
