@@ -410,3 +410,56 @@ def test_recipe_trains_with_the_papers_command():
     assert cmd[-1] == "--fp16"
     with pytest.raises(SystemExit):
         rec.main(["all", "--work-dir", "/tmp/x", "--smoke", "--raw", "/tmp/y"])
+
+
+def _iwslt_archive(path, n_train=50):
+    """A de-en.tgz in the layout of fairseq's IWSLT'14 download (de-en/ with the WIT3 files)."""
+    import io
+    import tarfile
+    train = {"de": [], "en": []}
+    for lang in ("de", "en"):
+        lines = ["<url>http://www.ted.com/talks/x.html</url>", "<keywords>talks</keywords>", "<talkid>1</talkid>",
+                 f"<title>title {lang}</title>", f"<description>about {lang}</description>"]
+        lines += [f"{lang} sentence {i}" for i in range(n_train)]
+        train[lang] = "\n".join(lines) + "\n"
+    files = {f"de-en/train.tags.de-en.{lang}": train[lang] for lang in ("de", "en")}
+    rec = _recipe()
+    for k, name in enumerate(rec.IWSLT14_TEST_SETS):
+        for lang in ("de", "en"):
+            segs = "".join(f'<seg id="{i}"> {name} {lang} {i} it\u2019s </seg>\n' for i in range(k + 2))
+            files[f"de-en/{name}.de-en.{lang}.xml"] = f'<mteval>\n<doc docid="1">\n{segs}</doc>\n</mteval>\n'
+    with tarfile.open(path, "w:gz") as tar:
+        for name, text in files.items():
+            data = text.encode("utf-8")
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_recipe_download_and_split(tmp_path):
+    """The download path (through a file:// URL after a failing one) and the split of the archive."""
+    rec = _recipe()
+    archive = tmp_path / "de-en.tgz"
+    _iwslt_archive(archive)
+    out = tmp_path / "text"
+    rec.download_iwslt14(str(out), urls=[(tmp_path / "missing.tgz").as_uri(), archive.as_uri()])
+    read = {f: (out / f).read_text().splitlines() for f in os.listdir(out)}
+    # train: metadata lines dropped, title and description text kept; every 23rd pair is valid
+    pairs = [("title de", "title en"), ("about de", "about en")] + [(f"de sentence {i}", f"en sentence {i}")
+                                                                   for i in range(50)]
+    assert list(zip(read["valid.src"], read["valid.tgt"])) == [pairs[22], pairs[45]]
+    assert list(zip(read["train.src"], read["train.tgt"])) == [p for i, p in enumerate(pairs) if i not in (22, 45)]
+    # test: the <seg> text of the five dev/test sets, in order, with \u2019 as '
+    assert len(read["test.src"]) == len(read["test.tgt"]) == sum(k + 2 for k in range(5))
+    assert read["test.src"][0] == "IWSLT14.TED.dev2010 de 0 it's" and read["test.tgt"][-1] == \
+        "IWSLT14.TED.tst2012 en 5 it's"
+    # --archive reads the same file without a download; a broken archive is a clear error
+    out2 = tmp_path / "text2"
+    rec.download_iwslt14(str(out2), archive=str(archive))
+    assert (out2 / "train.src").read_text() == (out / "train.src").read_text()
+    bad = tmp_path / "bad.tgz"
+    bad.write_bytes(b"not a tar")
+    with pytest.raises(SystemExit, match="not a tar file"):
+        rec.download_iwslt14(str(tmp_path / "t3"), archive=str(bad))
+    with pytest.raises(SystemExit, match="could not download"):
+        rec.download_iwslt14(str(tmp_path / "t4"), urls=[(tmp_path / "missing.tgz").as_uri()])

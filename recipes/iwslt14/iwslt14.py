@@ -2,8 +2,9 @@
 
 Steps, each a subcommand over one work folder (``all`` runs the three):
 
-- ``prepare``: the parallel text (download IWSLT'14 De-En when online, or ``--raw DIR`` with
-  ``train/valid/test.{src,tgt}``, or ``--smoke``'s generated corpus), a joint sentencepiece BPE,
+- ``prepare``: the parallel text (download IWSLT'14 De-En when online, split as fairseq's
+  ``prepare-iwslt14.sh`` does; or ``--archive de-en.tgz`` already on disk; or ``--raw DIR`` with
+  ``train/valid/test.{src,tgt}``; or ``--smoke``'s generated corpus), a joint sentencepiece BPE,
   and ``fairseq-preprocess`` with a joined dictionary;
 - ``train``: ``fairseq-train`` with the paper's command (``fnl_transformer_small``, rank_scale 0.5,
   spectral + Frobenius decay on linears, QK and OV; NAG lr 0.25, clip-norm 0.1, dropout 0.2,
@@ -86,28 +87,53 @@ def _clean_train_line(line: str) -> Optional[str]:
 
 
 def _xml_segments(text: str) -> List[str]:
-    return [m.strip() for m in re.findall(r"<seg[^>]*>(.*?)</seg>", text)]
+    """The text of each ``<seg id="n">`` element (fairseq's script also turns ’ into ')."""
+    return [m.strip().replace("\u2019", "'") for m in re.findall(r"<seg[^>]*>(.*?)</seg>", text)]
 
 
-def download_iwslt14(text_dir: str) -> None:
-    """Fetch and split IWSLT'14 De-En: train (minus every 23rd line, which is valid) and test."""
+def download_iwslt14(text_dir: str, urls: Sequence[str] = IWSLT14_URLS, archive: Optional[str] = None) -> None:
+    """Fetch IWSLT'14 De-En (the first of ``urls`` that answers; or read ``archive``, a ``de-en.tgz``
+    already on disk) and split it into ``text_dir`` with :func:`split_iwslt14`."""
     data = None
-    for url in IWSLT14_URLS:
+    if archive is not None:
+        if not os.path.isfile(archive):
+            raise SystemExit(f"--archive {archive}: no such file")
+        with open(archive, "rb") as f:
+            data = f.read()
+    for url in () if archive is not None else urls:
         try:
             _log(f"downloading {url}")
             with urllib.request.urlopen(url, timeout=60) as r:
                 data = r.read()
             break
-        except OSError as e:
+        except (OSError, ValueError) as e:
             _log(f"  failed: {e}")
     if data is None:
-        raise SystemExit("could not download IWSLT'14 De-En (offline?). Give the text yourself with "
-                         "--raw DIR holding train/valid/test.{src,tgt}, or run with --smoke")
-    outer = tarfile.open(fileobj=io.BytesIO(data))
-    members = {m.name: m for m in outer.getmembers()}
+        raise SystemExit("could not download IWSLT'14 De-En (offline?). Give the archive with --archive de-en.tgz "
+                         "or the text with --raw DIR holding train/valid/test.{src,tgt}, or run with --smoke")
+    split_iwslt14(data, text_dir)
+
+
+def split_iwslt14(data: bytes, text_dir: str) -> None:
+    """Split the IWSLT'14 De-En archive as fairseq's ``prepare-iwslt14.sh`` does.
+
+    Train: ``train.tags.de-en.{de,en}`` without the talks' metadata lines, every 23rd pair held
+    out as valid; test: the ``<seg>`` lines of the TED dev2010, TEDX dev2012 and TED tst2010-2012
+    XML files, concatenated. Writes ``train/valid/test.{src,tgt}`` (src German, tgt English).
+    """
+    try:
+        outer = tarfile.open(fileobj=io.BytesIO(data))
+        members = {m.name: m for m in outer.getmembers()}
+    except tarfile.TarError as e:
+        raise SystemExit(f"the IWSLT'14 archive is not a tar file ({e})") from None
     inner_name = next((n for n in members if n.endswith("de-en.tgz") and n != "de-en.tgz"), None)
     tar = tarfile.open(fileobj=io.BytesIO(outer.extractfile(members[inner_name]).read())) if inner_name else outer
     files = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
+    needed = ["train.tags.de-en.de", "train.tags.de-en.en"] + [f"{n}.de-en.{l}.xml" for n in IWSLT14_TEST_SETS
+                                                               for l in ("de", "en")]
+    missing = [n for n in needed if n not in files]
+    if missing:
+        raise SystemExit(f"the IWSLT'14 archive lacks {', '.join(missing)}")
 
     def read(name: str) -> str:
         return tar.extractfile(files[name]).read().decode("utf-8")
@@ -115,15 +141,21 @@ def download_iwslt14(text_dir: str) -> None:
     pairs = []
     de = read("train.tags.de-en.de").splitlines()
     en = read("train.tags.de-en.en").splitlines()
+    if len(de) != len(en):
+        raise SystemExit(f"the IWSLT'14 archive's train.tags files differ in length ({len(de)} vs {len(en)} lines)")
     for s, t in zip(de, en):
         s, t = _clean_train_line(s), _clean_train_line(t)
         if s and t:
             pairs.append((s, t))
-    valid = [p for i, p in enumerate(pairs) if i % 23 == 0]
-    train = [p for i, p in enumerate(pairs) if i % 23 != 0]
+    valid = [p for i, p in enumerate(pairs) if (i + 1) % 23 == 0]  # awk 'NR % 23 == 0'
+    train = [p for i, p in enumerate(pairs) if (i + 1) % 23 != 0]
     test = []
     for name in IWSLT14_TEST_SETS:
-        test += list(zip(_xml_segments(read(f"{name}.de-en.de.xml")), _xml_segments(read(f"{name}.de-en.en.xml"))))
+        src, tgt = (_xml_segments(read(f"{name}.de-en.{l}.xml")) for l in ("de", "en"))
+        if len(src) != len(tgt):
+            raise SystemExit(f"the IWSLT'14 archive's {name} has {len(src)} German and {len(tgt)} English segments")
+        test += list(zip(src, tgt))
+    _log(f"IWSLT'14 De-En: {len(train)} train, {len(valid)} valid, {len(test)} test pairs")
     _write_pairs(text_dir, {"train": train, "valid": valid, "test": test})
 
 
@@ -160,7 +192,7 @@ def prepare(a: argparse.Namespace) -> None:
     elif a.raw:
         raw = a.raw
     else:
-        download_iwslt14(os.path.join(w, "downloaded"))
+        download_iwslt14(os.path.join(w, "downloaded"), a.url or IWSLT14_URLS, a.archive)
         raw = os.path.join(w, "downloaded")
     splits = {}
     for split in SPLITS:
@@ -273,6 +305,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--work-dir", required=True, help="folder for the data, checkpoints, logs and results.json")
     p.add_argument("--smoke", action="store_true", help="generated small corpus, narrow model, short schedule")
     p.add_argument("--raw", default=None, help="folder with train/valid/test.{src,tgt} (instead of downloading)")
+    p.add_argument("--archive", default=None, help="IWSLT'14 de-en.tgz already on disk (instead of downloading)")
+    p.add_argument("--url", action="append", default=None,
+                   help=f"where to download de-en.tgz (repeat for fall-backs; default {' then '.join(IWSLT14_URLS)})")
     p.add_argument("--no-lowercase", dest="lowercase", action="store_false",
                    help="keep case (the usual IWSLT'14 recipe lowercases)")
     p.add_argument("--bpe-size", type=int, default=0, help="sentencepiece vocabulary (default 10000; smoke 200)")
@@ -292,8 +327,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         p.error(f"--bpe-size must be >= 0, got {a.bpe_size}")
     if a.weight_decay < 0:
         p.error(f"--weight-decay must be >= 0, got {a.weight_decay}")
-    if a.smoke and a.raw:
-        p.error("--smoke makes its own corpus; drop --raw")
+    sources = [flag for flag, v in (("--smoke", a.smoke), ("--raw", a.raw), ("--archive", a.archive),
+                                    ("--url", a.url)) if v]
+    if len(sources) > 1:
+        p.error(f"give one source of the text, not {' and '.join(sources)}")
     if a.smoke and not a.cpu:
         import torch
         a.cpu = not torch.cuda.is_available()
