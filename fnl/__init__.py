@@ -6,7 +6,7 @@ Mackey, Fusi; ICLR 2022, arXiv 2105.01029). The core imports only torch.
 from .attention import (
     add_outval_fd_grad_, add_quekey_fd_grad_, balance_outval_, balance_quekey_, outval_norm_sq, quekey_norm_sq,
 )
-from .base import FactorizedLayer, resolve_rank, spectral_factors
+from .base import FactorizedLayer, add_factor_fd_grad_, resolve_rank, spectral_factors
 from .compress import (
     CompressionReport, LayerDecision, apply_ranks, compress, measure_latency, round_rank, select_fastest_paths,
     to_inference_form,
@@ -29,7 +29,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CompressionReport", "FactorizedConv2d", "FactorizedEmbedding", "FactorizedLayer", "FactorizedLinear",
     "FrobeniusDecay", "FrobeniusNormRecorder", "FrobeniusNormalizer", "LayerDecision", "ModelSummary",
-    "add_outval_fd_grad_", "add_quekey_fd_grad_", "apply_ranks", "cache_cpu_allocations", "cpu_allocations_cached", "balance_outval_", "balance_quekey_",
+    "add_factor_fd_grad_", "add_outval_fd_grad_", "add_quekey_fd_grad_", "apply_ranks", "cache_cpu_allocations", "cpu_allocations_cached", "balance_outval_", "balance_quekey_",
     "collapse", "compress", "count_macs", "count_parameters", "factor_parameter_names", "factorize",
     "factorized_layers", "frobenius_norm", "frobenius_penalty", "load_frobnorms", "measure_latency",
     "outval_norm_sq", "param_groups", "quekey_norm_sq", "rescale_to_norm_", "resolve_rank", "round_rank",

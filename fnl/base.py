@@ -15,7 +15,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FactorizedLayer", "gram_frobenius_sq", "resolve_rank", "spectral_factors"]
+__all__ = ["FactorizedLayer", "add_factor_fd_grad_", "gram_frobenius_sq", "resolve_rank", "spectral_factors"]
 
 InitFn = Callable[[Tensor], object]
 
@@ -191,20 +191,7 @@ class FactorizedLayer(nn.Module):
 
         ``dU = coef U (S VᵀV Sᵀ)``, ``dS = coef UᵀU S VᵀV``, ``dV = coef V (Sᵀ UᵀU S)``; O((m+n) r²).
         """
-        if coef == 0:
-            return
-        u, s, v = _promoted(self.factors())
-        gu, gv = u.T @ u, v.T @ v
-        if s is None:
-            grads = {self.U: u @ gv, self.V: v @ gu}
-        else:
-            grads = {self.U: u @ (s @ gv @ s.T), self.S: gu @ s @ gv, self.V: v @ (s.T @ gu @ s)}
-        for p, g in grads.items():
-            g = g.mul_(coef).to(p.dtype)
-            if p.grad is None:
-                p.grad = g
-            else:
-                p.grad.add_(g)
+        add_factor_fd_grad_(self.U, self.V, coef, self.S)
 
     @torch.no_grad()
     def scale_matrix_(self, factor: Union[float, Tensor]) -> None:
@@ -250,6 +237,30 @@ class FactorizedLayer(nn.Module):
         if self.square:
             s += ", square=True"
         return s
+
+
+@torch.no_grad()
+def add_factor_fd_grad_(u: Tensor, v: Tensor, coef: float, s: Optional[Tensor] = None) -> None:
+    """Add the gradient of ``(coef/2) ||U S Vᵀ||_F²`` to ``u.grad``, ``v.grad`` (and ``s.grad``).
+
+    The tensors are a layer's factors (``U`` m x r, ``V`` n x r, ``S`` r x r or None) or copies of
+    them that an optimizer steps instead, such as fp32 master copies under mixed precision. The
+    gradient is computed in float32 (float64 kept) and cast to each tensor's dtype.
+    """
+    if coef == 0:
+        return
+    uf, sf, vf = _promoted((u, s, v))
+    gu, gv = uf.T @ uf, vf.T @ vf
+    if sf is None:
+        grads = ((u, uf @ gv), (v, vf @ gu))
+    else:
+        grads = ((u, uf @ (sf @ gv @ sf.T)), (s, gu @ sf @ gv), (v, vf @ (sf.T @ gu @ sf)))
+    for p, g in grads:
+        g = g.mul_(coef).to(p.dtype)
+        if p.grad is None:
+            p.grad = g
+        else:
+            p.grad.add_(g)
 
 
 def gram_frobenius_sq(u: Tensor, v: Tensor, s: Optional[Tensor] = None) -> Tensor:

@@ -51,14 +51,31 @@ class FDTerms:
         """The factorized layers as one module, for ``fnl.FrobeniusDecay(optimizer, model, coef)``."""
         return nn.ModuleList(self.layers)
 
-    def attention_hooks(self) -> list[Callable[[float], None]]:
-        """``extra=`` hooks for ``fnl.FrobeniusDecay``: FD gradients of the attention forms."""
+    def attention_hooks(self, copies: Optional[dict] = None) -> list[Callable[[float], None]]:
+        """``extra=`` hooks for ``fnl.FrobeniusDecay``: FD gradients of the attention forms.
+
+        ``copies`` (``{id(model parameter): tensor}``) makes the hooks act on the tensors the optimizer
+        steps instead of the model's parameters (the fp32 master copies of ``--fp16`` / ``--bf16``).
+        """
+        def c(p: Tensor) -> Tensor:
+            return p if copies is None else copies[id(p)]
+
         hooks: list[Callable[[float], None]] = []
         for q, k, heads in self.quekey:
-            hooks.append(lambda coef, q=q, k=k, h=heads: fnl.add_quekey_fd_grad_(q.weight, k.weight, h, coef))
+            hooks.append(lambda coef, q=c(q.weight), k=c(k.weight), h=heads: fnl.add_quekey_fd_grad_(q, k, h, coef))
         for o, v, heads in self.outval:
-            hooks.append(lambda coef, o=o, v=v, h=heads: fnl.add_outval_fd_grad_(o.weight, v.weight, h, coef))
+            hooks.append(lambda coef, o=c(o.weight), v=c(v.weight), h=heads: fnl.add_outval_fd_grad_(o, v, h, coef))
         return hooks
+
+    def copy_hooks(self, copies: dict) -> list[Callable[[float], None]]:
+        """Every FD term (factorized layers and attention forms) as hooks on the optimizer's copies of
+        the parameters (``{id(model parameter): copy}``), for ``fnl.FrobeniusDecay(..., extra=...)``."""
+        hooks: list[Callable[[float], None]] = []
+        for layer in self.layers:
+            u, s, v = layer.factors()
+            s = None if s is None else copies[id(s)]
+            hooks.append(lambda coef, u=copies[id(u)], v=copies[id(v)], s=s: fnl.add_factor_fd_grad_(u, v, coef, s))
+        return hooks + self.attention_hooks(copies)
 
 
 def register_model(model: nn.Module) -> None:

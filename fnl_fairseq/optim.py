@@ -13,19 +13,25 @@ parameters), and after fairseq has unscaled fp16/AMP gradients (``supports_step_
 False, so fairseq unscales before calling ``step``).
 
 Precision modes: fp32, ``--amp`` and ``--memory-efficient-fp16``/``--memory-efficient-bf16``
-update the model's own parameters and are supported. ``--fp16``/``--bf16`` without
-``memory-efficient`` update fp32 copies that cannot be mapped back to factors: refused at start-up.
+update the model's own parameters. ``--fp16``/``--bf16`` (fairseq's ``FP16Optimizer``) update fp32
+master copies: the optimizer is handed the copies, one per parameter in the model's order, so it
+matches them to the model's parameters (same order, shapes and values) and applies FD to the
+copies. With ``--fp16`` fairseq flattens the copies into one buffer unless
+``--fp16-no-flatten-grads`` is given; one buffer cannot keep weight decay off the factors, so that
+is refused at start-up naming the flag (``--bf16`` never flattens).
 """
 import dataclasses
 import logging
 from typing import Any, Optional
 
 import fnl
+import torch
 from fairseq.dataclass import FairseqDataclass
 from fairseq.optim import OPTIMIZER_REGISTRY, FairseqOptimizer, register_optimizer
 from fairseq.optim.adam import FairseqAdamConfig
 from fairseq.optim.nag import FairseqNAGConfig
 from omegaconf import II
+from torch import nn
 
 from fnl_fairseq.fd import FDTerms, find_owner
 
@@ -35,11 +41,35 @@ logger = logging.getLogger(__name__)
 
 _STATE_KEY = "fnl_frobenius_decay"
 
-FP16_REFUSAL = (
-    "the FD optimizers could not find the model's parameters among the {n} tensor(s) they were given: "
-    "--fp16 and --bf16 (without memory-efficient) optimize fp32 copies of the parameters, flattened or not, "
-    "which cannot be mapped back to factorized layers and attention heads. Use --memory-efficient-fp16 "
-    "(or --memory-efficient-bf16, or --amp) with the fd_* optimizers")
+FLAT_REFUSAL = (
+    "--fp16 hands the optimizer one flat fp32 copy of all {n} parameters, which cannot keep plain weight decay "
+    "off the parameters that Frobenius decay regularises: add --fp16-no-flatten-grads (or use "
+    "--memory-efficient-fp16 or --amp) with the fd_* optimizers")
+UNMATCHED = (
+    "the FD optimizers were given {n} tensor(s) that are neither the parameters of the model asking for "
+    "Frobenius decay nor fp32 copies of them in the model's order; build the optimizer over "
+    "[p for p in model.parameters() if p.requires_grad] (fairseq's trainer does)")
+
+
+def match_fp32_copies(params: list, models: list) -> tuple:
+    """The model whose trainable parameters ``params`` copies (fairseq's ``FP16Optimizer`` copies them
+    to fp32, in order, before the criterion's), and ``{id(model parameter): copy}``.
+
+    Raises:
+        RuntimeError: a flat copy (``FLAT_REFUSAL``), or no model matches (``UNMATCHED``).
+    """
+    for model in models:
+        own = [p for p in model.parameters() if p.requires_grad]
+        if len(params) == 1 and params[0].dim() == 1 and len(own) > 1 \
+                and params[0].numel() >= sum(p.numel() for p in own):
+            raise RuntimeError(FLAT_REFUSAL.format(n=len(own)))
+        if len(params) < len(own):
+            continue
+        with torch.no_grad():
+            if all(c.shape == p.shape and c.dtype == torch.float32 and c.device == p.device
+                   and torch.equal(c, p.float()) for c, p in zip(params, own)):
+                return model, {id(p): c for p, c in zip(own, params)}
+    raise RuntimeError(UNMATCHED.format(n=len(params)))
 
 
 class FDOptimizer(FairseqOptimizer):
@@ -55,13 +85,16 @@ class FDOptimizer(FairseqOptimizer):
         super().__init__(cfg)
         params = list(params)
         owner, wanting = find_owner(params)
+        copies = None  # {id(model parameter): the fp32 copy this optimizer steps} under --fp16 / --bf16
         if owner is None and wanting:
-            raise RuntimeError(FP16_REFUSAL.format(n=len(params)))
+            owner, copies = match_fp32_copies(params, wanting)
         self.terms = owner.frobenius_decay_terms() if owner is not None else FDTerms()
         coef = float(cfg.weight_decay)
         if coef < 0:
             raise ValueError(f"--weight-decay (the FD coefficient) must be >= 0, got {coef}")
         fd_params = self.terms.parameters()
+        if copies is not None:
+            fd_params = [copies[id(p)] for p in fd_params]
         given = {id(p) for p in params}
         frozen = [p for p in fd_params if id(p) not in given]
         if frozen:
@@ -74,12 +107,18 @@ class FDOptimizer(FairseqOptimizer):
         ]
         groups = [g for g in groups if g["params"]]
         self.wrapped = OPTIMIZER_REGISTRY[self.base](cfg, groups)
+        self._fd_ids = {id(p) for p in fd_params}
         if self.terms:
-            self._optimizer = fnl.FrobeniusDecay(self.wrapped.optimizer, self.terms.layer_module(), coef,
-                                                 extra=self.terms.attention_hooks())
+            if copies is None:
+                self._optimizer = fnl.FrobeniusDecay(self.wrapped.optimizer, self.terms.layer_module(), coef,
+                                                     extra=self.terms.attention_hooks())
+            else:
+                self._optimizer = fnl.FrobeniusDecay(self.wrapped.optimizer, nn.ModuleList(), coef,
+                                                     extra=self.terms.copy_hooks(copies))
             logger.info(f"Frobenius decay (coef {coef:g}) on {len(self.terms.layers)} factorized layers, "
                         f"{len(self.terms.quekey)} query-key and {len(self.terms.outval)} output-value forms "
-                        f"({sum(p.numel() for p in fd_params)} parameters without plain weight decay)")
+                        f"({sum(p.numel() for p in fd_params)} parameters without plain weight decay"
+                        f"{', on their fp32 copies' if copies is not None else ''})")
         else:
             self._optimizer = self.wrapped.optimizer
             logger.warning(f"--optimizer fd_{self.base}: the model asks for no Frobenius decay (no --wd2fd* flag); "
@@ -138,10 +177,9 @@ class FDOptimizer(FairseqOptimizer):
             if optimizer_overrides and "weight_decay" in optimizer_overrides:
                 self._optimizer.coef = float(optimizer_overrides["weight_decay"])
         if optimizer_overrides:
-            fd_ids = {id(p) for p in self.terms.parameters()}
             for group in self.param_groups:
                 group.update(optimizer_overrides)
-                if group["params"] and id(group["params"][0]) in fd_ids:
+                if group["params"] and id(group["params"][0]) in self._fd_ids:
                     group["weight_decay"] = 0.0  # the FD group never gets plain weight decay
 
     def average_params(self) -> None:

@@ -158,3 +158,20 @@ def test_resume_continues_optimizer_and_fd_state(data_bin):
     differ = max((a[k].float() - c[k].float()).abs().max().item() for k in a)
     assert same < 1e-6, same
     assert differ > 1e-4, differ  # without the momentum buffers the run diverges: the test can fail
+
+
+def test_fp16_with_fp32_master_copies_trains_resumes_and_generates(data_bin):
+    """--fp16 --fp16-no-flatten-grads (fairseq's FP16Optimizer; runs on CPU): FD on the fp32 copies."""
+    ckpt = data_bin / "ckpt_fp16"
+    common = PAPER_FLAGS + TINY + ["--fp16", "--fp16-no-flatten-grads", "--disable-validation"]
+    log = _run("fairseq_cli.train", _train_args(data_bin, ckpt, common + ["--max-update", "6"]), cwd=data_bin)
+    assert "Frobenius decay (coef 0.0001) on 5 factorized layers, 3 query-key and 3 output-value forms" in log
+    assert "on their fp32 copies" in log
+    state = torch.load(ckpt / "checkpoint_last.pt", map_location="cpu", weights_only=True)
+    assert state["last_optimizer_state"]["fnl_frobenius_decay"]["coef"] == 0.0001
+    log = _run("fairseq_cli.train", _train_args(data_bin, ckpt, common + ["--max-update", "9"]), cwd=data_bin)
+    assert "Loaded checkpoint" in log and "@ 6 updates" in log and "num_updates 9" in log
+    log = _run("fairseq_cli.generate", [data_bin / "bin", "--user-dir", USER_DIR, "--path",
+                                        ckpt / "checkpoint_last.pt", "--cpu", "--beam", "2", "--max-sentences", "8"],
+               cwd=data_bin)
+    assert re.search(r"BLEU4 = [0-9.]+", log), log[-2000:]

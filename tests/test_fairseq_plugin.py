@@ -247,13 +247,58 @@ def test_refused_flag_combinations(extra, optimizer, message):
     assert message in str(err.value)
 
 
-def test_fp16_with_fp32_copies_is_refused_naming_memory_efficient_fp16():
+@pytest.mark.parametrize("mode", ["fp16", "bf16"])
+def test_fp16_master_copies_step_is_fd_and_weight_decay(mode):
+    """--fp16 --fp16-no-flatten-grads / --bf16: fairseq's FP16Optimizer steps fp32 copies; FD acts on them."""
+    lr, wd = 0.5, 0.1
+    model, args = _build(["--rank-scale", "0.5", "--weight-decay", str(wd), "--momentum", "0.0"] + ALL_FD,
+                         optimizer="fd_nag")
+    args.lr = [lr]
+    if mode == "fp16":
+        args.fp16, args.fp16_no_flatten_grads = True, True
+        model.half()
+    else:
+        args.bf16 = True  # fairseq never flattens bf16 copies
+        model.bfloat16()
+    cfg = convert_namespace_to_omegaconf(args)
+    opt = optim.FP16Optimizer.build_optimizer(cfg, [p for p in model.parameters()])
+    fd = opt.fp32_optimizer
+    assert isinstance(fd, FDOptimizer) and fd.coef == wd
+    copies = dict(zip([id(p) for p in model.parameters()], opt.fp32_params))
+    fd_ids = {id(p) for p in fd.terms.parameters()}
+    assert {id(copies[i]) for i in fd_ids} == fd._fd_ids and len(fd_ids) > 0
+    # the FD gradient, in float32 from autograd on a float32 model with the same weights
+    model32, _ = _build(["--rank-scale", "0.5"] + ALL_FD, optimizer="fd_nag")
+    model32.load_state_dict({n: p.detach().float() for n, p in model.named_parameters()}, strict=False)
+    model32.zero_grad()
+    _fd_penalty(model32).backward()
+    grads = {n: p.grad for n, p in model32.named_parameters()}
+    before = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+    opt.zero_grad()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    low = torch.float16 if mode == "fp16" else torch.bfloat16
+    for n, p in model.named_parameters():
+        expected = before[n] - lr * wd * grads[n] if id(p) in fd_ids else before[n] * (1 - lr * wd)
+        master = copies[id(p)].detach()
+        assert torch.allclose(master, expected, atol=1e-6, rtol=1e-5), f"{n}: {(master - expected).abs().max()}"
+        assert p.dtype == low and torch.equal(p.detach(), master.to(low)), n  # copied back to the model
+    state = opt.state_dict()
+    assert state["fnl_frobenius_decay"]["coef"] == wd
+    opt.load_state_dict(state)
+
+
+def test_flat_fp16_copy_is_refused_naming_no_flatten_grads():
     model, args = _build(["--rank-scale", "0.5", "--wd2fd"], optimizer="fd_nag")
-    args.fp16_no_flatten_grads = True  # the flat path needs CUDA; both paths hand over copies
+    params = [p for p in model.parameters() if p.requires_grad]
+    flat = torch.nn.Parameter(torch.cat([p.detach().float().reshape(-1) for p in params]))  # FP16Optimizer's layout
     cfg = convert_namespace_to_omegaconf(args)
     with pytest.raises(RuntimeError) as err:
-        optim.FP16Optimizer.build_optimizer(cfg, [p for p in model.parameters()])
-    assert "--memory-efficient-fp16" in str(err.value)
+        optim.build_optimizer(cfg.optimizer, [flat])
+    assert "--fp16-no-flatten-grads" in str(err.value)
+    with pytest.raises(RuntimeError, match="neither the parameters of the model"):
+        optim.build_optimizer(cfg.optimizer, [torch.nn.Parameter(torch.zeros(3))] * 2)
 
 
 def test_optimizer_state_round_trip_keeps_fd_state():
