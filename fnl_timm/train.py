@@ -174,10 +174,10 @@ def validate_args(args: argparse.Namespace) -> None:
     factorized = (bool(args.rank_scale) or args.target_ratio is not None
                   or bool(args.model_kwargs.get('rank_scale')) or args.model_kwargs.get('target_ratio') is not None
                   or (compressed and initial.get('form', 'factorized') == 'factorized' and bool(initial['ranks'])))
-    if compressed and not factorized and opt_is_fd(args):
+    if compressed and not factorized and (args.wd2fd or args.no_frob):
         raise ValueError(f'--initial-checkpoint {args.initial_checkpoint!r} holds the compressed model in inference '
                          f'form (plain layers, no factors for Frobenius decay to act on): write it with '
-                         f'fnl-compress --finalize factorized, or fine-tune with a plain --opt (e.g. momentum)')
+                         f'fnl-compress --finalize factorized, or fine-tune without --wd2fd / --no-frob')
     if (args.spectral or args.square) and not factorized:
         raise ValueError('--spectral and --square need a factorized model: set --rank-scale > 0 or --target-ratio')
     for name in ('lr', 'momentum', 'weight_decay', 'min_lr', 'smoothing', 'drop'):
@@ -206,11 +206,6 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f'--resume: no such file {args.resume!r}')
     if args.decay_milestones is not None and sorted(args.decay_milestones) != list(args.decay_milestones):
         raise ValueError(f'--decay-milestones must increase, got {args.decay_milestones}')
-
-
-def opt_is_fd(args: argparse.Namespace) -> bool:
-    """Whether ``--opt`` is a Frobenius-decay optimizer with a non-zero coefficient."""
-    return args.opt.lower().split('_')[-1] in FD_OPTIMIZERS and not args.no_frob
 
 
 def _initial_checkpoint(path: str) -> Any:

@@ -376,10 +376,11 @@ def test_fnl_train_finetunes_compressed_checkpoint(trained, compressed_dir, tmp_
     acc = rep['extra']['accuracy']
     assert acc['compressed'] < acc['original'] - 10, acc
     res = run(_train_argv(tmp_path, '--initial-checkpoint', str(out / 'compressed.pth'), '--epochs', '3',
-                          '--lr', '0.02', '--weight-decay', '5e-4'))
-    assert res['model'] == 'fnl_test_resnet' and res['experiment'] == 'fnl_test_resnet-digits-compressed'
+                          '--lr', '0.02', '--weight-decay', '5e-4', '--wd2fd'))
+    assert res['model'] == 'fnl_test_resnet' and res['experiment'] == 'fnl_test_resnet-digits-compressed-wd2fd'
     assert res['params'] == rep['params']  # the compressed architecture, not a fresh dense model
-    assert res['factorized_layers'] == sum(d['decision'] == 'factorized' for d in rep['layers']) > 0
+    # --wd2fd: the fdmomentum optimizer gives these layers' factors FD instead of weight decay
+    assert res['wd2fd'] and res['factorized_layers'] == sum(d['decision'] == 'factorized' for d in rep['layers']) > 0
     print(f"top-1: original {acc['original']:.2f}, compressed {acc['compressed']:.2f}, fine-tuned {res['top1']:.2f}")
     assert res['top1'] >= acc['original'] - 10 and res['top1'] > acc['compressed'] + 20, (res['top1'], acc)
 
@@ -408,7 +409,7 @@ def test_fnl_train_initial_checkpoint_errors(trained, compressed_dir, tmp_path, 
         state['form'] = 'inference'
         ckpt = str(tmp_path / 'inference.pth')
         torch.save(state, ckpt)
-        argv, msg = ['--initial-checkpoint', ckpt], 'holds the compressed model in inference form'
+        argv, msg = ['--initial-checkpoint', ckpt, '--wd2fd'], 'holds the compressed model in inference form'
     elif case == 'wrong_model':
         argv, msg = ['--initial-checkpoint', trained[1], '--model', 'fnl_resnet20'], \
             f"--initial-checkpoint '{trained[1]}' does not fit --model 'fnl_resnet20'"
