@@ -18,8 +18,9 @@ Examples::
 
 Outputs in ``--output``: ``model.pt`` (the whole compressed module, ``torch.load(..., weights_only=False)``),
 ``compressed.pth`` (timm models: arch, kwargs, ranks and state dict; :func:`load_compressed`
-rebuilds it), ``report.json``, ``report.txt``, ``report.png`` and ``model.ts`` / ``model.pt2`` /
-``model.onnx`` for ``--export``. The input files are only read.
+rebuilds it, and ``fnl-train --initial-checkpoint compressed.pth --wd2fd`` fine-tunes it further
+with Frobenius decay), ``report.json``, ``report.txt``, ``report.png`` and ``model.ts`` /
+``model.pt2`` / ``model.onnx`` for ``--export``. The input files are only read.
 """
 import argparse
 import json
