@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import fnl  # noqa: E402
 import fnl_fairseq  # noqa: E402
 from fairseq import models, optim, options  # noqa: E402
 from fairseq.data import Dictionary  # noqa: E402
@@ -96,6 +97,20 @@ def bench_train(model, opt, vocab, a, device):
     return words / (time.perf_counter() - t0), words / (time.process_time() - c0)
 
 
+def fd_ms_per_step(opt, device, calls: int = 20):
+    """Milliseconds of one Frobenius-decay gradient pass (every factor and QK/OV form) of ``opt``."""
+    inner = getattr(opt, "_optimizer", None)
+    if not isinstance(inner, fnl.FrobeniusDecay):
+        return None
+    inner.apply_frobenius_decay()  # warm-up
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        inner.apply_frobenius_decay()
+    _sync(device)
+    return 1000 * (time.perf_counter() - t0) / calls
+
+
 @torch.no_grad()
 def bench_generate(model, d, vocab, a, device):
     model.eval()
@@ -132,7 +147,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     a = p.parse_args(argv)
-    for name in ("repeats", "vocab", "max_tokens", "src_len", "tgt_len", "steps", "gen_batches", "gen_batch_size", "gen_len"):
+    for name in ("repeats", "vocab", "max_tokens", "src_len", "tgt_len", "steps", "gen_batches", "gen_batch_size",
+                 "gen_len"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     if a.threads:
@@ -160,6 +176,12 @@ def main(argv=None):
     f, dn = rows["factorized"], rows["dense"]
     ratios = {k: f[k] / dn[k] for k, _, _ in cols}
     print(f"{'ratio f/d':<12}" + "".join(f"{ratios[k]:>24.3f}" for k, _, _ in cols))
+    # the share of a factorized training step spent adding the FD gradients (kernel launches on a GPU)
+    fd = fd_ms_per_step(built["factorized"][1], device)
+    step_ms = 1000 * (a.max_tokens // a.tgt_len) * a.tgt_len / f["train_words_per_s"]
+    f["fd_ms_per_step"], f["step_ms"] = fd, step_ms
+    print(f"factorized training step {step_ms:.1f} ms, of which the Frobenius-decay gradients {fd:.2f} ms "
+          f"({100 * fd / step_ms:.1f}%)")
     if a.json:
         with open(a.json, "w") as fh:
             json.dump({"device": str(device), "args": vars(a), "rows": rows, "ratios": ratios}, fh, indent=2)
