@@ -29,8 +29,8 @@ __version__ = "0.1.0"
 __all__ = [
     "CompressionReport", "FactorizedConv2d", "FactorizedEmbedding", "FactorizedLayer", "FactorizedLinear",
     "FrobeniusDecay", "FrobeniusNormRecorder", "FrobeniusNormalizer", "LayerDecision", "ModelSummary",
-    "add_factor_fd_grad_", "add_outval_fd_grad_", "add_quekey_fd_grad_", "apply_ranks", "cache_cpu_allocations", "cpu_allocations_cached", "balance_outval_", "balance_quekey_",
-    "collapse", "compress", "count_macs", "count_parameters", "factor_parameter_names", "factorize",
+    "add_factor_fd_grad_", "add_outval_fd_grad_", "add_quekey_fd_grad_", "apply_ranks", "balance_outval_",
+    "balance_quekey_", "cache_cpu_allocations", "collapse", "compress", "cpu_allocations_cached", "count_macs", "count_parameters", "factor_parameter_names", "factorize",
     "factorized_layers", "frobenius_norm", "frobenius_penalty", "load_frobnorms", "measure_latency",
     "outval_norm_sq", "param_groups", "quekey_norm_sq", "rescale_to_norm_", "resolve_rank", "round_rank",
     "select_fastest_paths", "solve_rank_scale", "spectral_factors", "summary",
