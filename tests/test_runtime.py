@@ -39,3 +39,12 @@ def test_cache_cpu_allocations_stops_page_faults():
     pages, default, cached = map(int, out.stdout.split())
     assert default >= 3 * pages * 0.9, (pages, default)  # glibc: a fresh mmap per tensor, every page faulted in
     assert cached < 0.05 * pages, (pages, cached)  # cached: the pages stay mapped and are reused
+
+
+def test_cache_cpu_allocations_without_glibc_says_what_to_use(monkeypatch):
+    import fnl
+    from fnl import runtime
+    monkeypatch.setattr(runtime, '_libc', lambda: None)
+    with pytest.raises(RuntimeError, match='jemalloc or tcmalloc'):
+        fnl.cache_cpu_allocations()
+    assert not fnl.cpu_allocations_cached()
