@@ -163,7 +163,11 @@ def test_resume_continues_optimizer_and_fd_state(data_bin):
 def test_fp16_with_fp32_master_copies_trains_resumes_and_generates(data_bin):
     """--fp16 --fp16-no-flatten-grads (fairseq's FP16Optimizer; runs on CPU): FD on the fp32 copies."""
     ckpt = data_bin / "ckpt_fp16"
-    common = PAPER_FLAGS + TINY + ["--fp16", "--fp16-no-flatten-grads", "--disable-validation"]
+    # a low initial loss scale: on a CPU, fairseq's handling of an fp16 gradient overflow calls .cuda()
+    # (a factorized output projection's gradients sum over the vocabulary; the default scale 128 can
+    # overflow on the first step, which a GPU run simply skips)
+    common = PAPER_FLAGS + TINY + ["--fp16", "--fp16-no-flatten-grads", "--fp16-init-scale", "4",
+                                   "--disable-validation"]
     log = _run("fairseq_cli.train", _train_args(data_bin, ckpt, common + ["--max-update", "6"]), cwd=data_bin)
     assert "Frobenius decay (coef 0.0001) on 5 factorized layers, 3 query-key and 3 output-value forms" in log
     assert "on their fp32 copies" in log
