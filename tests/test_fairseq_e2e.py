@@ -164,8 +164,8 @@ def test_fp16_with_fp32_master_copies_trains_resumes_and_generates(data_bin):
     """--fp16 --fp16-no-flatten-grads (fairseq's FP16Optimizer; runs on CPU): FD on the fp32 copies."""
     ckpt = data_bin / "ckpt_fp16"
     # a low initial loss scale: on a CPU, fairseq's handling of an fp16 gradient overflow calls .cuda()
-    # (a factorized output projection's gradients sum over the vocabulary; the default scale 128 can
-    # overflow on the first step, which a GPU run simply skips)
+    # (the shared embedding's factor U gets larger gradients than a dense embedding, 2.7x on a random
+    # batch, so the default scale 128 can overflow on the first step, which a GPU run simply skips)
     common = PAPER_FLAGS + TINY + ["--fp16", "--fp16-no-flatten-grads", "--fp16-init-scale", "4",
                                    "--disable-validation"]
     log = _run("fairseq_cli.train", _train_args(data_bin, ckpt, common + ["--max-update", "6"]), cwd=data_bin)
