@@ -10,7 +10,7 @@ classifier dense). Variants: ``factorized`` (the fnl layers, as fine-tuned), ``i
 factorized layer as two plain torch layers, ``fnl.to_inference_form``) and ``fastest@B`` (per layer,
 two plain layers or one collapsed dense layer, whichever ``fnl.select_fastest_paths`` measured
 faster at the largest batch size); with ``--fold-bn`` also original and inference with BatchNorm
-folded into the preceding convs (torch.fx fuse), each compared with the folded original; with
+folded into the preceding convs (``fnl.fold_batchnorm``), each compared with the folded original; with
 ``--compile`` also both through ``torch.compile`` (inductor with freezing: BatchNorm folded and the
 elementwise ops fused), compared with the compiled original.
 ``--measure`` adds ``fnl.compress(measure=True)``: ranks solved again after the layers measured
@@ -99,9 +99,8 @@ def main() -> dict:
         variants["measured"] = fnl.to_inference_form(measured)
     baseline = {k: "original" for k in variants}
     if args.fold_bn:  # the usual deployment step, applied to both sides: BatchNorm folded into the conv before it
-        from torch.fx.experimental.optimization import fuse
-        variants["original+fold"] = fuse(model)
-        variants["inference+fold"] = fuse(inference)
+        variants["original+fold"] = fnl.fold_batchnorm(model)
+        variants["inference+fold"] = fnl.fold_batchnorm(inference)
         baseline.update({"original+fold": "original+fold", "inference+fold": "original+fold"})
     compiled = {}
     if args.compile:  # inductor with freezing: BatchNorm folded, elementwise ops fused into the convs

@@ -8,8 +8,8 @@ from .attention import (
 )
 from .base import FactorizedLayer, add_factor_fd_grad_, resolve_rank, spectral_factors
 from .compress import (
-    CompressionReport, LayerDecision, apply_ranks, compress, measure_latency, round_rank, select_fastest_paths,
-    to_inference_form,
+    CompressionReport, LayerDecision, apply_ranks, compress, fold_batchnorm, measure_latency, round_rank,
+    select_fastest_paths, to_inference_form,
 )
 from .conv import FactorizedConv2d
 from .embedding import FactorizedEmbedding
@@ -31,6 +31,7 @@ __all__ = [
     "FrobeniusDecay", "FrobeniusNormRecorder", "FrobeniusNormalizer", "LayerDecision", "ModelSummary",
     "add_factor_fd_grad_", "add_outval_fd_grad_", "add_quekey_fd_grad_", "apply_ranks", "balance_outval_",
     "balance_quekey_", "cache_cpu_allocations", "collapse", "compress", "cpu_allocations_cached", "count_macs", "count_parameters", "factor_parameter_names", "factorize",
+    "fold_batchnorm",
     "factorized_layers", "frobenius_norm", "frobenius_penalty", "load_frobnorms", "measure_latency",
     "outval_norm_sq", "param_groups", "quekey_norm_sq", "rescale_to_norm_", "resolve_rank", "round_rank",
     "select_fastest_paths", "solve_rank_scale", "spectral_factors", "summary",

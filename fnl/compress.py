@@ -38,8 +38,8 @@ from .conv import FactorizedConv2d
 from .linear import FactorizedLinear
 from .model import _check_selector, _selects, _trace_input_shapes, module_output_hw
 
-__all__ = ["CompressionReport", "LayerDecision", "apply_ranks", "compress", "measure_latency", "round_rank",
-           "select_fastest_paths", "to_inference_form"]
+__all__ = ["CompressionReport", "LayerDecision", "apply_ranks", "compress", "fold_batchnorm", "measure_latency",
+           "round_rank", "select_fastest_paths", "to_inference_form"]
 
 Selector = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
 
@@ -611,6 +611,33 @@ def to_inference_form(model: nn.Module) -> nn.Module:
         if isinstance(module, (FactorizedConv2d, FactorizedLinear)):
             _replace(model, module, _pair(module))
     return model
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """An inference copy of ``model`` with every BatchNorm that follows a conv folded into that conv.
+
+    The usual deployment step (ONNX runtimes do the same): the model is traced with ``torch.fx``
+    and each Conv -> BatchNorm pair becomes one conv with rescaled weights and a bias
+    (``torch.fx.experimental.optimization.fuse``). Run it on plain layers: after
+    :func:`to_inference_form`, :func:`select_fastest_paths` or ``collapse``. The result is an
+    eval-mode ``torch.fx.GraphModule`` computing the same function; ``model`` is not changed.
+
+    Raises:
+        ValueError: the model still holds factorized layers, or torch.fx cannot trace it.
+    """
+    from torch.fx.experimental.optimization import fuse
+
+    if any(isinstance(m, FactorizedLayer) for m in model.modules()):
+        raise ValueError("fold_batchnorm needs plain layers: convert the factorized ones first "
+                         "(to_inference_form, select_fastest_paths or collapse)")
+    was = model.training
+    try:
+        return fuse(model.eval(), inplace=False)
+    except Exception as e:  # noqa: BLE001 - any tracing failure: the model cannot be folded this way
+        raise ValueError(f"fold_batchnorm needs a model that torch.fx can trace symbolically; "
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    finally:
+        model.train(was)
 
 
 @torch.no_grad()

@@ -6,8 +6,8 @@ multiply-add ratio or per-layer energy threshold; ranks rounded to multiples of 
 classifier and layers that would not get cheaper kept dense, with the reason), optionally
 fine-tunes it with Frobenius decay (the ``fd*`` optimizers of :mod:`fnl_timm.optim`), keeps each
 factorized layer or collapses it to dense, whichever is measured faster at the given batch size,
-and writes the compressed model, a report (JSON, text table, PNG) and exports checked against the
-PyTorch model.
+and writes the compressed model (with ``--fold-bn``, BatchNorm folded into the convs), a report
+(JSON, text table, PNG) and exports checked against the PyTorch model.
 
 Examples::
 
@@ -338,19 +338,29 @@ def compress_model(
     report.extra['form'] = 'factorized' if finalize == 'factorized' else 'inference'
     _update_counts(report, compressed, collapsed, batch_size)
     if latency:
-        orig_ms, comp_ms = measure_models([model, compressed], input_size, batch_size, dev, latency_repeats,
-                                          channels_last)
-        report.extra['latency'] = {'batch_size': batch_size, 'device': str(dev), 'original_ms': orig_ms,
-                                   'memory_format': 'channels_last' if channels_last else 'contiguous',
-                                   'cpu_allocations': 'cached' if fnl.cpu_allocations_cached() else 'default',
-                                   'compressed_ms': comp_ms, 'speedup': orig_ms / comp_ms,
-                                   'mac_speedup': 1 / report.macs_ratio, 'repeats': latency_repeats,
-                                   'cpu_threads': torch.get_num_threads(), 'load_avg': _load_avg()}
-        if comp_ms > orig_ms:
-            _logger.warning('the compressed model measured slower than the original (%.3f ms vs %.3f ms at batch '
-                            '%d on %s): use --finalize fastest (and --measure) at this batch size, or a busy machine '
-                            'disturbed the timing', comp_ms, orig_ms, batch_size, dev)
+        report.extra['latency'] = latency_report(model, compressed, report, input_size, batch_size, dev,
+                                                 latency_repeats, channels_last)
     return compressed.eval(), report
+
+
+def latency_report(original: nn.Module, compressed: nn.Module, report: fnl.CompressionReport,
+                   input_size: Sequence[int], batch_size: int, device: torch.device, repeats: int,
+                   channels_last: bool = False, batchnorm_folded: bool = False) -> Dict[str, Any]:
+    """Time both models side by side (:func:`measure_models`) and describe the setting; warns when the
+    compressed model measured slower."""
+    orig_ms, comp_ms = measure_models([original, compressed], input_size, batch_size, device, repeats,
+                                      channels_last)
+    if comp_ms > orig_ms:
+        _logger.warning('the compressed model measured slower than the original (%.3f ms vs %.3f ms at batch '
+                        '%d on %s): use --finalize fastest (and --measure) at this batch size, or a busy machine '
+                        'disturbed the timing', comp_ms, orig_ms, batch_size, device)
+    return {'batch_size': batch_size, 'device': str(device), 'original_ms': orig_ms,
+            'memory_format': 'channels_last' if channels_last else 'contiguous',
+            'cpu_allocations': 'cached' if fnl.cpu_allocations_cached() else 'default',
+            'batchnorm_folded': batchnorm_folded,
+            'compressed_ms': comp_ms, 'speedup': orig_ms / comp_ms,
+            'mac_speedup': 1 / report.macs_ratio, 'repeats': repeats,
+            'cpu_threads': torch.get_num_threads(), 'load_avg': _load_avg()}
 
 
 def _update_counts(report: fnl.CompressionReport, model: nn.Module, collapsed: Sequence[str],
@@ -409,7 +419,7 @@ def plot_report(report: fnl.CompressionReport, path: str) -> None:
     title = f'params x{report.param_ratio:.3f}, MACs x{report.macs_ratio:.3f}'
     if lat:
         title += (f'\nlatency {lat["original_ms"]:.2f} -> {lat["compressed_ms"]:.2f} ms '
-                  f'(batch {lat["batch_size"]}, {lat["device"]}, x{lat["speedup"]:.2f})')
+                  f'(batch {lat["batch_size"]}, {lat["device"]}, {_latency_setting(lat)}: x{lat["speedup"]:.2f})')
     if acc:
         title += '\ntop-1 ' + ', '.join(f'{k} {v:.1f}%' for k, v in acc.items() if v is not None)
     fig.suptitle(title, fontsize=9)
@@ -427,8 +437,11 @@ def _write_text(path: str, text: str) -> None:
 
 def write_outputs(out_dir: str, compressed: nn.Module, report: fnl.CompressionReport, provenance: Dict[str, Any],
                   input_size: Sequence[int], exports: Sequence[str] = (), export_batch: int = 2,
-                  inputs: Sequence[Optional[str]] = ()) -> Dict[str, Any]:
-    """Write the model, the report and the exports into ``out_dir`` (each file atomically)."""
+                  inputs: Sequence[Optional[str]] = (), deploy: Optional[nn.Module] = None) -> Dict[str, Any]:
+    """Write the model, the report and the exports into ``out_dir`` (each file atomically).
+
+    ``deploy`` (e.g. with BatchNorm folded) replaces ``compressed`` in ``model.pt`` and the exports;
+    ``compressed.pth`` always holds ``compressed``'s layers, which ``load_compressed`` rebuilds."""
     targets = {'model': 'model.pt', 'report_json': 'report.json', 'report_txt': 'report.txt', 'plot': 'report.png',
                **({'checkpoint': 'compressed.pth'} if provenance.get('arch') else {}),
                **{f'export_{f}': _SUFFIX[f] for f in exports}}
@@ -436,8 +449,9 @@ def write_outputs(out_dir: str, compressed: nn.Module, report: fnl.CompressionRe
     _check_no_overwrite(out_dir, inputs, paths.values())
     os.makedirs(out_dir, exist_ok=True)
     compressed = compressed.cpu().eval()
+    deploy = compressed if deploy is None else deploy.cpu().eval()
     with atomic_path(paths['model']) as tmp:
-        torch.save(compressed, tmp)
+        torch.save(deploy, tmp)
     if 'checkpoint' in paths:
         ckpt = {'arch': provenance['arch'], 'model_kwargs': provenance['model_kwargs'], 'ranks': report.ranks,
                 'collapsed': list(report.extra.get('collapsed', [])), 'form': report.extra.get('form', 'factorized'),
@@ -448,7 +462,7 @@ def write_outputs(out_dir: str, compressed: nn.Module, report: fnl.CompressionRe
     example = torch.randn((export_batch, *input_size), generator=torch.Generator().manual_seed(0))
     export_results = {}
     for f in exports:
-        export_results[f] = export_model(compressed, example, paths[f'export_{f}'], f)
+        export_results[f] = export_model(deploy, example, paths[f'export_{f}'], f)
     report.extra['exports'] = export_results
     report.extra['provenance'] = provenance
     report.extra['outputs'] = paths
@@ -478,6 +492,16 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
+def _latency_setting(lat: Dict[str, Any]) -> str:
+    """How the latency was measured: memory format, BatchNorm folding, CPU allocator."""
+    setting = lat.get('memory_format', 'contiguous')
+    if lat.get('batchnorm_folded'):
+        setting += ', BatchNorm folded in both models'
+    if lat['device'].startswith('cpu'):
+        setting += f', {lat.get("cpu_allocations", "default")} CPU allocations'
+    return setting
+
+
 def _text_report(report: fnl.CompressionReport) -> str:
     lines = [str(report), '']
     acc = report.extra.get('accuracy') or {}
@@ -491,10 +515,7 @@ def _text_report(report: fnl.CompressionReport) -> str:
         lines.append(f'collapsed to dense (measured faster): {", ".join(report.extra["collapsed"])}')
     lat = report.extra.get('latency')
     if lat:
-        setting = lat.get('memory_format', 'contiguous')
-        if lat['device'].startswith('cpu'):
-            setting += f', {lat.get("cpu_allocations", "default")} CPU allocations'
-        lines.append(f'latency at batch {lat["batch_size"]} on {lat["device"]} ({setting}): original '
+        lines.append(f'latency at batch {lat["batch_size"]} on {lat["device"]} ({_latency_setting(lat)}): original '
                      f'{lat["original_ms"]:.3f} ms, compressed {lat["compressed_ms"]:.3f} ms, speedup '
                      f'x{lat["speedup"]:.2f} (multiply-add speedup x{lat["mac_speedup"]:.2f}; load average '
                      f'{lat["load_avg"]})')
@@ -551,6 +572,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--device', default='cpu')
     g.add_argument('--latency-repeats', type=int, default=15)
     g.add_argument('--no-latency', action='store_true')
+    g.add_argument('--fold-bn', action='store_true',
+                   help='fold each BatchNorm into the conv before it (torch.fx) in model.pt and the exports, and '
+                        'time both models folded; compressed.pth keeps the unfolded layers for fine-tuning')
     g.add_argument('--channels-last', action='store_true',
                    help='time both models in the channels-last memory format (usually faster on CPU)')
     g.add_argument('--cache-allocations', action='store_true',
@@ -581,6 +605,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         _positive('--' + n.replace('_', '-'), getattr(args, n))
     if args.finetune_epochs < 0:
         raise ValueError(f'--finetune-epochs must be >= 0, got {args.finetune_epochs}')
+    if args.fold_bn and args.finalize == 'factorized':
+        raise ValueError('--fold-bn needs plain layers: --finalize factorized keeps fnl layers (use fastest, '
+                         'inference or collapse)')
     if args.cache_allocations:
         if torch.device(args.device).type != 'cpu':
             raise ValueError(f'--cache-allocations is a CPU setting; --device is {args.device!r}')
@@ -628,8 +655,22 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         batch_size=args.batch_size, device=args.device, train_loader=train_loader, val_loader=val_loader,
         eval_batches=args.eval_batches, finetune_epochs=args.finetune_epochs, finetune_steps=args.finetune_steps,
         opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, finalize=args.finalize,
-        latency=not args.no_latency, latency_repeats=args.latency_repeats, channels_last=args.channels_last)
-    write_outputs(args.output, compressed, report, provenance, input_size, args.export, inputs=inputs)
+        latency=not args.no_latency and not args.fold_bn, latency_repeats=args.latency_repeats,
+        channels_last=args.channels_last)
+    deploy = None
+    if args.fold_bn:
+        try:
+            deploy = fnl.fold_batchnorm(compressed)
+            original = fnl.fold_batchnorm(model) if not args.no_latency else None
+        except ValueError as e:
+            raise ValueError(f'--fold-bn: {e}') from None
+        report.extra['batchnorm_folded'] = True
+        if original is not None:
+            report.extra['latency'] = latency_report(original, deploy, report, input_size, args.batch_size,
+                                                     torch.device(args.device), args.latency_repeats,
+                                                     args.channels_last, batchnorm_folded=True)
+    write_outputs(args.output, compressed, report, provenance, input_size, args.export, inputs=inputs,
+                  deploy=deploy)
     if _fingerprints(inputs) != before:  # a guard: nothing here writes the inputs
         raise RuntimeError(f'an input file changed during the run: {inputs}')
     _logger.info('%s', _text_report(report))

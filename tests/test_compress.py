@@ -424,3 +424,44 @@ def test_fnl_train_initial_checkpoint_errors(trained, compressed_dir, tmp_path, 
     assert msg in capsys.readouterr().err
     if sha is not None:
         assert _sha(ckpt) == sha
+
+
+def test_cli_fold_bn(trained, tmp_path):
+    """--fold-bn: model.pt and the exports have BatchNorm folded into the convs and compute the same
+    function; compressed.pth keeps the unfolded layers; both models are timed folded."""
+    out = tmp_path / 'folded'
+    rep = cli.compress_file('fnl_test_resnet', str(out), checkpoint=trained[1], dataset='digits', img_size=16,
+                            target_ratio=0.5, rank_multiple=4, finalize='inference', fold_bn=True, batch_size=4,
+                            latency_repeats=3, export=['torchscript'])
+    assert rep['extra']['batchnorm_folded'] and rep['extra']['latency']['batchnorm_folded']
+    folded = torch.load(out / 'model.pt', weights_only=False)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    rebuilt = cli.load_compressed(str(out / 'compressed.pth'))
+    assert any(isinstance(m, nn.BatchNorm2d) for m in rebuilt.modules())
+    x = torch.randn(5, *INPUT)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), rebuilt(x), atol=1e-5), f'{(folded(x) - rebuilt(x)).abs().max()}'
+    assert rep['extra']['exports']['torchscript']['max_abs_diff'] <= 1e-5
+    assert 'BatchNorm folded in both models' in (out / 'report.txt').read_text()
+    with pytest.raises(ValueError, match='--fold-bn needs plain layers'):
+        cli.compress_file('fnl_test_resnet', str(tmp_path / 'x'), checkpoint=trained[1], input_size=list(INPUT),
+                          num_classes=10, target_ratio=0.5, finalize='factorized', fold_bn=True, no_latency=True)
+
+
+def test_fold_batchnorm_core():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    net[1].running_mean.uniform_(-1, 1)
+    net[1].running_var.uniform_(0.5, 2)
+    folded = fnl.fold_batchnorm(net)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), net(x), atol=1e-5)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    with pytest.raises(ValueError, match='needs plain layers'):
+        fnl.fold_batchnorm(nn.Sequential(fnl.FactorizedConv2d(3, 8, 3, rank=2), nn.BatchNorm2d(8)))
+
+    class Branchy(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x  # data-dependent control flow: torch.fx cannot trace it
+    with pytest.raises(ValueError, match='torch.fx can trace'):
+        fnl.fold_batchnorm(Branchy())
