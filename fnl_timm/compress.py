@@ -246,7 +246,9 @@ def measure_models(models: Sequence[nn.Module], input_size: Sequence[int], batch
     """Median latency (ms) of each model on one random batch, timed interleaved (with ``channels_last``,
     models and input in the channels-last memory format; the models are restored afterwards)."""
     x = torch.randn((batch_size, *input_size), device=device)
-    fmt = torch.channels_last if channels_last and x.dim() == 4 else None
+    if channels_last and x.dim() != 4:
+        raise ValueError(f'--channels-last needs image inputs (C, H, W), got input size {tuple(input_size)}')
+    fmt = torch.channels_last if channels_last else None
     for m in models:
         m.eval()
         if fmt is not None:
