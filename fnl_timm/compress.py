@@ -610,6 +610,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     if args.fold_bn and args.finalize == 'factorized':
         raise ValueError('--fold-bn needs plain layers: --finalize factorized keeps fnl layers (use fastest, '
                          'inference or collapse)')
+    if args.no_latency and args.channels_last:
+        raise ValueError('--channels-last sets how the latency is measured; it does nothing with --no-latency')
+    if args.no_latency and args.cache_allocations and args.finalize != 'fastest' and not args.measure:
+        raise ValueError('--cache-allocations affects timing only (the latency report, --finalize fastest, '
+                         '--measure); it does nothing here with --no-latency')
     if args.cache_allocations:
         if torch.device(args.device).type != 'cpu':
             raise ValueError(f'--cache-allocations is a CPU setting; --device is {args.device!r}')

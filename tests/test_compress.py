@@ -298,7 +298,7 @@ def _corrupt(tmp_path):
 
 @pytest.mark.parametrize('case', ['unknown_model', 'missing_checkpoint', 'unreachable_ratio', 'corrupt_checkpoint',
                                   'corrupt_module', 'torchscript_module', 'state_dict_as_module', 'wrong_classes',
-                                  'overwrite_input', 'cache_on_cuda', 'input_size'])
+                                  'overwrite_input', 'cache_on_cuda', 'input_size', 'channels_last_no_latency'])
 def test_cli_bad_inputs(trained, tmp_path, capsys, case):
     ckpt = tmp_path / 'in.pth'
     ckpt.write_bytes(open(trained[1], 'rb').read())
@@ -333,6 +333,9 @@ def test_cli_bad_inputs(trained, tmp_path, capsys, case):
     elif case == 'cache_on_cuda':
         argv, msg = ['--model', 'fnl_test_resnet', '--checkpoint', str(ckpt), '--cache-allocations', '--device',
                      'cuda'], "--cache-allocations is a CPU setting; --device is 'cuda'"
+    elif case == 'channels_last_no_latency':
+        argv, msg = ['--model', 'fnl_test_resnet', '--checkpoint', str(ckpt), '--channels-last'], \
+            '--channels-last sets how the latency is measured; it does nothing with --no-latency'
     elif case == 'input_size':
         argv, msg = ['--model', 'fnl_test_resnet', '--num-classes', '10', '--checkpoint', str(ckpt)], \
             "--input-size 1 16 16 does not fit --model 'fnl_test_resnet'"
