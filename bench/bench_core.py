@@ -18,15 +18,9 @@ import fnl
 
 
 def interleaved(fns: dict[str, Callable[[], object]], device: str, rounds: int = 5, repeat: int = 4) -> dict[str, float]:
-    """Median seconds per call of each function, timed interleaved (``fnl.measure_latency``, which times
-    under no_grad: training steps turn grad back on inside the timed call)."""
-    def with_grad(fn: Callable[[], object]) -> Callable[[], object]:
-        def run() -> object:
-            with torch.enable_grad():
-                return fn()
-        return run
-
-    ms = fnl.measure_latency([with_grad(fn) for fn in fns.values()], device, repeats=rounds * repeat, warmup=1)
+    """Median seconds per call of each function, timed interleaved by ``fnl.measure_latency`` with
+    autograd on (the functions include training steps). Also used by bench_tensor.py."""
+    ms = fnl.measure_latency(list(fns.values()), device, repeats=rounds * repeat, warmup=1, grad=True)
     return {k: t / 1e3 for k, t in zip(fns, ms)}
 
 

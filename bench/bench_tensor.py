@@ -34,28 +34,15 @@ tensor convs slower than the depthwise-separable dense conv at this size).
 from __future__ import annotations
 
 import argparse
-from typing import Callable
 
 import torch
 from torch import nn
 
 import fnl
+from bench_core import interleaved  # bench/ is on sys.path when this script runs
 
 # rank_scale that fnl_wrn28_10(target_ratio=0.06667) solves (the paper's low-rank point)
 LOWRANK_WRN_SCALE = 0.03177083333333334
-
-
-def interleaved(fns: dict[str, Callable[[], object]], device: str, rounds: int, repeat: int) -> dict[str, float]:
-    """Median seconds per call of each function, timed interleaved (``fnl.measure_latency``, which times
-    under no_grad: training steps turn grad back on inside the timed call)."""
-    def with_grad(fn: Callable[[], object]) -> Callable[[], object]:
-        def run() -> object:
-            with torch.enable_grad():
-                return fn()
-        return run
-
-    ms = fnl.measure_latency([with_grad(fn) for fn in fns.values()], device, repeats=rounds * repeat, warmup=1)
-    return {k: t / 1e3 for k, t in zip(fns, ms)}
 
 
 class DepthwiseSeparable(nn.Module):

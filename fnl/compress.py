@@ -240,9 +240,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.no_grad()
 def measure_latency(fns: Sequence[Callable[[], object]], device: Union[str, torch.device] = "cpu",
-                    repeats: int = 7, warmup: int = 2, inner: int = 1) -> list[float]:
+                    repeats: int = 7, warmup: int = 2, inner: int = 1, grad: bool = False) -> list[float]:
     """Median wall time in milliseconds of each callable, timed interleaved (a, b, a, b, ...).
 
     Interleaving spreads background load (other processes on a shared machine) evenly over the
@@ -254,18 +253,20 @@ def measure_latency(fns: Sequence[Callable[[], object]], device: Union[str, torc
         repeats: timed rounds (the median is taken over them).
         warmup: untimed rounds first.
         inner: calls per timed round (for very short calls).
+        grad: run the calls with autograd on (training steps); by default they run under no_grad.
     """
     device = torch.device(device)
     times: list[list[float]] = [[] for _ in fns]
-    for i in range(warmup + repeats):
-        for j, fn in enumerate(fns):
-            _sync(device)
-            start = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            _sync(device)
-            if i >= warmup:
-                times[j].append((time.perf_counter() - start) * 1e3 / inner)
+    with torch.set_grad_enabled(grad):
+        for i in range(warmup + repeats):
+            for j, fn in enumerate(fns):
+                _sync(device)
+                start = time.perf_counter()
+                for _ in range(inner):
+                    fn()
+                _sync(device)
+                if i >= warmup:
+                    times[j].append((time.perf_counter() - start) * 1e3 / inner)
     return [statistics.median(t) for t in times]
 
 

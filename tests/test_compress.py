@@ -468,3 +468,13 @@ def test_fold_batchnorm_core():
             return x if x.sum() > 0 else -x  # data-dependent control flow: torch.fx cannot trace it
     with pytest.raises(ValueError, match='torch.fx can trace'):
         fnl.fold_batchnorm(Branchy())
+
+
+def test_measure_latency_grad_mode():
+    seen = []
+    ms = fnl.measure_latency([lambda: seen.append(torch.is_grad_enabled())], repeats=2, warmup=1)
+    assert len(ms) == 1 and ms[0] >= 0 and seen == [False] * 3  # inference timing: no_grad
+    seen.clear()
+    fnl.measure_latency([lambda: seen.append(torch.is_grad_enabled())], repeats=2, warmup=1, grad=True)
+    assert seen == [True] * 3  # training steps keep autograd
+    assert torch.is_grad_enabled()  # the caller's mode is restored
