@@ -5,7 +5,7 @@ import json
 import os
 import shlex
 import sys
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_HERE)
@@ -61,6 +61,28 @@ def run(argv: List[str], args: argparse.Namespace, smoke_epochs: int = 1,
     if args.dry_run:
         return None
     return fnl_train.run(full)
+
+
+def run_rows(runs: Iterable[Tuple[str, List[str], Optional[Dict[str, Any]], Dict[str, Any]]],
+             args: argparse.Namespace, columns: Sequence[str], json_name: str,
+             smoke_epochs: int = 1) -> List[Dict[str, Any]]:
+    """Run each ``(experiment, fnl-train argv, small model kwargs, extra row fields)`` with :func:`run`
+    (``--experiment`` added), then :func:`finish` the rows; returns them."""
+    rows = []
+    for name, argv, small, fields in runs:
+        res = run(list(argv) + ['--experiment', name], args, smoke_epochs=smoke_epochs, small=small)
+        if res is not None:
+            rows.append(dict(run=name, **fields, **res))
+    return finish(rows, args, columns, json_name)
+
+
+def finish(rows: List[Dict[str, Any]], args: argparse.Namespace, columns: Sequence[str],
+           json_name: str) -> List[Dict[str, Any]]:
+    """Print the table of ``columns`` and write the rows to ``--output/json_name`` (when any ran)."""
+    if rows:
+        print(table(rows, columns))
+        save_json(os.path.join(args.output, json_name), rows)
+    return rows
 
 
 def experiment_dir(args: argparse.Namespace, name: str) -> str:

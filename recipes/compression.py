@@ -10,7 +10,7 @@ epochs, batch 128, weight decay 1e-4 (ResNet) / 2e-4 (VGG).
 """
 import os
 
-from _common import base_parser, run, save_json, table
+from _common import base_parser, run_rows
 
 SMALL = {  # --smoke --small
     'fnl_resnet32_x2': dict(depth=8),
@@ -38,26 +38,23 @@ def main(argv=None):
                    help='the unzipped tiny-imagenet-200 folder')
     args = p.parse_args(argv)
     datasets = args.datasets[:1] if args.smoke else args.datasets
-    rows = []
-    for dataset in datasets:
-        for model in args.models:
-            ratios = RATIOS.get((model, dataset), DEFAULT_RATIOS)
-            if args.smoke:
-                ratios = ratios[-1:]
-            settings = [(f'tr{r:g}', ['--target-ratio', str(r)] + COMMON) for r in ratios]
-            if args.dense:
-                settings.append(('dense', [a for a in COMMON if a not in ('--spectral', '--wd2fd')]))
-            for tag, extra in settings:
-                name = f'{model}-{dataset}-{tag}'
-                where = ['--data-dir', args.tiny_dir] if dataset == 'tiny-imagenet' and not args.smoke else []
-                res = run(['--model', model, '--dataset', dataset] + MODELS[model] + extra + where
-                          + ['--experiment', name], args, small=SMALL[model])
-                if res is not None:
-                    rows.append(dict(run=name, **res))
-    if rows:
-        print(table(rows, ['run', 'rank_scale', 'params', 'compression_ratio', 'macs_ratio', 'top1']))
-        save_json(os.path.join(args.output, 'compression.json'), rows)
-    return rows
+
+    def runs():
+        for dataset in datasets:
+            for model in args.models:
+                ratios = RATIOS.get((model, dataset), DEFAULT_RATIOS)
+                if args.smoke:
+                    ratios = ratios[-1:]
+                settings = [(f'tr{r:g}', ['--target-ratio', str(r)] + COMMON) for r in ratios]
+                if args.dense:
+                    settings.append(('dense', [a for a in COMMON if a not in ('--spectral', '--wd2fd')]))
+                for tag, extra in settings:
+                    where = ['--data-dir', args.tiny_dir] if dataset == 'tiny-imagenet' and not args.smoke else []
+                    yield (f'{model}-{dataset}-{tag}',
+                           ['--model', model, '--dataset', dataset] + MODELS[model] + extra + where, SMALL[model], {})
+
+    return run_rows(runs(), args, ['run', 'rank_scale', 'params', 'compression_ratio', 'macs_ratio', 'top1'],
+                    'compression.json')
 
 
 if __name__ == '__main__':

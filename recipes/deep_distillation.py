@@ -6,9 +6,8 @@ The dense ResNet32 trained directly is the comparison.
     python recipes/deep_distillation.py --data-dir data --download
     python recipes/deep_distillation.py --smoke
 """
-import os
 
-from _common import base_parser, run, save_json, table
+from _common import base_parser, run_rows
 
 PAPER = ['--model', 'fnl_resnet32', '--dataset', 'cifar100', '--opt', 'fdmomentum', '--lr', '0.1',
          '--momentum', '0.9', '--weight-decay', '1e-4', '--batch-size', '128', '--epochs', '200']
@@ -21,15 +20,9 @@ RUNS = {
 
 def main(argv=None):
     args = base_parser(__doc__.splitlines()[0]).parse_args(argv)
-    rows = []
-    for name, extra in RUNS.items():
-        res = run(PAPER + extra + ['--experiment', name], args, small=dict(depth=8))
-        if res is not None:
-            rows.append(dict(run=name, **res))
-    if rows:
-        print(table(rows, ['run', 'params', 'collapsed_params', 'collapse_max_abs_diff', 'top1']))
-        save_json(os.path.join(args.output, 'deep_distillation.json'), rows)
-    return rows
+    runs = ((name, PAPER + extra, dict(depth=8), {}) for name, extra in RUNS.items())
+    return run_rows(runs, args, ['run', 'params', 'collapsed_params', 'collapse_max_abs_diff', 'top1'],
+                    'deep_distillation.json')
 
 
 if __name__ == '__main__':

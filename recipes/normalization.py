@@ -14,7 +14,7 @@ accuracies, ``normalization.json`` holds the table.
 """
 import os
 
-from _common import base_parser, experiment_dir, run, save_json, table
+from _common import base_parser, experiment_dir, finish, run
 
 PAPER = ['--model', 'fnl_resnet20', '--dataset', 'cifar10', '--rank-scale', '0.111', '--opt', 'fdmomentum',
          '--lr', '0.1', '--momentum', '0.9', '--weight-decay', '1e-4', '--batch-size', '128', '--epochs', '200',
@@ -68,9 +68,7 @@ def main(argv=None):
                 rows.append(dict(run=name, mode=mode, **res))
                 if mode == 'frob':
                     frobnorms = res.get('frobnorms')
-    if rows:
-        print(table(rows, ['run', 'spectral', 'top1', 'eval_loss']))
-        save_json(os.path.join(args.output, 'normalization.json'), rows)
+    if finish(rows, args, ['run', 'spectral', 'top1', 'eval_loss'], 'normalization.json'):
         plot(rows, os.path.join(args.output, 'normalization.png'))
         print(f'plot: {os.path.join(args.output, "normalization.png")}')
     return rows

@@ -6,9 +6,8 @@ decay 5e-4, batch 128, 200 epochs, lr x0.2 at epochs 60/120/160, crop + flip + C
     python recipes/wrn_lowrank.py --data-dir data --download
     python recipes/wrn_lowrank.py --smoke          # the factorized model only
 """
-import os
 
-from _common import base_parser, run, save_json, table
+from _common import base_parser, run_rows
 
 PAPER = ['--model', 'fnl_wrn28_10', '--dataset', 'cifar10', '--opt', 'fdmomentum', '--lr', '0.1',
          '--momentum', '0.9', '--weight-decay', '5e-4', '--batch-size', '128', '--epochs', '200',
@@ -24,18 +23,11 @@ def main(argv=None):
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument('--no-dense', action='store_true', help='skip the dense baseline')
     args = p.parse_args(argv)
-    rows = []
-    for name, extra in RUNS.items():
-        if extra == [] and (args.no_dense or args.smoke):
-            continue
-        milestones = ['--decay-milestones', '1', '2', '3'] if args.smoke else []
-        res = run(PAPER + extra + milestones + ['--experiment', name], args, small=dict(depth=10, width=2))
-        if res is not None:
-            rows.append(dict(run=name, **res))
-    if rows:
-        print(table(rows, ['run', 'rank_scale', 'params', 'compression_ratio', 'macs_ratio', 'top1']))
-        save_json(os.path.join(args.output, 'wrn_lowrank.json'), rows)
-    return rows
+    milestones = ['--decay-milestones', '1', '2', '3'] if args.smoke else []
+    runs = ((name, PAPER + extra + milestones, dict(depth=10, width=2), {}) for name, extra in RUNS.items()
+            if not (extra == [] and (args.no_dense or args.smoke)))
+    return run_rows(runs, args, ['run', 'rank_scale', 'params', 'compression_ratio', 'macs_ratio', 'top1'],
+                    'wrn_lowrank.json')
 
 
 if __name__ == '__main__':

@@ -13,7 +13,7 @@ a plot of top-1 accuracy against the parameter ratio.
 """
 import os
 
-from _common import base_parser, run, save_json, table
+from _common import base_parser, run_rows
 
 PAPER = ['--model', 'fnl_wrn28_10', '--dataset', 'cifar10', '--opt', 'fdmomentum', '--lr', '0.1',
          '--momentum', '0.9', '--weight-decay', '5e-4', '--batch-size', '128', '--epochs', '200',
@@ -69,24 +69,24 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.small and not args.smoke:
         raise ValueError('--small only goes with --smoke')
-    rows = []
-    for name, (fmt, scale, reg) in RUNS.items():
-        if args.only is not None and name not in args.only:
-            continue
-        if fmt == 'dense' and (args.no_dense or (args.smoke and args.only is None)):
-            continue
-        kwargs = dict(SMALL) if args.small else {}
-        if fmt in ('tt', 'tucker'):
-            kwargs['conv'] = fmt
-        # one --model-kwargs (a second one would replace the first), so the small variant goes here
-        model_kwargs = ['--model-kwargs'] + [f'{k}={v!r}' for k, v in kwargs.items()] if kwargs else []
-        milestones = ['--decay-milestones', '1', '2', '3'] if args.smoke else []
-        res = run(PAPER + scale + reg + model_kwargs + milestones + ['--experiment', name], args)
-        if res is not None:
-            rows.append(dict(run=name, format=fmt, **res))
+    milestones = ['--decay-milestones', '1', '2', '3'] if args.smoke else []
+
+    def runs():
+        for name, (fmt, scale, reg) in RUNS.items():
+            if args.only is not None and name not in args.only:
+                continue
+            if fmt == 'dense' and (args.no_dense or (args.smoke and args.only is None)):
+                continue
+            kwargs = dict(SMALL) if args.small else {}
+            if fmt in ('tt', 'tucker'):
+                kwargs['conv'] = fmt
+            # one --model-kwargs (a second one would replace the first), so the small variant goes here
+            model_kwargs = ['--model-kwargs'] + [f'{k}={v!r}' for k, v in kwargs.items()] if kwargs else []
+            yield name, PAPER + scale + reg + model_kwargs + milestones, None, {'format': fmt}
+
+    rows = run_rows(runs(), args, ['run', 'format', 'rank_scale', 'params', 'compression_ratio', 'macs_ratio',
+                                   'top1'], 'wrn_tensor.json')
     if rows:
-        print(table(rows, ['run', 'format', 'rank_scale', 'params', 'compression_ratio', 'macs_ratio', 'top1']))
-        save_json(os.path.join(args.output, 'wrn_tensor.json'), rows)
         print('plot:', plot(rows, os.path.join(args.output, 'wrn_tensor.png')))
     return rows
 
