@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .base import accumulate_grad_
+
 __all__ = [
     "add_outval_fd_grad_", "add_quekey_fd_grad_", "balance_outval_", "balance_quekey_", "outval_norm_sq",
     "quekey_norm_sq",
@@ -63,14 +65,6 @@ def _form_fd_grads(left: Tensor, right: Tensor, coef: float) -> tuple[Tensor, Te
     return g_left.mul_(coef), g_right.mul_(coef)
 
 
-def _accumulate(p: Tensor, g: Tensor) -> None:
-    g = g.to(p.dtype)
-    if p.grad is None:
-        p.grad = g.contiguous()
-    else:
-        p.grad.add_(g)
-
-
 @torch.no_grad()
 def add_quekey_fd_grad_(w_q: Tensor, w_k: Tensor, heads: int, coef: float) -> None:
     """Add the gradient of ``sum_h (coef/2) ||W_Q^hᵀ W_K^h||_F²`` to ``w_q.grad`` and ``w_k.grad``."""
@@ -79,8 +73,8 @@ def add_quekey_fd_grad_(w_q: Tensor, w_k: Tensor, heads: int, coef: float) -> No
     q, k = _rows(w_q, heads, "w_q"), _rows(w_k, heads, "w_k")
     _check_pair(q, k, "w_q and w_k")
     gq, gk = _form_fd_grads(q, k, coef)
-    _accumulate(w_q, gq.reshape(w_q.shape))
-    _accumulate(w_k, gk.reshape(w_k.shape))
+    accumulate_grad_(w_q, gq.reshape(w_q.shape))
+    accumulate_grad_(w_k, gk.reshape(w_k.shape))
 
 
 @torch.no_grad()
@@ -91,8 +85,8 @@ def add_outval_fd_grad_(w_o: Tensor, w_v: Tensor, heads: int, coef: float) -> No
     o, v = _rows(w_o.T, heads, "w_o.T"), _rows(w_v, heads, "w_v")
     _check_pair(o, v, "w_o.T and w_v")
     go, gv = _form_fd_grads(o, v, coef)
-    _accumulate(w_o, go.reshape(w_o.shape[1], w_o.shape[0]).T)
-    _accumulate(w_v, gv.reshape(w_v.shape))
+    accumulate_grad_(w_o, go.reshape(w_o.shape[1], w_o.shape[0]).T)
+    accumulate_grad_(w_v, gv.reshape(w_v.shape))
 
 
 def _balancing_maps(left: Tensor, right: Tensor) -> tuple[Tensor, Tensor]:

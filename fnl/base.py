@@ -256,11 +256,16 @@ def add_factor_fd_grad_(u: Tensor, v: Tensor, coef: float, s: Optional[Tensor] =
     else:
         grads = ((u, uf @ (sf @ gv @ sf.T)), (s, gu @ sf @ gv), (v, vf @ (sf.T @ gu @ sf)))
     for p, g in grads:
-        g = g.mul_(coef).to(p.dtype)
-        if p.grad is None:
-            p.grad = g
-        else:
-            p.grad.add_(g)
+        accumulate_grad_(p, g.mul_(coef))
+
+
+def accumulate_grad_(p: Tensor, g: Tensor) -> None:
+    """Add ``g`` (cast to ``p``'s dtype) to ``p.grad``, or set it when there is none."""
+    g = g.to(p.dtype)
+    if p.grad is None:
+        p.grad = g.contiguous()
+    else:
+        p.grad.add_(g)
 
 
 def gram_frobenius_sq(u: Tensor, v: Tensor, s: Optional[Tensor] = None) -> Tensor:

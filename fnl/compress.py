@@ -34,9 +34,9 @@ import torch
 from torch import Tensor, nn
 
 from .base import FactorizedLayer
-from .conv import FactorizedConv2d
+from .conv import FactorizedConv2d, conv_output_hw
 from .linear import FactorizedLinear
-from .model import _check_selector, _selects, _trace_input_shapes, module_output_hw
+from .model import _check_selector, _selects, _trace_input_shapes
 
 __all__ = ["CompressionReport", "LayerDecision", "apply_ranks", "compress", "fold_batchnorm", "measure_latency",
            "round_rank", "select_fastest_paths", "to_inference_form"]
@@ -163,7 +163,7 @@ class _Candidate:
         if isinstance(module, nn.Conv2d):
             out, inp, kh, kw = w.shape
             self.m, self.n, self.base = out * kh, inp * kw, out * kh  # SPEC 1 conv rank base
-            h_out, w_out = module_output_hw(module, input_shape)
+            h_out, w_out = conv_output_hw(module, input_shape)
             # (1 x kw) conv on every input row, then (kh x 1) conv: FactorizedConv2d.macs / rank
             self.macs_per_rank = inp * kw * input_shape[-2] * w_out + out * kh * h_out * w_out
             self.dense_macs = out * inp * kh * kw * h_out * w_out
@@ -225,7 +225,7 @@ def _dense_row(name: str, module: nn.Module, shape: Optional[tuple], reason: str
     n = sum(p.numel() for p in module.parameters(recurse=False))
     macs = None
     if shape is not None and isinstance(module, nn.Conv2d):
-        h, w = module_output_hw(module, shape)
+        h, w = conv_output_hw(module, shape)
         macs = module.weight.numel() * h * w
     elif shape is not None and isinstance(module, nn.Linear):
         macs = math.prod(shape[:-1]) * module.weight.numel()

@@ -39,6 +39,19 @@ def _conv_out(size: int, k: int, s: int, p: int, d: int) -> int:
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
+def conv_output_hw(layer: nn.Module, input_shape: Sequence[int]) -> tuple[int, int]:
+    """Output (H, W) of a conv-like layer (``kernel_size``, ``stride``, ``padding``, ``dilation`` pairs;
+    string padding: ``'same'`` keeps the size, ``'valid'`` is 0) for an input of shape (..., H, W)."""
+    padding = layer.padding
+    if isinstance(padding, str):
+        if padding == "same":
+            return input_shape[-2], input_shape[-1]
+        padding = (0, 0)
+    h, w = (_conv_out(size, k, s, p, d) for size, k, s, p, d in
+            zip(input_shape[-2:], layer.kernel_size, layer.stride, padding, layer.dilation))
+    return h, w
+
+
 def conv_repr_options(layer: nn.Module) -> str:
     """The non-default padding / dilation / bias / path settings of a conv layer, for ``extra_repr``."""
     s = ""
@@ -228,22 +241,17 @@ class FactorizedConv2d(FactorizedLayer):
         return dense
 
     # --- counts --------------------------------------------------------------------------------
-    def _out_hw(self, input_shape: Sequence[int]) -> tuple[int, int]:
-        h, w = input_shape[-2], input_shape[-1]
-        return (_conv_out(h, self.kernel_size[0], self.stride[0], self.padding[0], self.dilation[0]),
-                _conv_out(w, self.kernel_size[1], self.stride[1], self.padding[1], self.dilation[1]))
-
     def macs(self, input_shape: Sequence[int]) -> int:
         """Multiply-adds for one sample of shape (in_channels, H, W), on the path forward takes."""
         if self.uses_dense_path:
             return self.dense_macs(input_shape)
         (kh, kw), r = self.kernel_size, self.rank
-        h_out, w_out = self._out_hw(input_shape)
+        h_out, w_out = conv_output_hw(self, input_shape)
         return r * self.in_channels * kw * input_shape[-2] * w_out + self.out_channels * r * kh * h_out * w_out
 
     def dense_macs(self, input_shape: Sequence[int]) -> int:
         """Multiply-adds of the dense conv for the same input."""
-        h_out, w_out = self._out_hw(input_shape)
+        h_out, w_out = conv_output_hw(self, input_shape)
         return self.out_channels * self.in_channels * self.kernel_size[0] * self.kernel_size[1] * h_out * w_out
 
     def extra_repr(self) -> str:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import fnmatch
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from .base import FactorizedLayer, InitFn, resolve_rank
-from .conv import FactorizedConv2d
+from .conv import FactorizedConv2d, conv_output_hw
 from .embedding import FactorizedEmbedding
 from .linear import FactorizedLinear
 
@@ -137,16 +137,25 @@ def solve_rank_scale(
     if not lowest <= target_ratio <= highest:
         raise ValueError(f"target_ratio={target_ratio} cannot be reached: this model's ratios run from "
                          f"{lowest:.6g} (every rank 1) to {highest:.6g} (rank_scale 1.0)")
-    lo, hi = 0.0, 1.0  # invariant: ratio(lo) < target <= ratio(hi) (or target == lowest)
+    return _closest_scale(ratio, target_ratio, lo=0.0)
+
+
+def _closest_scale(ratio: Callable[[float], float], target_ratio: float, lo: float, floor: float = 1e-9) -> float:
+    """The scale in [lo, 1] whose ratio (monotone in the scale) is closest to ``target_ratio``.
+
+    Bisection keeps ``ratio(lo) < target <= ratio(hi)``; a target at or below ``ratio(lo)`` gives
+    ``floor``, the smallest scale returned (a scale of 0 would mean dense).
+    """
+    hi = 1.0
     if ratio(lo) >= target_ratio:
-        return 1e-9
+        return floor
     for _ in range(64):
         mid = (lo + hi) / 2
         if ratio(mid) >= target_ratio:
             hi = mid
         else:
             lo = mid
-    below = max(lo, 1e-9)
+    below = max(lo, floor)
     return hi if abs(ratio(hi) - target_ratio) <= abs(ratio(below) - target_ratio) else below
 
 
@@ -245,7 +254,7 @@ def collapse(model: nn.Module) -> nn.Module:
 
 def _dense_macs(module: nn.Module, shape: Sequence[int]) -> int:
     if isinstance(module, nn.Conv2d):
-        h_out, w_out = module_output_hw(module, shape)
+        h_out, w_out = conv_output_hw(module, shape)
         kh, kw = module.kernel_size
         return module.out_channels * (module.in_channels // module.groups) * kh * kw * h_out * w_out
     if isinstance(module, nn.Linear):
@@ -253,15 +262,6 @@ def _dense_macs(module: nn.Module, shape: Sequence[int]) -> int:
     return 0
 
 
-def module_output_hw(module: nn.Conv2d, shape: Sequence[int]) -> tuple[int, int]:
-    if isinstance(module.padding, str):
-        if module.padding == "same":
-            return shape[-2], shape[-1]
-        padding = (0, 0)
-    else:
-        padding = module.padding
-    return tuple((size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in  # type: ignore[return-value]
-                 zip(shape[-2:], module.kernel_size, module.stride, padding, module.dilation))
 
 
 @dataclass

@@ -44,7 +44,6 @@ It is exact for 1x1 convs and for kernels made by ``to_dense`` (at full ranks).
 """
 from __future__ import annotations
 
-import itertools
 import math
 from typing import Callable, Optional, Sequence, Union
 
@@ -52,9 +51,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import FactorizedLayer, InitFn, check_positive_int
-from .conv import IntPair, _conv_out, _pair, conv_repr_options
-from .model import Selector, _all_names, _candidates, _replace, count_parameters
+from .base import FactorizedLayer, InitFn, accumulate_grad_, check_positive_int
+from .conv import IntPair, _pair, conv_output_hw, conv_repr_options
+from .model import Selector, _all_names, _candidates, _closest_scale, _replace, count_parameters
 
 __all__ = [
     "TTConv2d", "TensorConv2d", "TuckerConv2d", "hosvd", "solve_tensor_scale", "tensor_modes", "tensorize",
@@ -519,28 +518,19 @@ class TensorConv2d(FactorizedLayer):
         if coef == 0:
             return
         for p, g in zip(self.factor_parameters(), self._frobenius_grads(self._promoted_cores())):
-            g = g.mul_(coef).to(p.dtype)
-            if p.grad is None:
-                p.grad = g
-            else:
-                p.grad.add_(g)
+            accumulate_grad_(p, g.mul_(coef))
 
     def _frobenius_grads(self, cores: list[Tensor]) -> list[Tensor]:
         raise NotImplementedError
 
     # --- counts and conversions ----------------------------------------------------------------
-    def _out_hw(self, input_shape: Sequence[int]) -> tuple[int, int]:
-        h, w = input_shape[-2], input_shape[-1]
-        return (_conv_out(h, self.kernel_size[0], self.stride[0], self.padding[0], self.dilation[0]),
-                _conv_out(w, self.kernel_size[1], self.stride[1], self.padding[1], self.dilation[1]))
-
     def macs(self, input_shape: Sequence[int]) -> int:
         """Multiply-adds for one sample (in_channels, H, W): depthwise conv plus the cheaper 1x1 path.
 
         The rebuild of the 1x1 matrix is once per batch, not per sample, and is not counted
         (``rebuild_macs()`` gives it); with ``path='factored'`` / ``'dense'`` that path is counted.
         """
-        h_out, w_out = self._out_hw(input_shape)
+        h_out, w_out = conv_output_hw(self, input_shape)
         pixels = h_out * w_out
         depthwise = self.in_channels * self.kernel_size[0] * self.kernel_size[1] * pixels if self.has_depthwise else 0
         contract = min(self._contract_macs("rtl"), self._contract_macs("ltr"))
@@ -550,7 +540,7 @@ class TensorConv2d(FactorizedLayer):
 
     def dense_macs(self, input_shape: Sequence[int]) -> int:
         """Multiply-adds of the dense k x k conv for the same input."""
-        h_out, w_out = self._out_hw(input_shape)
+        h_out, w_out = conv_output_hw(self, input_shape)
         return self.out_channels * self.in_channels * self.kernel_size[0] * self.kernel_size[1] * h_out * w_out
 
     @classmethod
@@ -816,16 +806,7 @@ def solve_tensor_scale(model: nn.Module, target_ratio: float, tensor_format: str
     if not lowest <= target_ratio <= highest:
         raise ValueError(f"target_ratio={target_ratio} cannot be reached with tensor_format={tensor_format!r}: "
                          f"this model's ratios run from {lowest:.6g} (every rank 1) to {highest:.6g} (scale 1.0)")
-    lo, hi = 1e-9, 1.0
-    if ratio(lo) >= target_ratio:
-        return lo
-    for _ in range(64):
-        mid = (lo + hi) / 2
-        if ratio(mid) >= target_ratio:
-            hi = mid
-        else:
-            lo = mid
-    return hi if abs(ratio(hi) - target_ratio) <= abs(ratio(lo) - target_ratio) else lo
+    return _closest_scale(ratio, target_ratio, lo=1e-9)
 
 
 def tensorize(
