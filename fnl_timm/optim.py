@@ -121,6 +121,14 @@ class _FrobeniusDecayMixin:
     """Adds the FD gradient of every factorized layer owning a factor in a group with
     ``fd_coef > 0`` right before the parent optimizer's update."""
 
+    def _init_fd(self, params: Iterable, lr: float, weight_decay: float, fd_coef: Optional[float], wd2fd: bool,
+                 **optimizer_kwargs: Any) -> None:
+        """Check the arguments, split the factors into their own groups and build the torch optimizer."""
+        _check_common(lr, weight_decay)
+        groups, _, _ = _split_factor_groups(params, weight_decay, fd_coef, bool(wd2fd))
+        super().__init__(groups, lr=lr, weight_decay=weight_decay, **optimizer_kwargs)
+        self.wd2fd = bool(wd2fd)
+
     def _fd_layers(self) -> List[Tuple[nn.Module, float]]:
         seen: Dict[int, Tuple[nn.Module, float]] = {}
         for g in self.param_groups:
@@ -182,11 +190,7 @@ class FDSGD(_FrobeniusDecayMixin, torch.optim.SGD):
             wd2fd: bool = True,
             **kwargs: Any,
     ):
-        _check_common(lr, weight_decay)
-        groups, _, _ = _split_factor_groups(params, weight_decay, fd_coef, bool(wd2fd))
-        super().__init__(groups, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                         nesterov=nesterov, **kwargs)
-        self.wd2fd = bool(wd2fd)
+        self._init_fd(params, lr, weight_decay, fd_coef, wd2fd, momentum=momentum, nesterov=nesterov, **kwargs)
 
 
 class FDAdamW(_FrobeniusDecayMixin, torch.optim.AdamW):
@@ -208,10 +212,7 @@ class FDAdamW(_FrobeniusDecayMixin, torch.optim.AdamW):
             wd2fd: bool = True,
             **kwargs: Any,
     ):
-        _check_common(lr, weight_decay)
-        groups, _, _ = _split_factor_groups(params, weight_decay, fd_coef, bool(wd2fd))
-        super().__init__(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kwargs)
-        self.wd2fd = bool(wd2fd)
+        self._init_fd(params, lr, weight_decay, fd_coef, wd2fd, betas=betas, eps=eps, **kwargs)
 
 
 class FDAdam(_FrobeniusDecayMixin, torch.optim.Adam):
@@ -229,10 +230,7 @@ class FDAdam(_FrobeniusDecayMixin, torch.optim.Adam):
             wd2fd: bool = True,
             **kwargs: Any,
     ):
-        _check_common(lr, weight_decay)
-        groups, _, _ = _split_factor_groups(params, weight_decay, fd_coef, bool(wd2fd))
-        super().__init__(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kwargs)
-        self.wd2fd = bool(wd2fd)
+        self._init_fd(params, lr, weight_decay, fd_coef, wd2fd, betas=betas, eps=eps, **kwargs)
 
 
 FD_OPTIMIZERS = ('fdsgd', 'fdmomentum', 'fdadam', 'fdadamw')
