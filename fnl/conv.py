@@ -39,6 +39,48 @@ def _conv_out(size: int, k: int, s: int, p: int, d: int) -> int:
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
+def set_conv_geometry(layer: nn.Module, in_channels: int, out_channels: int, kernel_size: IntPair, stride: IntPair,
+                      padding: Union[IntPair, str], dilation: IntPair, groups: int, padding_mode: str, path: str,
+                      string_padding: bool = True, why_groups: str = "") -> None:
+    """Check a factorized conv's shape arguments and set them on ``layer``: one group, zero padding
+    and a known ``path`` are all it supports; ``'valid'`` / ``'same'`` padding only with
+    ``string_padding``."""
+    name = type(layer).__name__
+    layer.in_channels = check_positive_int("in_channels", in_channels)
+    layer.out_channels = check_positive_int("out_channels", out_channels)
+    layer.kernel_size = _pair("kernel_size", kernel_size, 1)
+    layer.stride = _pair("stride", stride, 1)
+    layer.dilation = _pair("dilation", dilation, 1)
+    if isinstance(padding, str) and not string_padding:
+        raise ValueError(f"padding must be an int or a pair of ints for {name}, got {padding!r}")
+    layer.padding = _resolve_padding(padding, layer.kernel_size, layer.stride, layer.dilation)
+    if groups != 1:
+        raise ValueError(f"groups must be 1 for {name}{why_groups}, got {groups!r}")
+    if padding_mode != "zeros":
+        raise ValueError(f"padding_mode must be 'zeros' for {name}, got {padding_mode!r}")
+    if path not in _PATHS:
+        raise ValueError(f"path must be one of {_PATHS}, got {path!r}")
+    layer.groups, layer.padding_mode, layer.path = 1, padding_mode, path
+
+
+def _resolve_padding(padding: Union[IntPair, str], kernel_size: tuple[int, int], stride: tuple[int, int],
+                     dilation: tuple[int, int]) -> tuple[int, int]:
+    if padding == "valid":
+        return 0, 0
+    if padding == "same":
+        if stride != (1, 1):
+            raise ValueError(f"padding='same' needs stride 1, got stride={stride}")
+        totals = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
+        if any(t % 2 for t in totals):
+            raise ValueError("padding='same' is supported only where it is symmetric "
+                             f"(dilation*(kernel_size-1) even); got kernel_size={kernel_size}, "
+                             f"dilation={dilation}")
+        return totals[0] // 2, totals[1] // 2
+    if isinstance(padding, str):
+        raise ValueError(f"padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
+    return _pair("padding", padding, 0)
+
+
 def conv_output_hw(layer: nn.Module, input_shape: Sequence[int]) -> tuple[int, int]:
     """Output (H, W) of a conv-like layer (``kernel_size``, ``stride``, ``padding``, ``dilation`` pairs;
     string padding: ``'same'`` keeps the size, ``'valid'`` is 0) for an input of shape (..., H, W)."""
@@ -116,20 +158,8 @@ class FactorizedConv2d(FactorizedLayer):
     ) -> None:
         super().__init__()
         factory_kwargs = {"device": device, "dtype": dtype}
-        self.in_channels = check_positive_int("in_channels", in_channels)
-        self.out_channels = check_positive_int("out_channels", out_channels)
-        self.kernel_size = _pair("kernel_size", kernel_size, 1)
-        self.stride = _pair("stride", stride, 1)
-        self.dilation = _pair("dilation", dilation, 1)
-        self.padding = self._resolve_padding(padding)
-        if groups != 1:
-            raise ValueError(f"groups must be 1 for FactorizedConv2d (grouped kernels are not factorized), got {groups!r}")
-        if padding_mode != "zeros":
-            raise ValueError(f"padding_mode must be 'zeros' for FactorizedConv2d, got {padding_mode!r}")
-        if path not in _PATHS:
-            raise ValueError(f"path must be one of {_PATHS}, got {path!r}")
-        self.groups = 1
-        self.padding_mode = padding_mode
+        set_conv_geometry(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                          padding_mode, path, why_groups=" (grouped kernels are not factorized)")
         kh, kw = self.kernel_size
         r = resolve_rank(rank, rank_scale, out_channels * kh)
         self.spectral = bool(spectral)
@@ -139,24 +169,7 @@ class FactorizedConv2d(FactorizedLayer):
             self.bias = nn.Parameter(torch.empty(out_channels, **factory_kwargs))
         else:
             self.register_parameter("bias", None)
-        self.path = path
         self.reset_parameters()
-
-    def _resolve_padding(self, padding: Union[IntPair, str]) -> tuple[int, int]:
-        if padding == "valid":
-            return 0, 0
-        if padding == "same":
-            if self.stride != (1, 1):
-                raise ValueError(f"padding='same' needs stride 1, got stride={self.stride}")
-            totals = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
-            if any(t % 2 for t in totals):
-                raise ValueError("padding='same' is supported only where it is symmetric "
-                                 f"(dilation*(kernel_size-1) even); got kernel_size={self.kernel_size}, "
-                                 f"dilation={self.dilation}")
-            return totals[0] // 2, totals[1] // 2
-        if isinstance(padding, str):
-            raise ValueError(f"padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
-        return _pair("padding", padding, 0)
 
     @property
     def uses_dense_path(self) -> bool:

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import FactorizedLayer, InitFn, accumulate_grad_, check_positive_int
-from .conv import IntPair, _pair, conv_output_hw, conv_repr_options
+from .conv import IntPair, conv_output_hw, conv_repr_options, set_conv_geometry
 from .model import Selector, _all_names, _candidates, _closest_scale, _replace, count_parameters
 
 __all__ = [
@@ -60,7 +60,6 @@ __all__ = [
     "tt_svd",
 ]
 
-_PATHS = ("auto", "factored", "dense")
 NUM_MODES = 3  # SPEC 6: the matrix as a 3-way tensor
 RankArg = Union[int, Sequence[int], None]
 
@@ -305,21 +304,8 @@ class TensorConv2d(FactorizedLayer):
         if type(self) is TensorConv2d:
             raise TypeError("TensorConv2d is abstract: use TTConv2d or TuckerConv2d")
         factory_kwargs = {"device": device, "dtype": dtype}
-        self.in_channels = check_positive_int("in_channels", in_channels)
-        self.out_channels = check_positive_int("out_channels", out_channels)
-        self.kernel_size = _pair("kernel_size", kernel_size, 1)
-        self.stride = _pair("stride", stride, 1)
-        self.dilation = _pair("dilation", dilation, 1)
-        if isinstance(padding, str):
-            raise ValueError(f"padding must be an int or a pair of ints for {type(self).__name__}, got {padding!r}")
-        self.padding = _pair("padding", padding, 0)
-        if groups != 1:
-            raise ValueError(f"groups must be 1 for {type(self).__name__}, got {groups!r}")
-        if padding_mode != "zeros":
-            raise ValueError(f"padding_mode must be 'zeros' for {type(self).__name__}, got {padding_mode!r}")
-        if path not in _PATHS:
-            raise ValueError(f"path must be one of {_PATHS}, got {path!r}")
-        self.groups, self.padding_mode, self.path = 1, padding_mode, path
+        set_conv_geometry(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                          padding_mode, path, string_padding=False)
         out_modes = _check_modes("out_modes", out_modes, out_channels)
         in_modes = _check_modes("in_modes", in_modes, in_channels)
         if (out_modes is None) != (in_modes is None):
