@@ -18,27 +18,22 @@ checkpoints (``last.pth.tar``, best ones), ``frobnorms.pt`` (``--dump-frobnorms`
 import argparse
 import json
 import logging
-import math
 import os
 import sys
 import time
 from collections import OrderedDict
 from contextlib import nullcontext
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 from torch import nn
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler
 
 import timm
 from timm.models import resume_checkpoint
-from timm.optim import create_optimizer_v2, list_optimizers
+from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import (
-    AverageMeter, CheckpointSaver, NativeScaler, ParseKwargs, accuracy, dispatch_clip_grad, distribute_bn,
-    get_outdir, init_distributed_device, reduce_tensor, unwrap_model, update_summary,
-)
+from timm.utils import NativeScaler, distribute_bn, get_outdir, init_distributed_device, update_summary
 
 import fnl
 
@@ -46,178 +41,13 @@ from . import data as fnl_data
 from ._serialization import allow_argparse_namespace
 from .compress import _state_dict_of, is_compressed_checkpoint, load_compressed
 from .optim import FD_OPTIMIZERS, mark_factors
+from .train_args import _experiment_name, _initial_checkpoint, build_parser, validate_args
+from .train_checkpoint import _Saver
+from .train_loop import _collapse, _create_loader, _is_main, _max_diff_across_ranks, _train_one_epoch, validate
+
+__all__ = ['build_parser', 'validate_args', 'validate', 'train', 'run', 'main']
 
 _logger = logging.getLogger('fnl_train')
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog='fnl-train', description='Train factorized vision models (Khodak et al., ICLR 2022) with timm.',
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group('data')
-    g.add_argument('--dataset', default='digits', choices=fnl_data.DATASETS,
-                   help='digits is embedded (scikit-learn), the others need --data-dir')
-    g.add_argument('--data-dir', default=None, help='dataset root')
-    g.add_argument('--download', action='store_true', help='download CIFAR with torchvision')
-    g.add_argument('--img-size', type=int, default=None, help='input side (default: the dataset\'s)')
-    g.add_argument('--no-hflip', action='store_true', help='no random horizontal flip')
-    g.add_argument('--cutout', type=int, default=0, help='Cutout square side (WRN recipe: 16)')
-    g.add_argument('-b', '--batch-size', type=int, default=128)
-    g.add_argument('--eval-batch-size', type=int, default=None, help='default: 2x --batch-size')
-    g.add_argument('-j', '--workers', type=int, default=2, help='data loader processes')
-
-    g = p.add_argument_group('model')
-    g.add_argument('--model', default=None,
-                   help='a timm model name (fnl_* for factorized ones); default fnl_resnet20, or the architecture '
-                        'of an fnl-compress --initial-checkpoint')
-    g.add_argument('--initial-checkpoint', default=None, metavar='FILE',
-                   help="start from these weights: an fnl-compress compressed.pth (its architecture and ranks "
-                        "define the model: fine-tune a compressed model with Frobenius decay), or a state dict / "
-                        "timm checkpoint for --model")
-    g.add_argument('--rank-scale', type=float, default=None, help='rank = round(rank_scale * ...); 0 = dense')
-    g.add_argument('--target-ratio', type=float, default=None,
-                   help='solve one rank_scale for params(factorized)/params(dense) closest to this')
-    g.add_argument('--spectral', action='store_true', help='spectral init of the factors (SPEC 2)')
-    g.add_argument('--square', action='store_true', help='W = U S V^T with S = I (deep distillation)')
-    g.add_argument('--drop', type=float, default=0.0, help='dropout before the classifier')
-    g.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, help='extra model kwargs k=v')
-
-    g = p.add_argument_group('optimizer and regularisation')
-    g.add_argument('--opt', default='fdmomentum',
-                   help=f'timm optimizer name; the FD ones are {", ".join(FD_OPTIMIZERS)}')
-    g.add_argument('--lr', type=float, default=0.1)
-    g.add_argument('--momentum', type=float, default=0.9)
-    g.add_argument('--weight-decay', type=float, default=1e-4)
-    g.add_argument('--wd2fd', action='store_true',
-                   help='factors get Frobenius decay with coefficient --weight-decay instead of weight decay')
-    g.add_argument('--no-frob', action='store_true', help='Frobenius-decay coefficient 0')
-    g.add_argument('--clip-grad', type=float, default=None, help='gradient clipping value (off by default)')
-    g.add_argument('--clip-mode', default='norm', choices=('norm', 'value', 'agc'))
-    g.add_argument('--smoothing', type=float, default=0.0, help='label smoothing')
-    g.add_argument('--opt-kwargs', nargs='*', default={}, action=ParseKwargs, help='extra optimizer kwargs k=v')
-
-    g = p.add_argument_group('schedule')
-    g.add_argument('--epochs', type=int, default=200)
-    g.add_argument('--sched', default='multistep', help='timm scheduler name')
-    g.add_argument('--decay-milestones', type=int, nargs='+', default=None,
-                   help='multistep: epochs where the decayed lr starts (default: the paper\'s 50%% and 75%% '
-                        'of --epochs)')
-    g.add_argument('--decay-rate', type=float, default=0.1)
-    g.add_argument('--warmup-epochs', type=int, default=0)
-    g.add_argument('--min-lr', type=float, default=0.0)
-
-    g = p.add_argument_group('normalisation experiment (SPEC 4) and export')
-    g.add_argument('--dump-frobnorms', action='store_true',
-                   help='record ||U V^T||_F of every factorized layer after each step into frobnorms.pt')
-    g.add_argument('--normalize', default=None, metavar='FILE',
-                   help='rescale factors after each step to the norms recorded in FILE (needs --no-frob)')
-    g.add_argument('--collapse', action='store_true',
-                   help='at the end, collapse every factorized layer to a dense one and save it')
-
-    g = p.add_argument_group('run')
-    g.add_argument('--output', default='output', help='parent folder of the run folder')
-    g.add_argument('--experiment', default=None, help='run folder name (default: from the settings)')
-    g.add_argument('--resume', default=None, help='checkpoint to resume from (model, optimizer, FD state)')
-    g.add_argument('--stop-epoch', type=int, default=None,
-                   help='stop after this epoch index (exclusive) in this process, e.g. for a time slot; '
-                        'continue later with --resume')
-    g.add_argument('--seed', type=int, default=0)
-    g.add_argument('--device', default=None, help='cpu, cuda, cuda:1, ... (default: cuda if available)')
-    g.add_argument('--amp', action='store_true', help='mixed precision (bfloat16 on CPU, float16 + scaler on CUDA)')
-    g.add_argument('--channels-last', action='store_true')
-    g.add_argument('--checkpoint-hist', type=int, default=1, help='best checkpoints to keep')
-    g.add_argument('--limit-train-batches', type=int, default=None, help='steps per epoch (smoke runs)')
-    g.add_argument('--limit-val-batches', type=int, default=None, help='validation batches (smoke runs)')
-    g.add_argument('--no-progress', action='store_true', help='no progress bar')
-    g.add_argument('--no-tensorboard', action='store_true')
-    g.add_argument('--log-interval', type=int, default=50)
-    return p
-
-
-def validate_args(args: argparse.Namespace) -> None:
-    """Raise ValueError naming the offending option."""
-    def positive(name: str, value: Optional[int]) -> None:
-        if value is not None and value < 1:
-            raise ValueError(f'--{name} must be >= 1, got {value}')
-
-    for name in ('batch_size', 'eval_batch_size', 'epochs', 'limit_train_batches', 'limit_val_batches',
-                 'checkpoint_hist', 'log_interval', 'stop_epoch'):
-        positive(name.replace('_', '-'), getattr(args, name))
-    if args.workers < 0:
-        raise ValueError(f'--workers must be >= 0, got {args.workers}')
-    initial = _initial_checkpoint(args.initial_checkpoint) if args.initial_checkpoint is not None else None
-    compressed = initial is not None and is_compressed_checkpoint(initial)
-    if compressed:
-        given = [flag for flag, value in (('--rank-scale', args.rank_scale), ('--target-ratio', args.target_ratio),
-                                          ('--spectral', args.spectral), ('--square', args.square),
-                                          ('--model-kwargs', args.model_kwargs), ('--drop', args.drop)) if value]
-        if given:
-            raise ValueError(f'--initial-checkpoint {args.initial_checkpoint!r} is an fnl-compress checkpoint: its '
-                             f'architecture, ranks and weights define the model; drop {", ".join(given)}')
-        if args.model is not None and args.model != initial['arch']:
-            raise ValueError(f'--model {args.model!r} differs from the architecture of --initial-checkpoint '
-                             f'{args.initial_checkpoint!r} ({initial["arch"]!r}); leave --model out')
-        args.model = initial['arch']
-        args.initial_is_compressed = True
-    elif args.model is None:
-        args.model = 'fnl_resnet20'
-    if not timm.is_model(args.model):
-        raise ValueError(f'--model {args.model!r} is not a registered timm model '
-                         f'(fnl models: {", ".join(timm.list_models("fnl_*"))})')
-    if args.rank_scale is not None and (not math.isfinite(args.rank_scale) or args.rank_scale < 0):
-        raise ValueError(f'--rank-scale must be a finite float >= 0, got {args.rank_scale}')
-    if args.target_ratio is not None:
-        if not 0.0 < args.target_ratio < 1.0:
-            raise ValueError(f'--target-ratio must be in (0, 1), got {args.target_ratio}')
-        if args.rank_scale:
-            raise ValueError('give --rank-scale or --target-ratio, not both')
-    factorized = (bool(args.rank_scale) or args.target_ratio is not None
-                  or bool(args.model_kwargs.get('rank_scale')) or args.model_kwargs.get('target_ratio') is not None
-                  or (compressed and initial.get('form', 'factorized') == 'factorized' and bool(initial['ranks'])))
-    if compressed and not factorized and (args.wd2fd or args.no_frob):
-        raise ValueError(f'--initial-checkpoint {args.initial_checkpoint!r} holds the compressed model in inference '
-                         f'form (plain layers, no factors for Frobenius decay to act on): write it with '
-                         f'fnl-compress --finalize factorized, or fine-tune without --wd2fd / --no-frob')
-    if (args.spectral or args.square) and not factorized:
-        raise ValueError('--spectral and --square need a factorized model: set --rank-scale > 0 or --target-ratio')
-    for name in ('lr', 'momentum', 'weight_decay', 'min_lr', 'smoothing', 'drop'):
-        if getattr(args, name) < 0:
-            raise ValueError(f'--{name.replace("_", "-")} must be >= 0, got {getattr(args, name)}')
-    if args.clip_grad is not None and args.clip_grad <= 0:
-        raise ValueError(f'--clip-grad must be > 0, got {args.clip_grad}')
-    opt = args.opt.lower().split('_')[-1]
-    if opt not in list_optimizers():
-        raise ValueError(f'--opt {args.opt!r} is not a timm optimizer (FD ones: {", ".join(FD_OPTIMIZERS)})')
-    if (args.wd2fd or args.no_frob) and opt not in FD_OPTIMIZERS:
-        raise ValueError(f'--wd2fd / --no-frob need a Frobenius-decay optimizer (--opt one of {FD_OPTIMIZERS}), '
-                         f'got --opt {args.opt!r}')
-    if args.normalize is not None:
-        if not args.no_frob:
-            raise ValueError('--normalize replaces Frobenius decay: add --no-frob')
-        if not os.path.isfile(args.normalize):
-            raise ValueError(f'--normalize: no such file {args.normalize!r}')
-    if (args.wd2fd or args.no_frob) and not factorized:
-        raise ValueError('--wd2fd / --no-frob act on the factors of a factorized model: set --rank-scale > 0 or '
-                         '--target-ratio')
-    if (args.dump_frobnorms or args.normalize or args.collapse) and not factorized:
-        raise ValueError('--dump-frobnorms, --normalize and --collapse need a factorized model '
-                         '(--rank-scale > 0 or --target-ratio)')
-    if args.resume is not None and not os.path.isfile(args.resume):
-        raise ValueError(f'--resume: no such file {args.resume!r}')
-    if args.decay_milestones is not None and sorted(args.decay_milestones) != list(args.decay_milestones):
-        raise ValueError(f'--decay-milestones must increase, got {args.decay_milestones}')
-
-
-def _initial_checkpoint(path: str) -> Any:
-    """``--initial-checkpoint`` read with safe (weights-only) loading."""
-    if not os.path.isfile(path):
-        raise ValueError(f'--initial-checkpoint: no such file {path!r}')
-    try:
-        with allow_argparse_namespace():
-            return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any reader error means the file is not a (safe) torch file
-        raise ValueError(f'--initial-checkpoint {path!r} could not be read as a weights-only torch file '
-                         f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})') from None
 
 
 def _create_model(args: argparse.Namespace, model_kwargs: Dict[str, Any], info: Any) -> nn.Module:
@@ -240,129 +70,6 @@ def _create_model(args: argparse.Namespace, model_kwargs: Dict[str, Any], info: 
             raise ValueError(f'--initial-checkpoint {args.initial_checkpoint!r} does not fit --model {args.model!r} '
                              f'with {model_kwargs}: {str(e).splitlines()[0]}') from None
     return model
-
-
-def _experiment_name(args: argparse.Namespace) -> str:
-    parts = [args.model, args.dataset]
-    if getattr(args, 'initial_is_compressed', False):
-        parts.append('compressed')
-    elif args.target_ratio is not None:
-        parts.append(f'tr{args.target_ratio:g}')
-    elif args.rank_scale:
-        parts.append(f'rs{args.rank_scale:g}')
-    else:
-        parts.append('dense')
-    for flag in ('spectral', 'square', 'wd2fd', 'no_frob'):
-        if getattr(args, flag):
-            parts.append(flag.replace('_', ''))
-    if args.normalize:
-        parts.append('norm')
-    return '-'.join(parts)
-
-
-def _is_main(args: argparse.Namespace) -> bool:
-    return args.rank == 0
-
-
-def _create_loader(ds, batch_size: int, train: bool, args: argparse.Namespace) -> DataLoader:
-    # one sampler for both cases: deterministic per-epoch shuffling (set_epoch), DDP sharding
-    sampler = DistributedSampler(ds, num_replicas=args.world_size, rank=args.rank, shuffle=train,
-                                 seed=args.seed, drop_last=train)
-    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=args.workers,
-                      drop_last=train, pin_memory=args.device.startswith('cuda'),
-                      persistent_workers=False)
-
-
-class _Saver(CheckpointSaver):
-    """timm's CheckpointSaver, plus the FNL state (recorded Frobenius norms) in each checkpoint."""
-
-    def __init__(self, *args: Any, extra_state=None, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.extra_state = extra_state
-
-    def _save(self, save_path, epoch, metric=None):
-        super()._save(save_path, epoch, metric)
-        extra = self.extra_state() if self.extra_state is not None else None
-        if extra:
-            with allow_argparse_namespace():
-                state = torch.load(save_path, map_location='cpu', weights_only=True)
-            state['fnl'] = extra
-            torch.save(state, save_path)
-
-
-def _train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, amp_ctx, loss_scaler,
-                     lr_scheduler, num_updates, normalizer, recorder, steps_per_epoch):
-    model.train()
-    losses = AverageMeter()
-    top1 = AverageMeter()
-    iterator = iter(loader)
-    progress = None
-    if _is_main(args) and not args.no_progress:
-        from tqdm import tqdm
-        progress = tqdm(total=steps_per_epoch, desc=f'epoch {epoch}', leave=False, dynamic_ncols=True)
-    for step in range(steps_per_epoch):
-        x, y = next(iterator)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if args.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with amp_ctx:
-            out = model(x)
-            loss = loss_fn(out, y)
-        optimizer.zero_grad(set_to_none=True)
-        if loss_scaler is not None:
-            # the FD optimizers add the FD gradient inside step(), after unscaling and clipping
-            loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
-                        parameters=model.parameters())
-        else:
-            loss.backward()
-            if args.clip_grad is not None:
-                dispatch_clip_grad(model.parameters(), args.clip_grad, mode=args.clip_mode)
-            optimizer.step()
-        if normalizer is not None:
-            normalizer.step()
-        if recorder is not None:
-            recorder.record()
-        num_updates += 1
-        lr_scheduler.step_update(num_updates=num_updates)
-        losses.update(loss.detach(), x.size(0))
-        top1.update(accuracy(out.detach(), y)[0], x.size(0))
-        if progress is not None:
-            progress.update(1)
-            if step % args.log_interval == 0 or step == steps_per_epoch - 1:
-                progress.set_postfix(loss=f'{float(losses.avg):.4f}', lr=f'{optimizer.param_groups[0]["lr"]:.4g}')
-    if progress is not None:
-        progress.close()
-    loss_avg, top1_avg = losses.avg, top1.avg
-    if args.distributed:
-        loss_avg = reduce_tensor(torch.as_tensor(loss_avg, device=device, dtype=torch.float32), args.world_size)
-        top1_avg = reduce_tensor(torch.as_tensor(top1_avg, device=device, dtype=torch.float32), args.world_size)
-    return OrderedDict(loss=float(loss_avg), top1=float(top1_avg)), num_updates
-
-
-@torch.no_grad()
-def validate(model: nn.Module, loader: DataLoader, loss_fn, args, device, amp_ctx,
-             limit: Optional[int] = None) -> Dict[str, float]:
-    """Loss, top-1 and top-5 accuracy (%) on ``loader`` (summed over DDP ranks)."""
-    model.eval()
-    sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss*n, correct1, correct5, n
-    for i, (x, y) in enumerate(loader):
-        if limit is not None and i >= limit:
-            break
-        x, y = x.to(device), y.to(device)
-        if args.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with amp_ctx:
-            out = model(x)
-        out = out.float()
-        acc1, acc5 = accuracy(out, y, topk=(1, min(5, out.shape[1])))
-        n = x.size(0)
-        sums += torch.stack([nn.functional.cross_entropy(out, y) * n, acc1 * n / 100, acc5 * n / 100,
-                             torch.tensor(float(n), device=device)]).to(sums)
-    if args.distributed:
-        dist.all_reduce(sums)
-    n = max(float(sums[3]), 1.0)
-    return OrderedDict(loss=float(sums[0]) / n, top1=100 * float(sums[1]) / n, top5=100 * float(sums[2]) / n)
-
 
 def train(args: argparse.Namespace) -> Dict[str, Any]:
     """Run one training job; returns the results dict written to ``results.json`` (on every rank)."""
@@ -562,36 +269,6 @@ def _train(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
             writer.close()
         _logger.info(json.dumps(results))
     return results
-
-
-@torch.no_grad()
-def _max_diff_across_ranks(model: nn.Module) -> float:
-    """The largest difference between any rank's parameters and buffers and rank 0's (DDP check)."""
-    flat = torch.cat([t.detach().float().reshape(-1) for t in model.state_dict().values() if t.is_floating_point()])
-    ref = flat.clone()
-    dist.broadcast(ref, 0)
-    diff = (flat - ref).abs().max().reshape(1)
-    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-    return float(diff)
-
-
-@torch.no_grad()
-def _collapse(model: nn.Module, loader: DataLoader, device: torch.device, out_dir: Optional[str]) -> Dict[str, Any]:
-    """Collapse the factorized layers into dense ones; check the logits agree; save the dense state dict."""
-    model.eval()
-    x, _ = next(iter(loader))
-    x = x.to(device)
-    before = model(x).float()
-    fnl.collapse(model)
-    after = model(x).float()
-    out = OrderedDict(collapsed_params=fnl.count_parameters(model),
-                      collapse_max_abs_diff=float((before - after).abs().max()))
-    if out_dir is not None:
-        path = os.path.join(out_dir, 'model_collapsed.pth')
-        torch.save(model.state_dict(), path)
-        out['collapsed_model'] = path
-    return out
-
 
 def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Parse ``argv`` like the command line and train; returns the results dict."""
