@@ -14,6 +14,20 @@ from ..optim import mark_factors
 Selector = Union[Sequence[str], Callable[[str, nn.Module], bool]]
 
 
+# The layers keep their init function (``reset_parameters`` calls it again), so it must be a
+# module-level function: a lambda or a local function would make the whole model unpicklable
+# (``torch.save(model)``, ``copy.deepcopy`` across processes).
+def kaiming_fan_out_(weight: torch.Tensor) -> torch.Tensor:
+    """He-normal init with fan-out and ReLU gain, the usual init of the CIFAR WRN / VGG convs."""
+    return nn.init.kaiming_normal_(weight, mode='fan_out', nonlinearity='relu')
+
+
+def kaiming_linear_fan_in_(weight: torch.Tensor) -> torch.Tensor:
+    """He-normal init with fan-in and unit gain (torch counts a depthwise filter's fan-out as
+    ``in_channels * k * k``, so depthwise filters use the fan-in)."""
+    return nn.init.kaiming_normal_(weight, mode='fan_in', nonlinearity='linear')
+
+
 def check_rank_args(rank_scale: Optional[float], target_ratio: Optional[float]) -> None:
     """Validate the ``rank_scale`` / ``target_ratio`` model kwargs."""
     if rank_scale is not None:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from timm.layers import create_classifier
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 
-from ._factorize import ClassifierMixin, factorize_model
+from ._factorize import ClassifierMixin, factorize_model, kaiming_fan_out_
 from .fnl_cifar_resnet import CIFAR10_MEAN, CIFAR10_STD
 
 __all__ = ['CifarVGG']
@@ -80,7 +80,7 @@ class CifarVGG(ClassifierMixin, nn.Module):
                 nn.init.zeros_(m.bias)
         self.rank_scale = factorize_model(
             self, convs[1:], rank_scale=rank_scale, target_ratio=target_ratio, spectral=spectral,
-            square=square, init=lambda w: nn.init.kaiming_normal_(w, mode='fan_out', nonlinearity='relu'))
+            square=square, init=kaiming_fan_out_)
         if device is not None or dtype is not None:  # built (and SVD-initialised) on the CPU, then moved
             self.to(device=device, dtype=dtype)
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from timm.layers import create_classifier
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 
-from ._factorize import ClassifierMixin, factorize_model
+from ._factorize import ClassifierMixin, factorize_model, kaiming_fan_out_, kaiming_linear_fan_in_
 from .fnl_cifar_resnet import CIFAR10_MEAN, CIFAR10_STD
 
 __all__ = ['WideResNet']
@@ -124,7 +124,7 @@ class WideResNet(ClassifierMixin, nn.Module):
         else:
             self.rank_scale = factorize_model(
                 self, include, rank_scale=rank_scale, target_ratio=target_ratio, spectral=spectral,
-                square=square, init=lambda w: nn.init.kaiming_normal_(w, mode='fan_out', nonlinearity='relu'))
+                square=square, init=kaiming_fan_out_)
         if device is not None or dtype is not None:  # built (and SVD-initialised) on the CPU, then moved
             self.to(device=device, dtype=dtype)
 
@@ -168,9 +168,7 @@ def _tensorize(model: nn.Module, include, conv: str, rank_scale: Optional[float]
         rank_scale = fnl.solve_tensor_scale(model, target_ratio, conv, include=include)
     fnl.tensorize(
         model, tensor_format=conv, rank_scale=rank_scale, spectral=bool(spectral), include=include,
-        init=lambda w: nn.init.kaiming_normal_(w, mode='fan_out', nonlinearity='relu'),
-        # fan_in: torch counts a depthwise filter's fan_out as in_channels * k * k
-        depthwise_init=lambda w: nn.init.kaiming_normal_(w, mode='fan_in', nonlinearity='linear'))
+        init=kaiming_fan_out_, depthwise_init=kaiming_linear_fan_in_)
     mark_factors(model)
     return float(rank_scale)
 
