@@ -5,9 +5,12 @@ For head h, with the projections' weights in ``nn.Linear`` layout (``w_q``, ``w_
 output-value form ``B_h = W_O^h W_V^h``, both d x d of rank <= d_h. Both are handled here as
 ``F_h = L_hᵀ R_h`` with "row factors" ``L_h``, ``R_h`` of shape (d_h x d): ``(W_Q^h, W_K^h)`` and
 ``(W_O^hᵀ, W_V^h)``. Everything is batched over heads through d_h x d_h Grams; the d x d forms are
-never built.
+never built. The two projections of a pair may read inputs of different widths (keys and values of
+width ``kdim`` / ``vdim`` in encoder-decoder attention): only the head count and ``d_h`` must agree.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -31,8 +34,10 @@ def _rows(w: Tensor, heads: int, name: str) -> Tensor:
 
 
 def _check_pair(left: Tensor, right: Tensor, names: str) -> None:
-    if left.shape != right.shape:
-        raise ValueError(f"{names} must have matching per-head shapes, got {tuple(left.shape)} and {tuple(right.shape)}")
+    """Same heads and per-head dimension d_h; the input widths (the forms' d) may differ."""
+    if left.shape[:2] != right.shape[:2]:
+        raise ValueError(f"{names} must have the same heads and per-head dimension d_h (shapes (heads, d_h, d)), "
+                         f"got {tuple(left.shape)} and {tuple(right.shape)}")
 
 
 def _form_norm_sq(left: Tensor, right: Tensor) -> Tensor:
@@ -109,14 +114,26 @@ def _balancing_maps(left: Tensor, right: Tensor) -> tuple[Tensor, Tensor]:
     return g_l, g_r
 
 
-def _apply_rows_(linear: nn.Linear, g: Tensor, heads: int) -> None:
-    """Row factor of each head (and its bias) -> ``gᵀ`` times it."""
+def _apply_rows_(linear: nn.Linear, g: Tensor, heads: int, extra: Optional[Tensor] = None) -> None:
+    """Row factor of each head, its bias and ``extra`` (more vectors in the projection's output space) ->
+    ``gᵀ`` times them."""
     w = linear.weight
     rows = _rows(w, heads, "weight")
     w.copy_((g.transpose(1, 2).to(rows.dtype) @ rows).reshape(w.shape))
-    if linear.bias is not None:
-        b = linear.bias.view(heads, -1, 1)
-        linear.bias.copy_((g.transpose(1, 2).to(b.dtype) @ b).reshape(-1))
+    for b in (linear.bias, extra):
+        if b is not None:
+            cols = b.reshape(-1, heads, g.shape[1]).permute(1, 2, 0)  # (heads, d_h, vectors)
+            b.copy_((g.transpose(1, 2).to(b.dtype) @ cols).permute(2, 0, 1).reshape(b.shape))
+
+
+def _check_extra(name: str, extra: Optional[Tensor], width: int, proj: str) -> None:
+    if extra is None:
+        return
+    if not isinstance(extra, Tensor):
+        raise TypeError(f"{name} must be a tensor or None, got {type(extra).__name__}")
+    if extra.shape[-1] != width:
+        raise ValueError(f"{name} must have last dimension {width} ({proj}.out_features), got shape "
+                         f"{tuple(extra.shape)}")
 
 
 def _check_linear(name: str, layer: nn.Module) -> None:
@@ -125,36 +142,54 @@ def _check_linear(name: str, layer: nn.Module) -> None:
 
 
 @torch.no_grad()
-def balance_quekey_(q_proj: nn.Linear, k_proj: nn.Linear, heads: int) -> None:
+def balance_quekey_(q_proj: nn.Linear, k_proj: nn.Linear, heads: int, bias_k: Optional[Tensor] = None) -> None:
     """Spectrally rebalance each head's query/key pair in place (``--spectral-quekey``).
 
     Query and key vectors of head h are mapped by ``G_lᵀ`` and ``G_rᵀ`` with ``G_l G_rᵀ = I``, so every
     attention score ``q·k`` (biases included) is unchanged, and both factors of ``A_h`` get the
     singular values ``sqrt(s(A_h))``.
+
+    Args:
+        q_proj: the query projection, (heads*d_h) x d.
+        k_proj: the key projection, (heads*d_h) x kdim.
+        heads: the number of heads.
+        bias_k: key vectors appended after the projection (fairseq's ``add_bias_kv``), of shape
+            (..., heads*d_h): they are keys too, so they are mapped like ``k_proj``'s outputs. Leaving
+            out a ``bias_k`` the attention uses changes its function.
     """
     _check_linear("q_proj", q_proj)
     _check_linear("k_proj", k_proj)
     q, k = _rows(q_proj.weight, heads, "q_proj.weight"), _rows(k_proj.weight, heads, "k_proj.weight")
     _check_pair(q, k, "q_proj.weight and k_proj.weight")
+    _check_extra("bias_k", bias_k, k_proj.out_features, "k_proj")
     g_l, g_r = _balancing_maps(q, k)
     _apply_rows_(q_proj, g_l, heads)
-    _apply_rows_(k_proj, g_r, heads)
+    _apply_rows_(k_proj, g_r, heads, bias_k)
 
 
 @torch.no_grad()
-def balance_outval_(out_proj: nn.Linear, v_proj: nn.Linear, heads: int) -> None:
+def balance_outval_(out_proj: nn.Linear, v_proj: nn.Linear, heads: int, bias_v: Optional[Tensor] = None) -> None:
     """Spectrally rebalance each head's output/value pair in place (``--spectral-outval``).
 
     ``W_O^h -> W_O^h G_l`` and ``W_V^h -> G_rᵀ W_V^h`` (and the value bias likewise) with
     ``G_l G_rᵀ = I``: the attention output is unchanged and both factors of ``B_h`` get the
     singular values ``sqrt(s(B_h))``.
+
+    Args:
+        out_proj: the output projection, d x (heads*d_h).
+        v_proj: the value projection, (heads*d_h) x vdim.
+        heads: the number of heads.
+        bias_v: value vectors appended after the projection (fairseq's ``add_bias_kv``), of shape
+            (..., heads*d_h): mapped like ``v_proj``'s outputs. Leaving out a ``bias_v`` the
+            attention uses changes its function.
     """
     _check_linear("out_proj", out_proj)
     _check_linear("v_proj", v_proj)
     o, v = _rows(out_proj.weight.T, heads, "out_proj.weight.T"), _rows(v_proj.weight, heads, "v_proj.weight")
     _check_pair(o, v, "out_proj.weight.T and v_proj.weight")
+    _check_extra("bias_v", bias_v, v_proj.out_features, "v_proj")
     g_l, g_r = _balancing_maps(o, v)
     w_o = out_proj.weight
     new_rows = (g_l.transpose(1, 2).to(o.dtype) @ o).reshape(w_o.shape[1], w_o.shape[0])
     w_o.copy_(new_rows.T)
-    _apply_rows_(v_proj, g_r, heads)
+    _apply_rows_(v_proj, g_r, heads, bias_v)

@@ -39,7 +39,7 @@ from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, Trans
 from torch import nn
 
 from fnl_fairseq.fd import FDTerms, register_model as _register_for_fd
-from fnl_fairseq.modules.attention import attention_layers, head_dim_for, shrink_heads_
+from fnl_fairseq.modules.attention import attention_layers, balance_attention_, head_dim_for, shrink_heads_
 from fnl_fairseq.modules.embedding import (
     FactorizedLearnedPositionalEmbedding, TiedFactorizedOutput, build_factorized_embedding,
 )
@@ -260,10 +260,7 @@ class FNLTransformerModel(TransformerModel):
         model = super().build_model(args, task)
         with torch.no_grad():
             for attn in attention_layers(model):
-                if s.spectral_quekey:
-                    fnl.balance_quekey_(attn.q_proj, attn.k_proj, attn.num_heads)
-                if s.spectral_outval:
-                    fnl.balance_outval_(attn.out_proj, attn.v_proj, attn.num_heads)
+                balance_attention_(attn, s.spectral_quekey, s.spectral_outval)
         _register_for_fd(model)
         return model
 

@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from fairseq.modules import MultiheadAttention
 from torch import Tensor, nn
 
-__all__ = ["ShrunkMultiheadAttention", "attention_layers", "head_dim_for", "shrink_heads_"]
+import fnl
+
+__all__ = ["ShrunkMultiheadAttention", "attention_layers", "balance_attention_", "head_dim_for", "shrink_heads_"]
 
 
 class ShrunkMultiheadAttention(MultiheadAttention):
@@ -88,6 +90,11 @@ def shrink_heads_(attn: MultiheadAttention, head_dim: int) -> MultiheadAttention
         return attn
     if getattr(attn, "use_xformers", False):
         raise ValueError("--rank-scale cannot shrink attention heads together with --*-xformers-att-config")
+    if attn.bias_k is not None:
+        # a shrunk attention runs through fairseq's explicit path, which fails on bias_k (fairseq 0.12:
+        # it does not count the appended key in src_len)
+        raise ValueError("--rank-scale cannot shrink the heads of an attention built with add_bias_kv=True: "
+                         "fairseq's explicit attention path, which shrunk heads need, does not run bias_k")
     model_dim = attn.out_proj.out_features
     inner = attn.num_heads * head_dim
     device, dtype = attn.q_proj.weight.device, attn.q_proj.weight.dtype
@@ -97,9 +104,6 @@ def shrink_heads_(attn: MultiheadAttention, head_dim: int) -> MultiheadAttention
     attn.k_proj = nn.Linear(attn.kdim, inner, **kw)
     attn.v_proj = nn.Linear(attn.vdim, inner, **kw)
     attn.out_proj = nn.Linear(inner, model_dim, bias=attn.out_proj.bias is not None, device=device, dtype=dtype)
-    if attn.bias_k is not None:
-        attn.bias_k = nn.Parameter(torch.empty(1, 1, inner, device=device, dtype=dtype))
-        attn.bias_v = nn.Parameter(torch.empty(1, 1, inner, device=device, dtype=dtype))
     attn.embed_dim = inner
     attn.head_dim = head_dim
     attn.scaling = head_dim ** -0.5
@@ -110,6 +114,23 @@ def shrink_heads_(attn: MultiheadAttention, head_dim: int) -> MultiheadAttention
     attn.__class__ = ShrunkMultiheadAttention
     attn.reset_parameters()
     return attn
+
+
+@torch.no_grad()
+def balance_attention_(attn: MultiheadAttention, quekey: bool, outval: bool) -> None:
+    """``--spectral-quekey`` / ``--spectral-outval`` on one fairseq attention, its function unchanged.
+
+    Every fairseq option is covered: ``add_bias_kv``'s ``bias_k`` / ``bias_v`` are a key and a value
+    appended after the projections, so they are mapped with ``k_proj`` / ``v_proj``;
+    ``add_zero_attn``'s zero key and value stay zero under any linear map; encoder-decoder attention
+    (keys and values of widths ``kdim`` / ``vdim``) only needs the heads' dimensions to agree.
+    """
+    if not isinstance(attn, MultiheadAttention):
+        raise TypeError(f"attn must be a fairseq MultiheadAttention, got {type(attn).__name__}")
+    if quekey:
+        fnl.balance_quekey_(attn.q_proj, attn.k_proj, attn.num_heads, bias_k=attn.bias_k)
+    if outval:
+        fnl.balance_outval_(attn.out_proj, attn.v_proj, attn.num_heads, bias_v=attn.bias_v)
 
 
 def attention_layers(module: nn.Module) -> list[MultiheadAttention]:
