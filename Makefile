@@ -11,7 +11,7 @@ TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): setup.py Makefile | $(PY)
+$(STAMP): setup.py pyproject.toml Makefile | $(PY)
 	$(PY) -m pip install --quiet $(TORCH_PIN)
 	$(PY) -m pip install --quiet -e ".[timm,fairseq,onnx,dev]" $(TORCH_PIN)
 	touch $(STAMP)
