@@ -1,4 +1,4 @@
-"""Datasets and transforms of the paper's vision experiments (SPEC 8).
+"""Datasets and transforms of the paper's vision experiments (paper section 4; docs/experiments.md).
 
 * ``digits``: scikit-learn's 8x8 handwritten digits (1,797 images, embedded, no download),
   upsampled to 32x32 RGB; the default of ``fnl-train`` and the data of every smoke run.
@@ -212,8 +212,15 @@ def create_datasets(
     else:
         from timm.data import create_dataset, create_transform, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
         size = img_size or 224
-        train_ds = create_dataset('', root=data_dir, split='train', is_training=True)
-        val_ds = create_dataset('', root=data_dir, split='val')
+        if not os.path.isdir(data_dir):
+            raise ValueError(f'data_dir (--data-dir) {data_dir!r} is not a folder (dataset folder reads '
+                             f'<data_dir>/train/<class>/*.png and <data_dir>/val/<class>/*.png)')
+        try:
+            train_ds = create_dataset('', root=data_dir, split='train', is_training=True)
+            val_ds = create_dataset('', root=data_dir, split='val')
+        except RuntimeError as e:  # timm's folder reader: "Found 0 images in subfolders of ..."
+            raise ValueError(f'data_dir (--data-dir) {data_dir!r}: {str(e).splitlines()[0]} (dataset folder reads '
+                             f'<data_dir>/train/<class>/ and <data_dir>/val/<class>/)') from None
         num_classes = len(train_ds.reader.class_to_idx)
         info = DatasetInfo(num_classes, (3, size, size), IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
         train_ds.transform = create_transform(size, is_training=True, hflip=0.5 if hflip is not False else 0.0)

@@ -4,75 +4,100 @@ import math
 import os
 from typing import Any, Optional
 
-import torch
-
 import timm
 from timm.optim import list_optimizers
 from timm.utils import ParseKwargs
 
 from . import data as fnl_data
-from ._serialization import allow_argparse_namespace
+from ._serialization import load_checkpoint
 from .compress import is_compressed_checkpoint
 from .optim import FD_OPTIMIZERS
+from .train_checkpoint import RESUME_MUST_MATCH
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each default once, as '(default: X)', and only where it says something: not for flags (False),
+    nor for None (the help text then says what is used instead)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, {}) or action.default is argparse.SUPPRESS:
+            return action.help or ''
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog='fnl-train', description='Train factorized vision models (Khodak et al., ICLR 2022) with timm.',
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter,
+        epilog='Resume: --resume RUN/last.pth.tar continues in the folder RUN (never another one), with the kept '
+               'and best checkpoints of the run. The flags that define the model, the data and the regulariser '
+               f'({", ".join(_flag(n) for n in RESUME_MUST_MATCH)}) must equal the checkpoint\'s; the others '
+               '(e.g. --epochs to train further, --lr, --stop-epoch, --clip-grad, --workers) may change. SIGTERM or '
+               'SIGINT (Ctrl-C) finishes the current step, writes last.pth.tar and exits 143 / 130; its --resume '
+               'continues at that step with the result of an uninterrupted run (the same number of processes). '
+               'A non-finite loss or gradient norm stops the run (exit 1) and keeps the last finite checkpoint.')
     g = p.add_argument_group('data')
     g.add_argument('--dataset', default='digits', choices=fnl_data.DATASETS,
                    help='digits is embedded (scikit-learn), the others need --data-dir')
-    g.add_argument('--data-dir', default=None, help='dataset root')
+    g.add_argument('--data-dir', default=None, help='dataset root (a folder dataset: ROOT/train and ROOT/val)')
     g.add_argument('--download', action='store_true', help='download CIFAR with torchvision')
-    g.add_argument('--img-size', type=int, default=None, help='input side (default: the dataset\'s)')
+    g.add_argument('--img-size', type=int, default=None,
+                   help="input side; unset: the dataset's (32, 64 for tiny-imagenet, 224 for folder)")
     g.add_argument('--no-hflip', action='store_true', help='no random horizontal flip')
-    g.add_argument('--cutout', type=int, default=0, help='Cutout square side (WRN recipe: 16)')
-    g.add_argument('-b', '--batch-size', type=int, default=128)
-    g.add_argument('--eval-batch-size', type=int, default=None, help='default: 2x --batch-size')
-    g.add_argument('-j', '--workers', type=int, default=2, help='data loader processes')
+    g.add_argument('--cutout', type=int, default=0, help='Cutout square side, 0 = off (WRN recipe: 16)')
+    g.add_argument('-b', '--batch-size', type=int, default=128, help='training batch size per process')
+    g.add_argument('--eval-batch-size', type=int, default=None, help='evaluation batch size; unset: 2x --batch-size')
+    g.add_argument('-j', '--workers', type=int, default=2, help='data loader processes (0: load in this one)')
 
     g = p.add_argument_group('model')
     g.add_argument('--model', default=None,
-                   help='a timm model name (fnl_* for factorized ones); default fnl_resnet20, or the architecture '
+                   help='a timm model name (fnl_* for factorized ones); unset: fnl_resnet20, or the architecture '
                         'of an fnl-compress --initial-checkpoint')
     g.add_argument('--initial-checkpoint', default=None, metavar='FILE',
                    help="start from these weights: an fnl-compress compressed.pth (its architecture and ranks "
                         "define the model: fine-tune a compressed model with Frobenius decay), or a state dict / "
                         "timm checkpoint for --model")
-    g.add_argument('--rank-scale', type=float, default=None, help='rank = round(rank_scale * ...); 0 = dense')
+    g.add_argument('--rank-scale', type=float, default=None,
+                   help='rank of each factorized layer as a fraction of its dense size (docs/method.md); '
+                        'unset or 0: dense')
     g.add_argument('--target-ratio', type=float, default=None,
                    help='solve one rank_scale for params(factorized)/params(dense) closest to this')
-    g.add_argument('--spectral', action='store_true', help='spectral init of the factors (SPEC 2)')
-    g.add_argument('--square', action='store_true', help='W = U S V^T with S = I (deep distillation)')
+    g.add_argument('--spectral', action='store_true',
+                   help='spectral init of the factors (paper section 3.1, docs/method.md#spectral-initialisation)')
+    g.add_argument('--square', action='store_true', help='W = U S V^T with S = I (overcomplete distillation, '
+                                                         'paper section 5)')
     g.add_argument('--drop', type=float, default=0.0, help='dropout before the classifier')
-    g.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, help='extra model kwargs k=v')
+    g.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
+                   help='extra model kwargs k=v (e.g. conv=tt)')
 
     g = p.add_argument_group('optimizer and regularisation')
     g.add_argument('--opt', default='fdmomentum',
-                   help=f'timm optimizer name; the FD ones are {", ".join(FD_OPTIMIZERS)}')
-    g.add_argument('--lr', type=float, default=0.1)
-    g.add_argument('--momentum', type=float, default=0.9)
-    g.add_argument('--weight-decay', type=float, default=1e-4)
+                   help=f'timm optimizer name; the Frobenius-decay ones are {", ".join(FD_OPTIMIZERS)}')
+    g.add_argument('--lr', type=float, default=0.1, help='peak learning rate')
+    g.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
+    g.add_argument('--weight-decay', type=float, default=1e-4,
+                   help='weight decay coefficient (and the Frobenius-decay one with --wd2fd)')
     g.add_argument('--wd2fd', action='store_true',
-                   help='factors get Frobenius decay with coefficient --weight-decay instead of weight decay')
+                   help='factors get Frobenius decay with coefficient --weight-decay instead of weight decay '
+                        '(paper section 3.2)')
     g.add_argument('--no-frob', action='store_true', help='Frobenius-decay coefficient 0')
-    g.add_argument('--clip-grad', type=float, default=None, help='gradient clipping value (off by default)')
-    g.add_argument('--clip-mode', default='norm', choices=('norm', 'value', 'agc'))
+    g.add_argument('--clip-grad', type=float, default=None, help='gradient clipping value; unset: no clipping')
+    g.add_argument('--clip-mode', default='norm', choices=('norm', 'value', 'agc'),
+                   help='what --clip-grad bounds: the global gradient norm, each value, or adaptive (timm)')
     g.add_argument('--smoothing', type=float, default=0.0, help='label smoothing')
     g.add_argument('--opt-kwargs', nargs='*', default={}, action=ParseKwargs, help='extra optimizer kwargs k=v')
 
     g = p.add_argument_group('schedule')
-    g.add_argument('--epochs', type=int, default=200)
+    g.add_argument('--epochs', type=int, default=200, help='epochs of the schedule')
     g.add_argument('--sched', default='multistep', help='timm scheduler name')
     g.add_argument('--decay-milestones', type=int, nargs='+', default=None,
-                   help='multistep: epochs where the decayed lr starts (default: the paper\'s 50%% and 75%% '
-                        'of --epochs)')
-    g.add_argument('--decay-rate', type=float, default=0.1)
-    g.add_argument('--warmup-epochs', type=int, default=0)
-    g.add_argument('--min-lr', type=float, default=0.0)
+                   help="multistep: epochs where the decayed lr starts; unset: the paper's 50%% and 75%% "
+                        "of --epochs")
+    g.add_argument('--decay-rate', type=float, default=0.1, help='lr factor at each milestone')
+    g.add_argument('--warmup-epochs', type=int, default=0, help='epochs of linear lr warm-up')
+    g.add_argument('--min-lr', type=float, default=0.0, help='lower bound of the lr (cosine and other schedules)')
 
-    g = p.add_argument_group('normalisation experiment (SPEC 4) and export')
+    g = p.add_argument_group('normalisation experiment (paper section 3.3) and export')
     g.add_argument('--dump-frobnorms', action='store_true',
                    help='record ||U V^T||_F of every factorized layer after each step into frobnorms.pt')
     g.add_argument('--normalize', default=None, metavar='FILE',
@@ -82,21 +107,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group('run')
     g.add_argument('--output', default='output', help='parent folder of the run folder')
-    g.add_argument('--experiment', default=None, help='run folder name (default: from the settings)')
-    g.add_argument('--resume', default=None, help='checkpoint to resume from (model, optimizer, FD state)')
+    g.add_argument('--experiment', default=None,
+                   help='run folder name; unset: from the settings. A taken name gets -1, -2, ...')
+    g.add_argument('--resume', default=None, metavar='FILE',
+                   help='checkpoint to continue (model, optimizer, FD state, checkpoint history), in its own '
+                        'folder; see the end of this help')
     g.add_argument('--stop-epoch', type=int, default=None,
                    help='stop after this epoch index (exclusive) in this process, e.g. for a time slot; '
                         'continue later with --resume')
-    g.add_argument('--seed', type=int, default=0)
-    g.add_argument('--device', default=None, help='cpu, cuda, cuda:1, ... (default: cuda if available)')
+    g.add_argument('--seed', type=int, default=0, help='seed of the initial model, data order and augmentation')
+    g.add_argument('--device', default=None, help='cpu, cuda, cuda:1, ...; unset: cuda if available')
     g.add_argument('--amp', action='store_true', help='mixed precision (bfloat16 on CPU, float16 + scaler on CUDA)')
-    g.add_argument('--channels-last', action='store_true')
+    g.add_argument('--channels-last', action='store_true', help='channels-last memory format for model and inputs')
+    g.add_argument('--sync-bn', action='store_true',
+                   help='under torchrun on CUDA: BatchNorm statistics over all processes in every step (torch '
+                        'SyncBatchNorm, as timm train.py); without it each process normalises with its own batch')
     g.add_argument('--checkpoint-hist', type=int, default=1, help='best checkpoints to keep')
     g.add_argument('--limit-train-batches', type=int, default=None, help='steps per epoch (smoke runs)')
     g.add_argument('--limit-val-batches', type=int, default=None, help='validation batches (smoke runs)')
-    g.add_argument('--no-progress', action='store_true', help='no progress bar')
-    g.add_argument('--no-tensorboard', action='store_true')
-    g.add_argument('--log-interval', type=int, default=50)
+    g.add_argument('--no-progress', action='store_true',
+                   help='no progress bar: a log line every --log-interval steps instead (also when the output '
+                        'is not a terminal)')
+    g.add_argument('--no-tensorboard', action='store_true', help='no TensorBoard event file in the run folder')
+    g.add_argument('--log-interval', type=int, default=50,
+                   help='steps between progress updates, divergence checks and (under torchrun) stop decisions')
     return p
 
 
@@ -175,15 +209,13 @@ def validate_args(args: argparse.Namespace) -> None:
 
 
 def _initial_checkpoint(path: str) -> Any:
-    """``--initial-checkpoint`` read with safe (weights-only) loading."""
-    if not os.path.isfile(path):
-        raise ValueError(f'--initial-checkpoint: no such file {path!r}')
-    try:
-        with allow_argparse_namespace():
-            return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any reader error means the file is not a (safe) torch file
-        raise ValueError(f'--initial-checkpoint {path!r} could not be read as a weights-only torch file '
-                         f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})') from None
+    """``--initial-checkpoint`` read weights-only (``fnl_timm._serialization``): no code from the file runs."""
+    return load_checkpoint(path, '--initial-checkpoint')
+
+
+def _flag(name: str) -> str:
+    return '--' + name.replace('_', '-')
+
 
 def _experiment_name(args: argparse.Namespace) -> str:
     parts = [args.model, args.dataset]

@@ -1,24 +1,298 @@
-"""``fnl-train``'s checkpoints: timm's CheckpointSaver with the FNL state."""
-from typing import Any
+"""``fnl-train``'s files: checkpoints, resume, the run folder, ``summary.csv`` and ``results.json``.
+
+Nothing a run wrote before is ever left half-written or removed without a replacement: every file
+is written to a temporary name in the same folder and renamed over the old one (``os.replace`` is
+atomic on POSIX), and a failed write removes its temporary file and names the file and the reason.
+"""
+import argparse
+import csv
+import errno
+import json
+import math
+import os
+import shutil
+from collections import OrderedDict
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
-from timm.utils import CheckpointSaver
+from torch import nn
+from timm.models import clean_state_dict
+from timm.utils import CheckpointSaver, get_state_dict
 
-from ._serialization import allow_argparse_namespace
+from ._serialization import WEIGHTS_ONLY_HINT, load_file, state_dict_mismatch
+
+# flags that define the model, its data and the regulariser: a resumed run must give the values the
+# checkpoint was trained with (the optimizer state restores momentum, weight decay and FD coefficients,
+# so a changed value would be silently ignored or the state dict would not fit)
+RESUME_MUST_MATCH = (
+    'model', 'rank_scale', 'target_ratio', 'square', 'model_kwargs', 'drop', 'dataset', 'img_size',
+    'opt', 'opt_kwargs', 'momentum', 'weight_decay', 'wd2fd', 'no_frob', 'normalize', 'batch_size',
+    'limit_train_batches', 'sync_bn',
+)
 
 
-class _Saver(CheckpointSaver):
-    """timm's CheckpointSaver, plus the FNL state (recorded Frobenius norms) in each checkpoint."""
+class TrainingStopped(Exception):
+    """A run that ended early on purpose or on a fault, with the message for the user and the exit code."""
 
-    def __init__(self, *args: Any, extra_state=None, **kwargs: Any):
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _write_failed(path: str, e: BaseException) -> OSError:
+    """An OSError naming the file; a full disk says so even where torch hides the reason."""
+    code = getattr(e, 'errno', None)
+    if code is None and 'unexpected pos' in str(e):  # torch's zip writer on a short write
+        code = errno.ENOSPC
+    reason = os.strerror(code) if code else f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
+    return OSError(code or errno.EIO, f'cannot write {path}: {reason}')
+
+
+def atomic_write(path: str, write: Callable[[Any], None], binary: bool = True) -> None:
+    """Write ``path`` through ``write(file)`` into ``path.tmp``, then rename it over ``path``.
+
+    On any failure the temporary file is removed and an OSError names ``path`` and the reason
+    ("No space left on device", "Read-only file system", ...).
+    """
+    tmp = path + '.tmp'
+    try:
+        with open(tmp, 'wb' if binary else 'w', newline=None if binary else '') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise _write_failed(path, e) from None
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """``torch.save`` through a temporary file and a rename (see :func:`atomic_write`)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def strict_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by None, so that ``json.dump(allow_nan=False)`` works."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return type(obj)((k, strict_json(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
+def write_results(path: str, results: Dict[str, Any]) -> None:
+    """``results.json``: strict JSON (a missing or non-finite number is null), written atomically."""
+    text = json.dumps(strict_json(results), indent=2, allow_nan=False) + '\n'
+    atomic_write(path, lambda f: f.write(text), binary=False)
+
+
+def update_summary(path: str, epoch: int, train_metrics: Dict[str, float], eval_metrics: Dict[str, float],
+                   lr: float) -> None:
+    """timm's ``summary.csv`` row for ``epoch``, written atomically; rows of this epoch and later ones
+    (left by a run that was stopped after writing them and resumed from an earlier checkpoint) are dropped."""
+    row = OrderedDict(epoch=epoch)
+    row.update(('train_' + k, v) for k, v in train_metrics.items())
+    row.update(('eval_' + k, v) for k, v in eval_metrics.items())
+    row['lr'] = lr
+    rows: List[Dict[str, str]] = []
+    if os.path.exists(path):
+        with open(path, newline='') as f:
+            rows = [r for r in csv.DictReader(f) if r.get('epoch', '').isdigit() and int(r['epoch']) < epoch]
+
+    def write(f) -> None:
+        w = csv.DictWriter(f, fieldnames=list(row.keys()), extrasaction='ignore')
+        w.writeheader()
+        w.writerows(rows)
+        w.writerow(row)
+
+    atomic_write(path, write, binary=False)
+
+
+def new_run_dir(parent: str, name: str) -> str:
+    """Create and return ``parent/name``, or ``name-1``, ``name-2``, ... if taken (as timm's ``get_outdir``),
+    with ``os.mkdir`` as the test so that two runs starting at the same instant get different folders."""
+    os.makedirs(parent, exist_ok=True)
+    for i in range(10000):
+        path = os.path.join(parent, name if i == 0 else f'{name}-{i}')
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+    raise OSError(errno.EEXIST, f'cannot create a run folder: {os.path.join(parent, name)} and 9999 numbered ones '
+                                'exist; give another --experiment')
+
+
+def check_writable(folder: str) -> None:
+    """Fail at once (before training) when ``folder`` cannot be written."""
+    probe = os.path.join(folder, '.fnl-write-test')
+    atomic_write(probe, lambda f: f.write(b'ok'))
+    os.remove(probe)
+
+
+def remove_stale_tmp(folder: str) -> None:
+    """Remove temporary files a killed or failed earlier write left in the run folder."""
+    for name in os.listdir(folder):
+        if name.endswith('.tmp') or name == 'tmp.pth.tar':
+            try:
+                os.remove(os.path.join(folder, name))
+            except OSError:
+                pass
+
+
+def load_resume_checkpoint(path: str) -> Dict[str, Any]:
+    """The ``--resume`` checkpoint, read weights-only; a file that is not one (missing, empty, truncated,
+    not a training checkpoint) is a one-line ValueError naming it."""
+    ckpt = load_file(path, '--resume', hint=WEIGHTS_ONLY_HINT)
+    if not isinstance(ckpt, dict) or 'state_dict' not in ckpt or 'epoch' not in ckpt:
+        raise ValueError(f'--resume {path!r} is not an fnl-train / timm training checkpoint (no state_dict and '
+                         'epoch); to start from weights only, use --initial-checkpoint')
+    return ckpt
+
+
+def _flag(name: str) -> str:
+    return '--' + name.replace('_', '-')
+
+
+def check_resume_args(args: argparse.Namespace, saved: Optional[argparse.Namespace], path: str) -> None:
+    """Raise one ValueError naming every flag of :data:`RESUME_MUST_MATCH` whose value differs from the checkpoint's."""
+    if saved is None:
+        return
+    diffs = []
+    for name in RESUME_MUST_MATCH:
+        if not hasattr(saved, name):  # a checkpoint from before the flag existed
+            continue
+        old, new = getattr(saved, name), getattr(args, name, None)
+        if old != new:
+            diffs.append(f'{_flag(name)} {old!r} in the checkpoint, {new!r} now')
+    if diffs:
+        raise ValueError(f'--resume {path!r} was trained with other settings: {"; ".join(diffs)}. Give the '
+                         'checkpoint\'s values (flags that define the model, data and regulariser must match; '
+                         '--epochs, --lr, --stop-epoch, --clip-grad, --workers and the logging flags may change)')
+
+
+def restore_training_state(ckpt: Dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+                           loss_scaler: Any = None) -> None:
+    """Load the model, optimizer and loss-scaler state of a checkpoint read by :func:`load_resume_checkpoint`
+    (what timm's ``resume_checkpoint`` does, from the dict already read)."""
+    state = clean_state_dict(ckpt['state_dict'])
+    mismatch = state_dict_mismatch(model, state)
+    if mismatch:
+        raise ValueError(f'--resume: the checkpoint does not fit the model: {mismatch}')
+    model.load_state_dict(state)
+    if 'optimizer' in ckpt:
+        optimizer.load_state_dict(ckpt['optimizer'])
+    if loss_scaler is not None and loss_scaler.state_dict_key in ckpt:
+        loss_scaler.load_state_dict(ckpt[loss_scaler.state_dict_key])
+
+
+def resume_position(ckpt: Dict[str, Any]) -> Tuple[int, int]:
+    """(epoch, step) where a checkpoint continues: the step is > 0 for one written mid-epoch on a stop signal."""
+    mid = (ckpt.get('fnl') or {}).get('mid_epoch')
+    if mid:
+        return int(mid['epoch']), int(mid['step'])
+    return int(ckpt['epoch']) + 1, 0
+
+
+class Saver(CheckpointSaver):
+    """timm's CheckpointSaver with the FNL state in each checkpoint and no window without a file.
+
+    * ``last.pth.tar`` is replaced by renaming the new file over it, and ``checkpoint-N`` /
+      ``model_best`` by linking (or copying) to a temporary name renamed over the old one: a kill
+      at any instant leaves every file either old or new, never missing or partial.
+    * Each checkpoint holds the saver's history (timm's ``saver`` entry: kept checkpoints, best
+      metric and epoch), restored by :meth:`restore` on resume.
+    * ``fnl`` holds the recorded Frobenius norms and, for a checkpoint written on a stop signal,
+      the position in the epoch and the random-number state (``mid_epoch``).
+    """
+
+    def __init__(self, *args: Any, extra_state: Optional[Callable[[], Optional[Dict[str, Any]]]] = None,
+                 **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.extra_state = extra_state
+        self.mid_epoch: Optional[Dict[str, Any]] = None
 
-    def _save(self, save_path, epoch, metric=None):
-        super()._save(save_path, epoch, metric)
-        extra = self.extra_state() if self.extra_state is not None else None
-        if extra:
-            with allow_argparse_namespace():
-                state = torch.load(save_path, map_location='cpu', weights_only=True)
-            state['fnl'] = extra
-            torch.save(state, save_path)
+    def _replace(self, src: str, dst: str) -> None:
+        os.replace(src, dst)
+
+    def _duplicate(self, src: str, dst: str) -> None:
+        tmp = dst + '.tmp'
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        try:
+            if not self.can_hardlink:
+                raise NotImplementedError
+            os.link(src, tmp)
+        except (OSError, NotImplementedError):
+            self.can_hardlink = False
+
+            def copy(f) -> None:
+                with open(src, 'rb') as s:
+                    shutil.copyfileobj(s, f)
+            atomic_write(dst, copy)
+            return
+        os.replace(tmp, dst)
+
+    def _save(self, save_path: str, epoch: int, metric: Optional[float] = None) -> None:
+        state: Dict[str, Any] = {
+            'epoch': epoch,
+            'arch': self.args.model if self.args is not None else type(self.model).__name__.lower(),
+            'state_dict': get_state_dict(self.model, self.unwrap_fn),
+            'optimizer': self.optimizer.state_dict(),
+            'version': 2,
+        }
+        if self.args is not None:
+            state['args'] = self.args
+        if self.amp_scaler is not None:
+            state[self.amp_scaler.state_dict_key] = self.amp_scaler.state_dict()
+        if metric is not None:
+            state['metric'] = metric
+        state['saver'] = self.state_dict(None if self.mid_epoch else epoch, metric)
+        fnl_state = dict(self.extra_state() or {}) if self.extra_state is not None else {}
+        if self.mid_epoch:
+            fnl_state['mid_epoch'] = self.mid_epoch
+        if fnl_state:
+            state['fnl'] = fnl_state
+        atomic_torch_save(state, save_path)
+
+    def save_mid_epoch(self, epoch: int, step: int, extra: Dict[str, Any]) -> str:
+        """Write ``last.pth.tar`` for a run stopped after ``step`` steps of ``epoch``; it is not ranked."""
+        self.mid_epoch = dict(extra, epoch=epoch, step=step)
+        try:
+            path = os.path.join(self.checkpoint_dir, 'last' + self.extension)
+            self._save(path, epoch - 1)
+        finally:
+            self.mid_epoch = None
+        return path
+
+    def restore(self, ckpt: Dict[str, Any], source: str) -> None:
+        """Continue the checkpoint history of ``ckpt`` (read from ``source`` in this folder): kept
+        checkpoints, best metric and epoch; a ranked file or ``model_best`` that a kill right after
+        writing ``last`` left out is made again from ``source``."""
+        state = ckpt.get('saver')
+        if not state:
+            return
+        self.load_state_dict(state)
+        epoch, metric = state.get('pending', (None, None))
+        if epoch is None or epoch != ckpt.get('epoch'):
+            return
+        path = self._checkpoint_path(epoch)
+        if path not in [f for f, _ in self.checkpoint_files]:  # killed before it was ranked: rank it now
+            worst = self.checkpoint_files[-1] if self.checkpoint_files else None
+            if (len(self.checkpoint_files) < self.max_history or worst[1] is None
+                    or (metric is not None and self.cmp(metric, worst[1]))):
+                if len(self.checkpoint_files) >= self.max_history:
+                    self._cleanup_checkpoints(1)
+                self._duplicate(source, path)
+                self._track_checkpoint(path, epoch, metric, update_best_file=False)
+        if self.best_epoch == epoch:
+            best = os.path.join(self.checkpoint_dir, 'model_best' + self.extension)
+            if not (os.path.exists(best) and os.path.samefile(best, source)):
+                self._duplicate(source, best)

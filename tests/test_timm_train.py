@@ -1,4 +1,4 @@
-"""fnl-train end to end on the embedded digits (SPEC 4, 8): collapse, norm recording and
+"""fnl-train end to end on the embedded digits (paper sections 3.3 and 4): collapse, norm recording and
 normalisation, resume, and 2-process DDP. Tiny model, 16x16 inputs, a few steps per epoch."""
 import json
 import os
@@ -58,7 +58,7 @@ def test_square_collapse_keeps_logits(tmp_path):
 
 
 def test_dump_then_normalize_reproduces_norms(tmp_path):
-    """SPEC 4: the norm run follows the frob run's recorded norms step by step."""
+    """Paper section 3.3: the norm run follows the frob run's recorded norms step by step."""
     frob = _run(tmp_path, 'frob', '--rank-scale', '0.3', '--wd2fd', '--weight-decay', '5e-2', '--epochs', '2',
                 '--dump-frobnorms')
     recorded = torch.load(frob['frobnorms'], weights_only=True)
@@ -81,10 +81,12 @@ def test_resume_continues_exactly(tmp_path):
     _run(tmp_path, 'part', *args, '--stop-epoch', '1')
     part = torch.load(tmp_path / 'part' / 'last.pth.tar', weights_only=False)
     assert part['epoch'] == 0 and 'fnl' in part
-    resumed = _run(tmp_path, 'resumed', *args, '--resume', str(tmp_path / 'part' / 'last.pth.tar'))
-    assert resumed['epochs_run'] == 2
+    # --experiment is ignored on resume: the run continues in the checkpoint's folder
+    resumed = _run(tmp_path, 'elsewhere', *args, '--resume', str(tmp_path / 'part' / 'last.pth.tar'))
+    assert (resumed['epochs_run'], resumed['start_epoch'], resumed['experiment']) == (3, 1, 'part')
+    assert not (tmp_path / 'elsewhere').exists()
     a = torch.load(tmp_path / 'straight' / 'last.pth.tar', weights_only=False)
-    b = torch.load(tmp_path / 'resumed' / 'last.pth.tar', weights_only=False)
+    b = torch.load(tmp_path / 'part' / 'last.pth.tar', weights_only=False)
     for k, v in a['state_dict'].items():
         assert torch.allclose(v.float(), b['state_dict'][k].float(), atol=1e-6), k
     ga, gb = a['optimizer']['param_groups'], b['optimizer']['param_groups']
