@@ -46,12 +46,15 @@ def _load() -> str:
 
 def main() -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
-    p.add_argument("--target-ratio", type=float, default=0.3)
-    p.add_argument("--rank-multiple", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=5, help="timed rounds per model (median)")
-    p.add_argument("--formats", nargs="+", default=["nchw", "channels_last"], choices=["nchw", "channels_last"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
+                   help="where to run (default: cuda when available, else cpu)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32], help="batch sizes to time (default: 1 32)")
+    p.add_argument("--target-ratio", type=float, default=0.3,
+                   help="whole-model parameter ratio fnl.compress aims at (default: 0.3)")
+    p.add_argument("--rank-multiple", type=int, default=8, help="ranks are rounded up to a multiple of this (default: 8)")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds per model, the median is kept (default: 5)")
+    p.add_argument("--formats", nargs="+", default=["nchw", "channels_last"], choices=["nchw", "channels_last"],
+                   help="memory formats to time (default: both)")
     p.add_argument("--measure", action="store_true", help="also the per-layer measured variant (at the largest batch)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--model", default="resnet50", help="timm model name (resnet50 is the issue's benchmark)")

@@ -5,7 +5,7 @@ Both models are built through the plugin (fairseq's model registry), side by sid
 - dense: ``fnl_transformer_small`` without ``--rank-scale`` (fairseq's Transformer of that shape),
   trained with fairseq's ``nag``;
 - factorized: ``--rank-scale 0.5`` with spectral init, QK/OV rebalancing and Frobenius decay on
-  factors, QK and OV forms, trained with ``fd_nag`` (the paper's setting, SPEC 8).
+  factors, QK and OV forms, trained with ``fd_nag`` (the paper's setting, docs/experiments.md#translation).
 
 Training: label-smoothed cross-entropy, backward, fairseq's clip-norm 0.1, optimizer step, on
 random batches of ``--max-tokens`` target tokens (``--tgt-len`` tokens per sentence); words/s
@@ -135,12 +135,12 @@ def main(argv=None):
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--vocab", type=int, default=10000, help="joined vocabulary size (IWSLT'14 BPE: ~10k)")
     p.add_argument("--max-tokens", type=int, default=1000, help="target tokens per training batch")
-    p.add_argument("--src-len", type=int, default=25)
-    p.add_argument("--tgt-len", type=int, default=25)
+    p.add_argument("--src-len", type=int, default=25, help="source tokens per sentence (default 25)")
+    p.add_argument("--tgt-len", type=int, default=25, help="target tokens per sentence (default 25)")
     p.add_argument("--steps", type=int, default=5, help="timed training steps")
     p.add_argument("--warmup", type=int, default=1, help="untimed training steps first")
     p.add_argument("--gen-batches", type=int, default=2, help="timed generation batches")
-    p.add_argument("--gen-batch-size", type=int, default=16)
+    p.add_argument("--gen-batch-size", type=int, default=16, help="sentences per generation batch (default 16)")
     p.add_argument("--gen-len", type=int, default=20, help="tokens generated per sentence (forced)")
     p.add_argument("--repeats", type=int, default=2, help="alternating measurements per model; best kept")
     p.add_argument("--bf16-autocast", action="store_true", help="train under torch.autocast(bfloat16)")

@@ -75,12 +75,14 @@ def layers(c: int, device: str) -> dict[str, nn.Module]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
+                   help="where to run (default: cuda when available, else cpu)")
     p.add_argument("--batch", type=int, default=32, help="batch size (the paper trains with 128)")
     p.add_argument("--channels", type=int, default=640, help="channels of the stage (WRN-28-10: 160/320/640)")
     p.add_argument("--size", type=int, default=8, help="feature map side (WRN-28-10's last stage: 8)")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5,
+                   help="interleaved timing rounds over all layers; the median is kept (default: 5)")
+    p.add_argument("--repeat", type=int, default=3, help="calls per layer and round (default: 3)")
     args = p.parse_args()
     for name in ("batch", "channels", "size", "rounds", "repeat"):
         if getattr(args, name) < 1:

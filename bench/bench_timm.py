@@ -1,4 +1,4 @@
-"""Throughput of factorized against dense timm models (SPEC 7, 8).
+"""Throughput of factorized against dense timm models (the models of docs/experiments.md).
 
 Training (forward + backward + SGD step, with Frobenius decay for the factorized model) and inference images per second of
 ``fnl_resnet20`` at rank_scale 0.111 against dense ``fnl_resnet20``, and of ``fnl_wrn28_10`` at
@@ -96,12 +96,14 @@ def bench_pair(key: str, device: torch.device, batch_size: int, iters: int, warm
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--models', nargs='+', default=list(PAIRS), choices=list(PAIRS))
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--models', nargs='+', default=list(PAIRS), choices=list(PAIRS),
+                   help='model pairs (factorized against dense) to time (default: all)')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                   help='where to run (default: cuda when available, else cpu)')
     p.add_argument('--batch-size', type=int, default=None, help='default: 128 on CUDA, 32 (ResNet) / 8 (WRN) on CPU')
     p.add_argument('--iters', type=int, default=None, help='timed steps (default: 30 CUDA, 5 CPU)')
-    p.add_argument('--warmup', type=int, default=2)
+    p.add_argument('--warmup', type=int, default=2, help='untimed steps first (default: 2)')
     p.add_argument('--amp', action='store_true', help='autocast (float16 on CUDA, bfloat16 on CPU)')
     p.add_argument('--json', default=None, help='also write the rows to this file')
     args = p.parse_args(argv)

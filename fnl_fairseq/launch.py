@@ -18,7 +18,7 @@ import subprocess
 import sys
 from typing import Optional, Sequence
 
-__all__ = ["main", "worker_argv"]
+__all__ = ["build_parser", "main", "worker_argv"]
 
 _WORKER_FLAG = "--fnl-worker"
 
@@ -56,6 +56,19 @@ def _worker(train_args: list[str]) -> None:
     train.cli_main()
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The launcher's own options (those before ``--``)."""
+    parser = argparse.ArgumentParser(
+        prog="fnl-fairseq-train",
+        usage="%(prog)s [--nproc-per-node N] -- DATA --user-dir $(python -m fnl_fairseq) [fairseq-train options]",
+        description="Run fairseq-train in N local processes under torchrun (CPU with gloo, or one GPU each). "
+                    "Arguments after '--' go to fairseq-train ('-- --help' lists them); "
+                    "also run as python -m fnl_fairseq.launch.")
+    parser.add_argument("--nproc-per-node", type=int, default=2, metavar="N",
+                        help="number of training processes (default 2)")
+    return parser
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == _WORKER_FLAG:
@@ -64,13 +77,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if "--" in argv:
         split = argv.index("--")
         own, train_args = argv[:split], argv[split + 1:]
+    elif argv[:1] in (["-h"], ["--help"]):  # the launcher's help; fairseq-train's is "-- --help"
+        own, train_args = argv, []
     else:
         own, train_args = [], argv
-    parser = argparse.ArgumentParser(
-        prog="python -m fnl_fairseq.launch",
-        description="Run fairseq-train in N local processes under torchrun (CPU with gloo, or one GPU each). "
-                    "Arguments after '--' go to fairseq-train.")
-    parser.add_argument("--nproc-per-node", type=int, default=2, help="number of processes (default 2)")
+    parser = build_parser()
     opts = parser.parse_args(own)
     if opts.nproc_per_node < 1:
         parser.error(f"--nproc-per-node must be >= 1, got {opts.nproc_per_node}")

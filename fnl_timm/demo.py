@@ -54,17 +54,28 @@ def plot(rows: Sequence[Dict[str, Any]], path: str) -> None:
     plt.close(fig)
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The ``fnl-demo`` command line."""
+    p = argparse.ArgumentParser(prog='fnl-demo', description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--rank-scale', type=float, default=0.05,
+                   help='rank_scale of the two factorized runs, in (0, 1)')
+    p.add_argument('--epochs', type=int, default=5, help='training epochs of each run')
+    p.add_argument('--batch-size', type=int, default=64, help='training batch size')
+    p.add_argument('--lr', type=float, default=0.05, help='initial learning rate of every run')
+    p.add_argument('--weight-decay', type=float, default=5e-4,
+                   help='weight decay of every run (the spectral + FD run uses it as the factors\' '
+                        'Frobenius-decay coefficient)')
+    p.add_argument('--seed', type=int, default=0, help='random seed of every run')
+    p.add_argument('--output', default='demo_out', help='folder for the runs, the table and demo.png')
+    p.add_argument('--limit-train-batches', type=int, default=None,
+                   help='stop each epoch after this many batches, for a quick check (None: no limit)')
+    return p
+
+
 def run(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     """Run the demo with command-line ``argv``; returns the table rows."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--rank-scale', type=float, default=0.05, help='low rank of the factorized runs')
-    p.add_argument('--epochs', type=int, default=5)
-    p.add_argument('--batch-size', type=int, default=64)
-    p.add_argument('--lr', type=float, default=0.05)
-    p.add_argument('--weight-decay', type=float, default=5e-4)
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--output', default='demo_out')
-    p.add_argument('--limit-train-batches', type=int, default=None, help='(for a quick check)')
+    p = build_parser()
     args = p.parse_args(argv)
     if not 0 < args.rank_scale < 1:
         p.error(f'--rank-scale must be in (0, 1), got {args.rank_scale}')

@@ -1,5 +1,6 @@
 """Shared plumbing of the recipes: each recipe is a list of ``fnl-train`` runs with the paper's
-settings (SPEC 8); ``--smoke`` runs every one of them for a few steps on the embedded digits."""
+settings (docs/experiments.md); ``--smoke`` runs every one of them for a few steps on the embedded
+digits."""
 import argparse
 import json
 import os
@@ -16,16 +17,26 @@ SMOKE_FLAGS = ['--dataset', 'digits', '--limit-train-batches', '2', '--limit-val
                '--batch-size', '16', '--workers', '0', '--no-progress', '--no-tensorboard']
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The recipe's docstring as written (its example commands keep their lines), and each option's
+    default after its help, except where there is none to show (unset options and switches)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def base_parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """The options every recipe takes; ``description`` is the recipe's module docstring."""
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     p.add_argument('--smoke', action='store_true',
                    help='every run for a few steps on the embedded digits (a test, not an experiment)')
     p.add_argument('--data-dir', default='data', help='dataset root')
     p.add_argument('--download', action='store_true', help='download CIFAR with torchvision')
     p.add_argument('--output', default='runs', help='parent folder of the run folders')
-    p.add_argument('--device', default=None, help='cpu, cuda, ... (default: cuda if available)')
-    p.add_argument('--workers', type=int, default=4)
+    p.add_argument('--device', default=None, help='cpu, cuda, ... (unset: cuda when available, else cpu)')
+    p.add_argument('--workers', type=int, default=4, help='data-loading worker processes per run')
     p.add_argument('--epochs', type=int, default=None, help='override the paper\'s epoch count')
     p.add_argument('--dry-run', action='store_true', help='print the fnl-train commands only')
     p.add_argument('--small', action='store_true',

@@ -1,7 +1,9 @@
-"""Compression (SPEC 5, 8): ResNet32-x2 and VGG-19 at target parameter ratios, spectral init +
-Frobenius decay; CIFAR-10, CIFAR-100 (ratios 0.02 / 0.05 / 0.1) and Tiny-ImageNet (ResNet:
-0.05 / 0.1 / 0.15; VGG: 0.02 / 0.05 / 0.1). SGD momentum 0.9, lr 0.1 x0.1 at 50% and 75%, 200
-epochs, batch 128, weight decay 1e-4 (ResNet) / 2e-4 (VGG).
+"""Compression (paper section 4; docs/experiments.md#compression).
+
+ResNet32-x2 and VGG-19 at target parameter ratios, spectral init + Frobenius decay; CIFAR-10,
+CIFAR-100 (ratios 0.02 / 0.05 / 0.1) and Tiny-ImageNet (ResNet: 0.05 / 0.1 / 0.15; VGG: 0.02 /
+0.05 / 0.1). SGD momentum 0.9, lr 0.1 x0.1 at 50% and 75%, 200 epochs, batch 128, weight decay
+1e-4 (ResNet) / 2e-4 (VGG).
 
     python recipes/compression.py --data-dir data --download --datasets cifar10 cifar100
     python recipes/compression.py --datasets tiny-imagenet --data-dir data/tiny-imagenet-200
@@ -28,15 +30,20 @@ COMMON = ['--opt', 'fdmomentum', '--lr', '0.1', '--momentum', '0.9', '--batch-si
           '--spectral', '--wd2fd']
 
 
-def main(argv=None):
-    p = base_parser(__doc__.splitlines()[0])
-    p.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS))
+def build_parser():
+    p = base_parser(__doc__)
+    p.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS), help='models to train')
     p.add_argument('--datasets', nargs='+', default=['cifar10', 'cifar100', 'tiny-imagenet'],
-                   choices=['cifar10', 'cifar100', 'tiny-imagenet'])
+                   choices=['cifar10', 'cifar100', 'tiny-imagenet'],
+                   help='datasets to train on (with --smoke: the first one, replaced by digits)')
     p.add_argument('--dense', action='store_true', help='also train the dense models')
     p.add_argument('--tiny-dir', default=os.path.join('data', 'tiny-imagenet-200'),
                    help='the unzipped tiny-imagenet-200 folder')
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     datasets = args.datasets[:1] if args.smoke else args.datasets
 
     def runs():

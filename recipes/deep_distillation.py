@@ -1,7 +1,9 @@
-"""Deep distillation (SPEC 1, 8): ResNet32 on CIFAR-100 trained overcomplete, W = U S Vᵀ at
-rank_scale 1.0 with --square --wd2fd, then collapsed into a plain dense ResNet32
-(``model_collapsed.pth`` loads into ``timm.create_model('fnl_resnet32', num_classes=100)``).
-The dense ResNet32 trained directly is the comparison.
+"""Overcomplete knowledge distillation (paper section 5; docs/experiments.md#overcomplete-knowledge-distillation).
+
+ResNet32 on CIFAR-100 trained overcomplete, W = U S Vᵀ at rank_scale 1.0 with --square --wd2fd,
+then collapsed into a plain dense ResNet32 (``model_collapsed.pth`` loads into
+``timm.create_model('fnl_resnet32', num_classes=100)``). The dense ResNet32 trained directly is
+the comparison.
 
     python recipes/deep_distillation.py --data-dir data --download
     python recipes/deep_distillation.py --smoke
@@ -18,8 +20,12 @@ RUNS = {
 }
 
 
+def build_parser():
+    return base_parser(__doc__)
+
+
 def main(argv=None):
-    args = base_parser(__doc__.splitlines()[0]).parse_args(argv)
+    args = build_parser().parse_args(argv)
     runs = ((name, PAPER + extra, dict(depth=8), {}) for name, extra in RUNS.items())
     return run_rows(runs, args, ['run', 'params', 'collapsed_params', 'collapse_max_abs_diff', 'top1'],
                     'deep_distillation.json')

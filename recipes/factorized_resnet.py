@@ -1,6 +1,8 @@
-"""Factorized ResNet20 on CIFAR-10 (SPEC 8, first row): rank_scale 0.111, spectral init and
-Frobenius decay; SGD lr 0.1, momentum 0.9, weight decay 1e-4, batch 128, 200 epochs, lr x0.1 at
-50% and 75%. Also runs the dense model and the factorized baseline (default init, weight decay).
+"""Factorized ResNet20 on CIFAR-10 (docs/experiments.md#factorized-resnet20).
+
+rank_scale 0.111, spectral init and Frobenius decay; SGD lr 0.1, momentum 0.9, weight decay 1e-4,
+batch 128, 200 epochs, lr x0.1 at 50% and 75%. Also runs the dense model and the factorized
+baseline (default init, weight decay).
 
     python recipes/factorized_resnet.py --data-dir data --download
     python recipes/factorized_resnet.py --smoke
@@ -18,8 +20,12 @@ RUNS = {
 }
 
 
+def build_parser():
+    return base_parser(__doc__)
+
+
 def main(argv=None):
-    args = base_parser(__doc__.splitlines()[0]).parse_args(argv)
+    args = build_parser().parse_args(argv)
     runs = ((name, PAPER + extra, dict(depth=8), {}) for name, extra in RUNS.items())
     return run_rows(runs, args, ['run', 'params', 'compression_ratio', 'macs_ratio', 'top1'],
                     'factorized_resnet.json')

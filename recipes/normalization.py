@@ -1,5 +1,6 @@
-"""The normalisation experiment (SPEC 4): ResNet20 on CIFAR-10 at rank_scale 0.111, three runs,
-each with and without spectral init:
+"""The normalisation experiment (paper section 3.3; docs/experiments.md#normalisation).
+
+ResNet20 on CIFAR-10 at rank_scale 0.111, three runs, each with and without spectral init:
 
 * none: ``--no-frob --wd2fd`` (factors unregularised),
 * frob: ``--dump-frobnorms --wd2fd`` (Frobenius decay; records ||U Vᵀ||_F after every step),
@@ -46,8 +47,12 @@ def plot(rows, out_png):
     plt.close(fig)
 
 
+def build_parser():
+    return base_parser(__doc__)
+
+
 def main(argv=None):
-    args = base_parser(__doc__.splitlines()[0]).parse_args(argv)
+    args = build_parser().parse_args(argv)
     rows = []
     for spectral in (False, True):
         tag = '-spectral' if spectral else ''

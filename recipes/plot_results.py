@@ -1,6 +1,7 @@
-"""Accuracy versus compression from ``results.json`` files (SPEC 8): one panel per (model,
-dataset), the parameter ratio (log scale) on x, top-1 accuracy on y, one line per setting
-(spectral / FD / plain), dense runs as horizontal lines.
+"""Accuracy versus compression from ``results.json`` files (docs/experiments.md).
+
+One panel per (model, dataset), the parameter ratio (log scale) on x, top-1 accuracy on y, one
+line per setting (spectral / FD / plain), dense runs as horizontal lines.
 
     python recipes/plot_results.py runs --out accuracy_vs_compression.png
     python recipes/plot_results.py --smoke      # runs the compression smoke first, then plots it
@@ -69,14 +70,18 @@ def plot(results, out_png):
     return sorted(panels)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('paths', nargs='*', default=['runs'], help='results.json files or folders holding them')
     p.add_argument('--out', default=None, help='PNG to write (default: <first path>/accuracy_vs_compression.png)')
     p.add_argument('--smoke', action='store_true', help='run the compression smoke into --output, then plot it')
     p.add_argument('--output', default='runs', help='with --smoke: where the smoke runs go')
     p.add_argument('--small', action='store_true', help='with --smoke: the small model variants')
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     if args.smoke:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import compression

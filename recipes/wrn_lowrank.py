@@ -1,7 +1,10 @@
-"""WRN-28-10 on CIFAR-10 at target compression 0.06667 (SPEC 6, 8): low-rank block convs with
-spectral init and Frobenius decay, against the dense WRN-28-10. SGD momentum 0.9, lr 0.1, weight
-decay 5e-4, batch 128, 200 epochs, lr x0.2 at epochs 60/120/160, crop + flip + Cutout(16).
-(The Tensor-Train / Tucker points of SPEC 6, with this low-rank run beside them: recipes/wrn_tensor.py.)
+"""WRN-28-10 on CIFAR-10 at target compression 0.06667 (paper section 4;
+docs/experiments.md#tensor-formats-against-low-rank).
+
+Low-rank block convs with spectral init and Frobenius decay, against the dense WRN-28-10. SGD
+momentum 0.9, lr 0.1, weight decay 5e-4, batch 128, 200 epochs, lr x0.2 at epochs 60/120/160,
+crop + flip + Cutout(16).
+(The Tensor-Train / Tucker points, with this low-rank run beside them: recipes/wrn_tensor.py.)
 
     python recipes/wrn_lowrank.py --data-dir data --download
     python recipes/wrn_lowrank.py --smoke          # the factorized model only
@@ -19,10 +22,14 @@ RUNS = {
 }
 
 
-def main(argv=None):
-    p = base_parser(__doc__.splitlines()[0])
+def build_parser():
+    p = base_parser(__doc__)
     p.add_argument('--no-dense', action='store_true', help='skip the dense baseline')
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     milestones = ['--decay-milestones', '1', '2', '3'] if args.smoke else []
     runs = ((name, PAPER + extra + milestones, dict(depth=10, width=2), {}) for name, extra in RUNS.items()
             if not (extra == [] and (args.no_dense or args.smoke)))

@@ -1,4 +1,5 @@
-"""WRN-28-10 on CIFAR-10 with tensor-format block convs against low rank (SPEC 6, 8; paper Table 3).
+"""WRN-28-10 on CIFAR-10 with tensor-format block convs against low rank (paper section 4;
+docs/experiments.md#tensor-formats-against-low-rank).
 
 conv1 and conv2 of every block become a depthwise 3x3 conv followed by a 1x1 conv held as a
 Tensor-Train (s = 0.234, 0.705) or a Tucker tensor (s = 0.211, 0.68), each trained with the
@@ -61,11 +62,16 @@ def plot(rows, out_png):
     return out_png
 
 
-def main(argv=None):
-    p = base_parser(__doc__.splitlines()[0])
+def build_parser():
+    p = base_parser(__doc__)
     p.add_argument('--no-dense', action='store_true', help='skip the dense baseline')
     p.add_argument('--only', nargs='+', default=None, choices=sorted(RUNS), metavar='RUN',
                    help=f'run only these (of: {", ".join(RUNS)})')
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     if args.small and not args.smoke:
         raise ValueError('--small only goes with --smoke')

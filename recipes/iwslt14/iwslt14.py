@@ -1,4 +1,5 @@
-"""IWSLT'14 De-En with the paper's factorized small Transformer (paper section 5.3; SPEC 8).
+"""IWSLT'14 De-En with the paper's factorized small Transformer (paper section 6, multi-head
+attention; docs/experiments.md#translation).
 
 Steps, each a subcommand over one work folder (``all`` runs the three):
 
@@ -39,7 +40,7 @@ IWSLT14_TEST_SETS = ("IWSLT14.TED.dev2010", "IWSLT14.TEDX.dev2012", "IWSLT14.TED
                      "IWSLT14.TED.tst2012")
 SPLITS = ("train", "valid", "test")
 
-# SPEC 8: the paper's translation setting.
+# The paper's translation setting (docs/experiments.md#translation).
 PAPER_MODEL = ["--arch", "fnl_transformer_small", "--share-decoder-input-output-embed",
                "--rank-scale", "0.5", "--spectral", "--spectral-quekey", "--spectral-outval",
                "--wd2fd", "--wd2fd-quekey", "--wd2fd-outval"]
@@ -299,9 +300,13 @@ def evaluate(a: argparse.Namespace) -> dict:
     return results
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("step", choices=("prepare", "train", "evaluate", "all"))
+def build_parser() -> argparse.ArgumentParser:
+    """The recipe's command line (arguments after ``--`` are not parsed here: they go to fairseq-train)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                usage="%(prog)s {prepare,train,evaluate,all} --work-dir DIR [options] "
+                                      "[-- fairseq-train options]")
+    p.add_argument("step", choices=("prepare", "train", "evaluate", "all"),
+                   help="what to run: prepare (text, BPE, binarized data), train, evaluate, or all three")
     p.add_argument("--work-dir", required=True, help="folder for the data, checkpoints, logs and results.json")
     p.add_argument("--smoke", action="store_true", help="generated small corpus, narrow model, short schedule")
     p.add_argument("--raw", default=None, help="folder with train/valid/test.{src,tgt} (instead of downloading)")
@@ -313,10 +318,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--bpe-size", type=int, default=0, help="sentencepiece vocabulary (default 10000; smoke 200)")
     p.add_argument("--workers", type=int, default=2, help="fairseq-preprocess workers")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay = Frobenius decay coefficient")
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1, help="fairseq-train's --seed (default 1)")
     p.add_argument("--nproc", type=int, default=1, help="training processes (fnl_fairseq.launch)")
     p.add_argument("--cpu", action="store_true", help="train and generate on CPU")
-    p.add_argument("--checkpoint", default="checkpoint_best.pt", help="checkpoint file to evaluate")
+    p.add_argument("--checkpoint", default="checkpoint_best.pt",
+                   help="checkpoint file to evaluate, in WORK/checkpoints (default checkpoint_best.pt)")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    p = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []  # after '--': more fairseq-train arguments
     a = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
