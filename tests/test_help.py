@@ -144,3 +144,28 @@ def test_launcher_help_is_its_own(capsys, monkeypatch):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith('usage: fnl-fairseq-train [--nproc-per-node N] --') and "'-- --help'" in out
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading."""
+    return re.sub(r'[^\w\- ]', '', heading.strip().lower()).replace(' ', '-')
+
+
+def test_doc_links_resolve():
+    """Every ``docs/<page>.md#section`` that the code, help texts, READMEs and docs point at exists."""
+    docs = ROOT / 'docs'
+    anchors = {p.name: {_slug(line.lstrip('#')) for line in p.read_text().splitlines() if line.startswith('#')}
+               for p in docs.glob('*.md')}
+    assert {'README.md', 'method.md', 'experiments.md', 'differences.md'} <= set(anchors)
+    link = re.compile(r'(?:docs/|\()([a-z]+\.md)(?:#([\w\-]+))?')
+    sources = [p for d in ('fnl', 'fnl_timm', 'fnl_fairseq', 'recipes', 'bench', 'tests', 'docs')
+               for p in (ROOT / d).rglob('*') if p.suffix in ('.py', '.md')] + [ROOT / 'README.md']
+    broken = []
+    for path in sources:
+        text = path.read_text(encoding='utf-8')
+        for page, anchor in link.findall(text):
+            if 'docs/' + page not in text and path.parent != docs:
+                continue  # a link to some other page of the same name
+            if page not in anchors or (anchor and anchor not in anchors[page]):
+                broken.append(f'{path.relative_to(ROOT)}: {page}#{anchor}')
+    assert not broken, '\n'.join(broken)
