@@ -51,7 +51,8 @@ def main() -> dict:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32], help="batch sizes to time (default: 1 32)")
     p.add_argument("--target-ratio", type=float, default=0.3,
                    help="whole-model parameter ratio fnl.compress aims at (default: 0.3)")
-    p.add_argument("--rank-multiple", type=int, default=8, help="ranks are rounded up to a multiple of this (default: 8)")
+    p.add_argument("--rank-multiple", type=int, default=8,
+                   help="ranks are rounded up to a multiple of this (default: 8)")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds per model, the median is kept (default: 5)")
     p.add_argument("--formats", nargs="+", default=["nchw", "channels_last"], choices=["nchw", "channels_last"],
                    help="memory formats to time (default: both)")

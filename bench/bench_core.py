@@ -173,7 +173,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
                         help="where to run (default: cuda when available, else cpu)")
-    parser.add_argument("--only", default=",".join(BENCHES), help=f"comma-separated subset of {list(BENCHES)} (default: all)")
+    parser.add_argument("--only", default=",".join(BENCHES),
+                        help=f"comma-separated subset of {list(BENCHES)} (default: all)")
     args = parser.parse_args()
     names = args.only.split(",")
     unknown = [n for n in names if n not in BENCHES]

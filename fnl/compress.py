@@ -1,5 +1,6 @@
-"""Post-training compression of any trained model (beyond the paper; SPEC 2 "from a trained dense
-layer", SPEC 5 "(beyond) per-layer rank selection by energy or a FLOP budget").
+"""Post-training compression of any trained model (beyond the paper;
+docs/method.md#post-training-compression): spectral factorization of trained layers, with per-layer
+rank selection by energy or a multiply-add budget.
 
 ``compress(model, target_ratio=0.3, input_size=(3, 224, 224))`` factorizes the model's
 ``nn.Conv2d`` / ``nn.Linear`` layers by SVD of their trained weights (``from_dense``: the best
@@ -162,7 +163,8 @@ class _Candidate:
         self.dense_params = w.numel() + self.bias
         if isinstance(module, nn.Conv2d):
             out, inp, kh, kw = w.shape
-            self.m, self.n, self.base = out * kh, inp * kw, out * kh  # SPEC 1 conv rank base
+            # the paper's conv rank base (docs/method.md#rank-rules)
+            self.m, self.n, self.base = out * kh, inp * kw, out * kh
             h_out, w_out = conv_output_hw(module, input_shape)
             # (1 x kw) conv on every input row, then (kh x 1) conv: FactorizedConv2d.macs / rank
             self.macs_per_rank = inp * kw * input_shape[-2] * w_out + out * kh * h_out * w_out
@@ -192,7 +194,8 @@ class _Candidate:
         """Cumulative fraction of ``sum(s_i^2)`` kept by ranks 1..full_rank (float64)."""
         if self._cum_energy is None:
             w = self.module.weight.detach().to(torch.float64)
-            if isinstance(self.module, nn.Conv2d):  # the matrix FactorizedConv2d factors (SPEC 2 fix)
+            # the matrix FactorizedConv2d factors (docs/differences.md#spectral-initialisation-of-convolutions)
+            if isinstance(self.module, nn.Conv2d):
                 w = w.permute(0, 2, 1, 3).reshape(self.m, self.n)
             gram = w @ w.T if self.m <= self.n else w.T @ w
             s2 = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0).cpu()

@@ -1,4 +1,5 @@
-"""Tensor-decomposed convolutions: Tensor-Train and Tucker (paper section 5, Table 3; SPEC 6).
+"""Tensor-decomposed convolutions: Tensor-Train and Tucker (paper section 4, the tensor comparison;
+docs/method.md#tensor-formats).
 
 A k x k convolution becomes a depthwise k x k convolution (one filter per input channel, carrying
 the stride, padding and dilation) followed by a 1x1 convolution whose (out x in) matrix ``W`` is
@@ -11,9 +12,9 @@ scale would add nothing a 1x1 matrix cannot hold but does not fit the tensor for
 Derived modes: each channel count is split into 3 factors as equal as possible, the output
 factors in decreasing and the input factors in increasing order are paired (balancing the
 ``n_k``), and the pairs are sorted by ``n_k``, largest first. 640 x 640 gives ``o = (10, 8, 8)``,
-``i = (8, 10, 8)``, ``n = (80, 80, 64)``, the modes of SPEC 6.
+``i = (8, 10, 8)``, ``n = (80, 80, 64)``, the paper's modes.
 
-**Ranks from a scale s** (SPEC 6): Tensor-Train bond ranks ``r_k = max(1, round(s min(n_k,
+**Ranks from a scale s** (the paper's rule): Tensor-Train bond ranks ``r_k = max(1, round(s min(n_k,
 n_{k+1})))`` for k = 1, 2; Tucker ranks ``R_k = max(1, round(s n_k))``; s in (0, 1].
 
 **Forward.** Depthwise conv, then the cheaper (by multiply-adds, counted for the actual batch) of
@@ -24,12 +25,12 @@ equivalent 3-core Tensor-Train (``A_1``, ``G x_2 A_2``, ``A_3ᵀ``; bond ranks R
 
 **Initialisation.** Spectral (``spectral=True``): ``W`` gets the layer's dense init, then its
 TT-SVD (Oseledets 2011) or truncated HOSVD (De Lathauwer et al. 2000) at the layer's ranks, with
-the norm spread evenly over the cores by scalars (the tensor-format analogue of SPEC 2's even split
+the norm spread evenly over the cores by scalars (the tensor-format analogue of spectral initialisation's even split
 of the singular values); the depthwise filters keep their dense init. Default: every core is
 Gaussian with one std chosen so that the entries of the rebuilt ``W`` have the variance of the
 dense init.
 
-**Frobenius decay** (SPEC 3, 6): ``(lambda/2) ||W||_F²`` of the rebuilt matrix, its gradient added
+**Frobenius decay** (docs/method.md#frobenius-decay): ``(lambda/2) ||W||_F²`` of the rebuilt matrix, its gradient added
 to the cores by ``add_frobenius_grad_`` in closed form (TT: left/right environments,
 ``dG_k = lambda L_{k-1} G_k R_{k+1}``; Tucker: mode Gram matrices), ``W`` never formed. The
 depthwise filters are not factors: they keep ordinary weight decay. **(fix)** the reference added
@@ -60,7 +61,7 @@ __all__ = [
     "tt_svd",
 ]
 
-NUM_MODES = 3  # SPEC 6: the matrix as a 3-way tensor
+NUM_MODES = 3  # the paper's tensor models: the matrix as a 3-way tensor
 RankArg = Union[int, Sequence[int], None]
 
 
@@ -259,7 +260,7 @@ class TensorConv2d(FactorizedLayer):
         groups: must be 1.
         bias: learn an additive bias (on the 1x1 conv).
         rank: explicit ranks: an int (every rank) or one int per rank (exactly one of rank / rank_scale).
-        rank_scale: the scale s of SPEC 6, a float in (0, 1].
+        rank_scale: the scale s of the rank rules (docs/method.md#tensor-formats), a float in (0, 1].
         out_modes: 3 ints multiplying to out_channels (None: derived, see the module docstring).
         in_modes: 3 ints multiplying to in_channels (None: derived).
         spectral: give the dense 1x1 matrix ``init`` and decompose it (TT-SVD / HOSVD).
@@ -442,8 +443,8 @@ class TensorConv2d(FactorizedLayer):
     def scale_matrix_(self, factor: Union[float, Tensor]) -> None:
         """Multiply the 1x1 matrix by ``factor`` (> 0), spread evenly over the cores (each by its k-th root).
 
-        The tensor-format counterpart of rescaling ``U`` and ``V`` each by ``sqrt(factor)`` (SPEC 4's
-        normalisation experiment).
+        The tensor-format counterpart of rescaling ``U`` and ``V`` each by ``sqrt(factor)`` in the
+        normalisation experiment (docs/method.md#normalisation-experiment).
         """
         ps = self.factor_parameters()
         root = torch.as_tensor(factor, dtype=torch.float64) ** (1.0 / len(ps))
@@ -577,7 +578,7 @@ class TTConv2d(TensorConv2d):
     Cores ``core{k}`` have shape (r_{k-1}, o_k, i_k, r_k), r_0 = r_3 = 1, and
     ``W[(o_1 o_2 o_3), (i_1 i_2 i_3)] = G_1[o_1, i_1] G_2[o_2, i_2] G_3[o_3, i_3]`` (a product of
     r_{k-1} x r_k matrices). Ranks: ``r_k = max(1, round(rank_scale * min(n_k, n_{k+1})))`` with
-    ``n_k = o_k i_k`` (SPEC 6), or ``rank`` (an int or 2 ints). Arguments as in ``TensorConv2d``.
+    ``n_k = o_k i_k`` (docs/method.md#tensor-formats), or ``rank`` (an int or 2 ints). Arguments as in ``TensorConv2d``.
     """
 
     tensor_format = "tt"
@@ -646,7 +647,7 @@ class TuckerConv2d(TensorConv2d):
     """Depthwise k x k conv, then a 1x1 conv whose matrix is a Tucker tensor.
 
     ``T = G x_1 A_1 x_2 A_2 x_3 A_3`` with core ``core`` (R_1, R_2, R_3) and factors ``factor{k}``
-    (n_k x R_k), ``n_k = o_k i_k``. Ranks: ``R_k = max(1, round(rank_scale * n_k))`` (SPEC 6), or
+    (n_k x R_k), ``n_k = o_k i_k``. Ranks: ``R_k = max(1, round(rank_scale * n_k))`` (docs/method.md#tensor-formats), or
     ``rank`` (an int or 3 ints, each <= n_k). Arguments as in ``TensorConv2d``.
     """
 
@@ -815,7 +816,7 @@ def tensorize(
         model: any module.
         tensor_format: ``'tt'`` or ``'tucker'``.
         rank: explicit ranks for every layer (exactly one of rank / rank_scale / target_ratio).
-        rank_scale: the scale s of SPEC 6, in (0, 1].
+        rank_scale: the scale s of the rank rules (docs/method.md#tensor-formats), in (0, 1].
         target_ratio: a whole-model parameter ratio; s is solved by ``solve_tensor_scale``.
         spectral: new layers get the spectral init of a freshly initialised dense 1x1 matrix
             (TT-SVD / HOSVD of ``init``'s draw), the depthwise filters ``depthwise_init``.

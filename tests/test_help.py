@@ -23,7 +23,8 @@ BUILT = {
     'fnl-demo': ('fnl_timm.demo', 'build_parser'),
     'fnl-fairseq-train': ('fnl_fairseq.launch', 'build_parser'),
 }
-RECIPE_FILES = sorted(p for p in RECIPES.glob('*.py') if not p.name.startswith('_')) + [RECIPES / 'iwslt14' / 'iwslt14.py']
+RECIPE_FILES = sorted(p for p in RECIPES.glob('*.py') if not p.name.startswith('_'))
+RECIPE_FILES.append(RECIPES / 'iwslt14' / 'iwslt14.py')
 BENCH_FILES = sorted((ROOT / 'bench').glob('bench_*.py'))
 
 DEFAULT_SHOWN = re.compile(r'\(default\b|\bdefault:', re.IGNORECASE)

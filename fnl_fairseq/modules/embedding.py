@@ -1,4 +1,4 @@
-"""Factorized embeddings for fairseq Transformers (paper section 2; SPEC 1 "Embedding").
+"""Factorized embeddings for fairseq Transformers (paper section 2; docs/method.md#embedding).
 
 - ``FactorizedLearnedPositionalEmbedding``: fairseq's learned positions with a factorized table.
 - ``TiedFactorizedOutput``: the decoder's output projection tied to a factorized token embedding

@@ -1,4 +1,5 @@
-"""Shared model-building step: factorize the layers SPEC 1 names, after the dense init."""
+"""Shared model-building step: factorize the paper's layers (docs/method.md#which-layers-are-factorized)
+after the dense init."""
 from typing import Callable, Optional, Sequence, Union
 import math
 
@@ -55,7 +56,7 @@ def factorize_model(
     """Factorize the layers of ``model`` selected by ``include`` in place.
 
     The dense weights must already hold the model's usual init: spectral init takes their SVD;
-    the default init instead draws each factor with ``init`` (SPEC 2).
+    the default init instead draws each factor with ``init`` (docs/method.md#spectral-initialisation).
 
     Returns:
         The rank_scale used (solved when ``target_ratio`` is given), 0.0 for a dense model.

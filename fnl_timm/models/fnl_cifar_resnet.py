@@ -1,4 +1,4 @@
-"""CIFAR ResNets with factorized block convs (SPEC 1, 7, 8).
+"""CIFAR ResNets with factorized block convs (paper sections 2-5; docs/experiments.md).
 
 ``fnl_resnet20/32/44/56/110``: the CIFAR ResNets of He et al. (2016, sec. 4.2): a 3x3 stem with
 16 channels, three stages of 16/32/64 channels, parameter-free "option A" shortcuts (stride-2
@@ -92,7 +92,7 @@ class CifarResNet(ClassifierMixin, nn.Module):
         global_pool: timm pool type ('avg', 'max', 'avgmax', '' = none).
         rank_scale: rank = round(rank_scale * out * kh) per block conv; 0 or None = dense.
         target_ratio: solve one rank_scale so that params / dense params is closest to this.
-        spectral: spectral init of the factors from the dense Kaiming init (SPEC 2).
+        spectral: spectral init of the factors from the dense Kaiming init (paper section 3.1).
         square: ``W = U S Vᵀ`` with S = I (deep distillation).
     """
 

@@ -1,4 +1,5 @@
-"""VGG-19 with BatchNorm for CIFAR / Tiny-ImageNet, factorized convs (SPEC 1, 8).
+"""VGG-19 with BatchNorm for CIFAR / Tiny-ImageNet, factorized convs (paper section 4;
+docs/experiments.md#compression).
 
 The CIFAR configuration of the compression experiments: sixteen 3x3 convs (64, 64, M, 128, 128,
 M, 256 x4, M, 512 x4, M, 512 x4) with BN and ReLU, global average pooling and one Linear

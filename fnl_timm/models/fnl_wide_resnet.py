@@ -1,8 +1,9 @@
-"""Wide ResNet-28-10 (Zagoruyko & Komodakis 2016) with factorized block convs (SPEC 1, 6, 8).
+"""Wide ResNet-28-10 (Zagoruyko & Komodakis 2016) with factorized block convs (paper section 4;
+docs/experiments.md#tensor-formats-against-low-rank).
 
 Pre-activation basic blocks, three groups of 160/320/640 channels, 1x1-conv shortcuts where
 the shape changes. With ``conv='lowrank'`` conv1, conv2 and the shortcut conv of every block are
-factorized (``U Vᵀ``). For the tensor comparison of SPEC 6 (``conv='tt'`` / ``'tucker'``) conv1 and
+factorized (``U Vᵀ``). For the tensor comparison (``conv='tt'`` / ``'tucker'``) conv1 and
 conv2 become a depthwise conv followed by a 1x1 conv held as a Tensor-Train or a Tucker tensor
 (``fnl.TTConv2d``, ``fnl.TuckerConv2d``; ``rank_scale`` is the tensor scale s) and the three 1x1
 shortcut convs stay dense, as in the paper's tensor models: that is what makes ``TensorTrain_0.234``
@@ -59,7 +60,7 @@ class WideResNet(ClassifierMixin, nn.Module):
         depth: 6n+4 (28 for WRN-28-10).
         width: widening factor (10).
         block_drop_rate: dropout between the two convs of a block.
-        conv: block conv format: 'lowrank' (``U Vᵀ`` factorization), 'tt' or 'tucker' (SPEC 6:
+        conv: block conv format: 'lowrank' (``U Vᵀ`` factorization), 'tt' or 'tucker' (docs/method.md#tensor-formats:
             depthwise conv + tensor-format 1x1 conv; ``rank_scale`` is the tensor scale s in (0, 1],
             or ``target_ratio`` solves it; ``spectral`` = TT-SVD / HOSVD of the dense init; no ``square``).
         num_classes, in_chans, drop_rate, global_pool: timm's usual meaning.
