@@ -1,11 +1,13 @@
-"""Factorized Transformers for fairseq (paper sections 2, 3 and 5.3; SPEC 1, 3 and 8).
+"""Factorized Transformers for fairseq (paper sections 2, 3 and 6; docs/method.md and
+docs/experiments.md#translation).
 
 Model ``fnl_transformer``, a subclass of fairseq's ``transformer`` with the paper's flags:
 
 - ``--rank-scale S``: FFN linears, token and learned positional embeddings and the output
   projection become ``fnl`` factorized layers of rank ``max(1, round(S * min(m, n)))``;
-  attention heads shrink to ``d_h = int(S * d / heads)`` (SPEC 3), projections staying dense.
-- ``--spectral``: spectral initialisation of the factorized layers (SPEC 2).
+  attention heads shrink to ``d_h = int(S * d / heads)`` (docs/method.md#attention-quadratic-forms),
+  projections staying dense.
+- ``--spectral``: spectral initialisation of the factorized layers (paper section 3.1).
 - ``--spectral-quekey`` / ``--spectral-outval``: per-head spectral rebalancing of the query-key
   and output-value factor pairs after initialisation (the function is unchanged).
 - ``--wd2fd`` / ``--wd2fd-quekey`` / ``--wd2fd-outval``: Frobenius decay instead of weight decay
@@ -14,7 +16,7 @@ Model ``fnl_transformer``, a subclass of fairseq's ``transformer`` with the pape
 
 Without ``--rank-scale`` the model is fairseq's Transformer, parameter for parameter.
 
-Architectures: ``fnl_transformer_small`` (SPEC 8: 2+2 layers, d 256, FFN 1024, 4 heads),
+Architectures: ``fnl_transformer_small`` (the paper's: 2+2 layers, d 256, FFN 1024, 4 heads),
 ``fnl_transformer_iwslt_de_en`` and ``fnl_transformer`` (fairseq's ``transformer_iwslt_de_en``
 and ``transformer`` shapes).
 """
@@ -320,7 +322,8 @@ def fnl_transformer_iwslt_de_en(args):
 
 @register_model_architecture("fnl_transformer", "fnl_transformer_small")
 def fnl_transformer_small(args):
-    """The paper's small Transformer for IWSLT'14 De-En (SPEC 8): 2+2 layers, d 256, FFN 1024, 4 heads."""
+    """The paper's small Transformer for IWSLT'14 De-En (docs/experiments.md#translation): 2+2 layers, d 256,
+    FFN 1024, 4 heads."""
     args.encoder_embed_dim = getattr(args, "encoder_embed_dim", 256)
     args.encoder_ffn_embed_dim = getattr(args, "encoder_ffn_embed_dim", 1024)
     args.encoder_attention_heads = getattr(args, "encoder_attention_heads", 4)
