@@ -1,4 +1,5 @@
-"""Tensor-format convs (SPEC 6): TT / Tucker layers, TT-SVD / HOSVD, Frobenius decay, WRN counts."""
+"""Tensor-format convs (docs/method.md#tensor-formats): TT / Tucker layers, TT-SVD / HOSVD, Frobenius
+decay, WRN counts."""
 import math
 
 import pytest
@@ -95,7 +96,7 @@ def test_full_ranks_reproduce_the_dense_1x1_matrix(cls, out_c, in_c):
 
 @pytest.mark.parametrize('cls', CLASSES, ids=IDS)
 def test_spec_scale_one_is_full_rank_for_the_wrn_modes(cls):
-    """At s = 1 the SPEC 6 rank rules give the full ranks for 640 x 640 (modes 80 x 80 x 64)."""
+    """At s = 1 the rank rules give the full ranks for 640 x 640 (modes 80 x 80 x 64)."""
     layer = cls(640, 640, 3, rank_scale=1.0)
     assert layer.ranks == _full_rank(cls, 640, 640)
 
@@ -371,7 +372,8 @@ def test_tensorize_collapse_and_summary(fmt):
 
 
 def test_wrn28_10_tt_0234_is_about_one_sixtieth():
-    """SPEC 6: TensorTrain_0.234 is about 1/60 of the dense WRN-28-10 (shortcuts stay dense)."""
+    """TensorTrain_0.234 is about 1/60 of the dense WRN-28-10, shortcuts staying dense
+    (docs/experiments.md#reference-checks)."""
     timm = pytest.importorskip('timm')
     import fnl_timm  # noqa: F401
     model = timm.create_model('fnl_wrn28_10', conv='tt', rank_scale=0.234)

@@ -1,4 +1,4 @@
-"""The fnl_* model zoo, driven by timm's registry (SPEC 1, 5, 7)."""
+"""The fnl_* model zoo, driven by timm's registry (docs/method.md, docs/experiments.md#reference-checks)."""
 import math
 
 import pytest
@@ -100,7 +100,8 @@ def test_torch_compile_tiny_model():
 
 
 def test_paper_parameter_counts():
-    """SPEC 7: ResNet20 dense 269,722; at rank_scale 0.111 stage ranks 5, 11, 21 and 63,850 parameters."""
+    """ResNet20 dense 269,722; at rank_scale 0.111 stage ranks 5, 11, 21 and 63,850 parameters
+    (docs/experiments.md#reference-checks)."""
     dense = timm.create_model('fnl_resnet20')
     assert fnl.count_parameters(dense) == 269_722
     model = timm.create_model('fnl_resnet20', rank_scale=0.111)
@@ -114,8 +115,8 @@ def test_paper_parameter_counts():
 @pytest.mark.parametrize('name,dense_params', [('fnl_resnet32_x2', 7_427_914), ('fnl_vgg19', 20_035_018)])
 @pytest.mark.parametrize('target', [0.02, 0.05, 0.1])
 def test_target_ratio(name, dense_params, target):
-    """SPEC 5: one global rank_scale gives a parameter ratio within 1% (absolute: 0.1 points) of
-    the target. Relative to the target the error stays under 1.1%: at 0.02 one global rank step of
+    """One global rank_scale (docs/method.md#target-compression-ratio) gives a parameter ratio within
+    1% (absolute: 0.1 points) of the target. Relative to the target the error stays under 1.1%: at 0.02 one global rank step of
     ResNet32-x2 is coarser than 1% of 0.02 (0.020206 is the closest reachable)."""
     model = timm.create_model(name, target_ratio=target)
     ratio = fnl.count_parameters(model) / dense_params
@@ -138,7 +139,7 @@ def test_wrn_counts_and_layers():
 
 
 def test_spectral_full_rank_reproduces_dense():
-    """SPEC 7: at full rank, spectral init reproduces the dense model it came from."""
+    """docs/experiments.md#reference-checks: at full rank, spectral init reproduces the dense model it came from."""
     torch.manual_seed(0)
     dense = timm.create_model('fnl_test_resnet').eval()
     torch.manual_seed(0)
