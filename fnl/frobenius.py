@@ -1,10 +1,15 @@
-"""Frobenius decay (paper section 3; SPEC 3).
+"""Frobenius decay (paper section 3).
 
 Frobenius decay (FD) penalises ``(lambda/2) ||U Vᵀ||_F²`` of each factorized layer instead of
 weight decay ``(lambda/2)(||U||² + ||V||²)`` on its factors. ``FrobeniusDecay`` adds the FD gradient
 to the factors' gradients before the wrapped optimizer's update (coupled, so it goes through
 momentum like SGD's coupled weight decay); ``param_groups`` keeps plain weight decay off the
 factors (the paper's ``--wd2fd``) and on everything else.
+
+Every FD path of the project (this wrapper, the timm ``fd*`` optimizers, the fairseq ``fd_*``
+optimizers) adds its gradients through :func:`accumulate_fd_grads_`, which holds the rules they
+share: the FD gradient is added to unscaled gradients, after gradient clipping, and a parameter
+whose ``.grad`` is None (it got no gradient this step) is skipped, as torch's weight decay skips it.
 """
 from __future__ import annotations
 
@@ -17,8 +22,8 @@ from torch import Tensor, nn
 from .base import FactorizedLayer
 
 __all__ = [
-    "FrobeniusDecay", "factor_parameter_names", "factorized_layers", "frobenius_norm", "frobenius_penalty",
-    "param_groups",
+    "FrobeniusDecay", "accumulate_fd_grads_", "factor_parameter_names", "factorized_layers", "frobenius_norm",
+    "frobenius_penalty", "param_groups",
 ]
 
 
@@ -50,6 +55,43 @@ def factor_parameter_names(model: nn.Module) -> set[str]:
     """Fully qualified names (as in ``model.named_parameters()``) of every factor parameter."""
     ids = {id(p) for layer in factorized_layers(model) for p in layer.factor_parameters()}
     return {name for name, p in model.named_parameters() if id(p) in ids}
+
+
+@torch.no_grad()
+def accumulate_fd_grads_(params: Sequence[Tensor], add: Callable[[], None],
+                         grad_scale: Optional[Tensor] = None) -> None:
+    """Run ``add()``, which adds an FD gradient to the ``.grad`` of ``params``, under the shared rules.
+
+    * A parameter whose ``.grad`` is None got no gradient this step (a layer unused by this batch, a
+      frozen branch): it gets no FD gradient either and its ``.grad`` stays None, as with torch's
+      own weight decay. When none of ``params`` has a gradient, ``add`` is not run.
+    * ``grad_scale``: the gradients are still multiplied by this loss scale, which a fused optimizer
+      divides out inside its kernel (``torch.amp.GradScaler.step`` hands it the scale instead of
+      unscaling first). The FD gradient is then multiplied by the same scale, so that after the
+      kernel's division it is the FD gradient of the unscaled problem. No host synchronisation.
+
+    Args:
+        params: the tensors ``add`` writes gradients to (factors, attention projections, or the
+            fp32 copies an optimizer steps instead of them).
+        add: adds the FD gradient to ``p.grad`` for every ``p`` in ``params`` (creating it when None).
+        grad_scale: the loss scale still in the gradients, or None for unscaled gradients.
+    """
+    grads = [p.grad for p in params]
+    if all(g is None for g in grads):
+        return
+    if grad_scale is None:
+        add()
+        for p, g in zip(params, grads):
+            if g is None:
+                p.grad = None  # add() created it: no gradient this step, so no FD either
+        return
+    for p in params:
+        p.grad = None
+    add()  # the FD gradient alone, in fresh .grad tensors
+    for p, g in zip(params, grads):
+        fd, p.grad = p.grad, g
+        if g is not None and fd is not None and fd is not g:
+            g.add_(fd.mul_(grad_scale.to(fd.dtype)))
 
 
 def param_groups(
@@ -102,8 +144,13 @@ class FrobeniusDecay(torch.optim.Optimizer):
     ``coef * V (UᵀU)``, with the square factor where present) is added to the factors' ``.grad``,
     then the wrapped optimizer steps: FD is coupled, as SGD's weight decay is. ``param_groups`` and
     ``state`` are the wrapped optimizer's, so LR schedulers, gradient clipping and
-    ``torch.amp.GradScaler`` (which unscales the gradients before calling ``step``) see one
-    optimizer. Under DDP every process holds the same parameters, so they add the same FD gradient.
+    ``torch.amp.GradScaler`` see one optimizer. Call ``scaler.unscale_`` / ``scaler.step`` on this
+    wrapper, not on the wrapped optimizer: the scaler then unscales the gradients before ``step``
+    (also for a ``fused=True`` optimizer, whose in-kernel unscaling the wrapper does not use), so
+    FD is added to unscaled, clipped gradients, like coupled weight decay. Factors whose ``.grad``
+    is None this step get no FD (see :func:`accumulate_fd_grads_`). Under DDP every process holds
+    the same parameters, so they add the same FD gradient. ``copy.deepcopy`` copies the wrapped
+    optimizer and the layers together (``extra`` callables are shared, not copied).
 
     Args:
         optimizer: any ``torch.optim.Optimizer``; build it with ``fnl.param_groups`` so that the
@@ -111,7 +158,8 @@ class FrobeniusDecay(torch.optim.Optimizer):
         model: the module whose factorized layers get FD.
         coef: the FD coefficient ``lambda`` (>= 0; 0 disables FD).
         extra: further callables ``f(coef)`` run before each step to add FD gradients of other
-            structures (e.g. ``fnl.add_quekey_fd_grad_`` for attention).
+            structures (e.g. ``fnl.add_quekey_fd_grad_`` for attention); wrap them in
+            :func:`accumulate_fd_grads_` so that they follow the same rules.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, coef: float,
@@ -169,9 +217,17 @@ class FrobeniusDecay(torch.optim.Optimizer):
         if self.coef == 0:
             return
         for layer in self.layers:
-            layer.add_frobenius_grad_(self.coef)
+            accumulate_fd_grads_(layer.factor_parameters(), lambda layer=layer: layer.add_frobenius_grad_(self.coef))
         for fn in self.extra:
             fn(self.coef)
+
+    # Optimizer's own __getstate__ keeps only defaults/state/param_groups, which live in the wrapped
+    # optimizer here: pickle and deepcopy the wrapper's own attributes instead.
+    def __getstate__(self) -> dict[str, Any]:  # type: ignore[override]
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:  # type: ignore[override]
+        self.__dict__.update(state)
 
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:  # type: ignore[override]
         if closure is None:
