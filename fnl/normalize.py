@@ -1,4 +1,4 @@
-"""The normalisation experiment (paper section 3.1, Figure 2; SPEC 4).
+"""The normalisation experiment (paper section 3.1, Figure 2).
 
 A run with Frobenius decay records ``||U Vᵀ||_F`` of every factorized layer after every optimizer
 step (``--dump-frobnorms``); a second run without FD rescales its factors after every step so that
@@ -13,6 +13,7 @@ from typing import Union
 import torch
 from torch import Tensor, nn
 
+from ._serialization import load_file
 from .base import FactorizedLayer
 from .frobenius import factorized_layers, frobenius_norm
 
@@ -73,11 +74,24 @@ class FrobeniusNormRecorder:
         os.replace(tmp, path)
 
 
-def load_frobnorms(path: PathLike) -> Tensor:
-    """Load a [epochs, steps, layers] norm tensor saved by ``FrobeniusNormRecorder.save``."""
-    norms = torch.load(path, map_location="cpu", weights_only=True)
+def load_frobnorms(path: PathLike, arg_name: str = "path") -> Tensor:
+    """Load a [epochs, steps, layers] norm tensor saved by ``FrobeniusNormRecorder.save``.
+
+    The file is read weights-only (a tensor needs nothing else): a file holding other Python objects
+    is refused, and no code from it runs.
+
+    Args:
+        path: the file.
+        arg_name: the argument that named it (``--normalize`` in fnl-train), for error messages.
+
+    Raises:
+        ValueError: missing, empty, a folder, truncated, not a torch file, holding Python objects
+            other than a tensor, or a tensor of another shape.
+    """
+    norms = load_file(path, arg_name, hint="a norms file holds one tensor; save it with FrobeniusNormRecorder.save")
     if not isinstance(norms, Tensor) or norms.dim() != 3:
-        raise ValueError(f"{os.fspath(path)} does not hold a [epochs, steps, layers] norm tensor")
+        what = f"a tensor of shape {tuple(norms.shape)}" if isinstance(norms, Tensor) else f"a {type(norms).__name__}"
+        raise ValueError(f"{arg_name} {os.fspath(path)!r} holds {what}, not an [epochs, steps, layers] norm tensor")
     return norms
 
 

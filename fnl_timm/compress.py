@@ -13,14 +13,21 @@ Examples::
 
     fnl-compress --model fnl_resnet20 --checkpoint output/run/model_best.pth.tar --dataset digits \\
         --target-ratio 0.3 --finetune-epochs 2 --output compressed/
-    fnl-compress --model my_model.pt --input-size 3 224 224 --target-macs 0.5 --batch-size 32 \\
-        --export torchscript export --output compressed/
+    fnl-compress --model my_model.pt --trust-pickle --input-size 3 224 224 --target-macs 0.5 \\
+        --batch-size 32 --export torchscript export --output compressed/
 
-Outputs in ``--output``: ``model.pt`` (the whole compressed module, ``torch.load(..., weights_only=False)``),
-``compressed.pth`` (timm models: arch, kwargs, ranks and state dict; :func:`load_compressed`
-rebuilds it, and ``fnl-train --initial-checkpoint compressed.pth --wd2fd`` fine-tunes it further
-with Frobenius decay), ``report.json``, ``report.txt``, ``report.png`` and ``model.ts`` /
-``model.pt2`` / ``model.onnx`` for ``--export``. The input files are only read.
+Outputs in ``--output``: ``compressed.pth`` (timm models: arch, kwargs, ranks and state dict, only
+tensors, strings and numbers, so it loads weights-only; :func:`load_compressed` rebuilds it, and
+``fnl-train --initial-checkpoint compressed.pth --wd2fd`` fine-tunes it further with Frobenius
+decay), ``model.pt`` (the whole compressed module, pickled: loading it runs code from the file, so
+it needs ``--trust-pickle`` / ``trust_pickle=True`` and is for your own use, not for handing on),
+``report.json``, ``report.txt``, ``report.png`` and ``model.ts`` / ``model.pt2`` / ``model.onnx``
+for ``--export``. To hand a compressed model on, use ``compressed.pth`` or the ``torch.export`` /
+ONNX files. The input files are only read; nothing is written next to them.
+
+Every input file is read weights-only (``fnl_timm._serialization.load_file``): a file that holds
+Python objects (a pickled module, a pickle payload) or a TorchScript program is refused with an
+error naming ``--trust-pickle``, which allows it; unpickling a file runs whatever code it names.
 
 This module is the command line; the work is done in :mod:`fnl_timm.compress_load` (reading the
 inputs), :mod:`fnl_timm.compress_pipeline` (factorize, fine-tune, choose paths, time) and
@@ -53,52 +60,77 @@ __all__ = ['build_parser', 'compress_file', 'compress_model', 'evaluate', 'finet
 _logger = logging.getLogger('fnl_compress')
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each default once: not for on/off flags, unset (None) or empty defaults, nor where the help
+    already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ''
+        d = action.default
+        if d is None or d is False or d is argparse.SUPPRESS or (isinstance(d, (list, dict)) and not d) \
+                or 'default' in help_text:
+            return help_text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='fnl-compress', description=__doc__.split('\n\n')[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_HelpFormatter)
     g = p.add_argument_group('model')
     g.add_argument('--model', required=True,
-                   help="a timm model name, or a torch.save'd nn.Module file (unpickled: only files you trust)")
+                   help="a timm model name, or a torch.save'd nn.Module file (a whole pickled module: needs "
+                        '--trust-pickle)')
     g.add_argument('--checkpoint', default=None,
-                   help='weights for a timm name: state dict, timm/fnl-train checkpoint, or TorchScript file')
-    g.add_argument('--num-classes', type=int, default=None, help='default: the dataset\'s, else the model\'s')
-    g.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, help='timm.create_model kwargs k=v')
-    g.add_argument('--random-init', action='store_true', help='allow a timm name without --checkpoint (timing)')
+                   help='weights for a timm model name: a state dict, a timm / fnl-train checkpoint (loaded '
+                        'weights-only: no code from the file runs), or a TorchScript file (needs --trust-pickle)')
+    g.add_argument('--trust-pickle', action='store_true',
+                   help='DANGEROUS: allow input files whose loading runs code from the file (a whole pickled '
+                        'module, TorchScript). Unpickling a file can run arbitrary code with your permissions: '
+                        'only for files from a source you trust. State dicts and checkpoints never need it')
+    g.add_argument('--num-classes', type=int, default=None,
+                   help="classifier outputs; default: the dataset's, else the model's")
+    g.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='K=V',
+                   help='extra timm.create_model keyword arguments (values read as Python literals)')
+    g.add_argument('--random-init', action='store_true',
+                   help='allow a timm model name without --checkpoint (random weights: timing only)')
     g.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'),
-                   help='one sample\'s shape; default: the dataset\'s, else the model\'s pretrained_cfg')
+                   help="one sample's shape; default: the dataset's, else the model's pretrained_cfg")
 
     g = p.add_argument_group('compression (exactly one of --target-ratio / --target-macs / --energy)')
     g.add_argument('--target-ratio', type=float, default=None, help='parameter ratio compressed / original')
     g.add_argument('--target-macs', type=float, default=None, help='multiply-add ratio compressed / original')
     g.add_argument('--energy', type=float, default=None, help='fraction of spectral energy kept in every layer')
     g.add_argument('--allocation', default='energy', choices=('energy', 'uniform'),
-                   help='energy: equal kept-energy fraction per layer; uniform: the paper\'s global rank_scale')
+                   help="energy: equal kept-energy fraction per layer; uniform: the paper's global rank_scale")
     g.add_argument('--rank-multiple', type=int, default=8, help='round ranks up to a multiple of this (1 = off)')
-    g.add_argument('--exclude', nargs='*', default=None, help='fnmatch patterns of layers to keep dense')
+    g.add_argument('--exclude', nargs='*', default=None, metavar='PATTERN',
+                   help='fnmatch patterns of layer names to keep dense')
     g.add_argument('--factorize-stem', action='store_true', help='also factorize the first layer')
     g.add_argument('--factorize-classifier', action='store_true', help='also factorize the last layer')
     g.add_argument('--measure', action='store_true',
                    help='time each layer factorized vs dense at --batch-size and keep dense the slower ones')
 
     g = p.add_argument_group('data, fine-tuning and latency')
-    g.add_argument('--dataset', default=None, choices=fnl_data.DATASETS, help='for accuracy and fine-tuning')
-    g.add_argument('--data-dir', default=None)
-    g.add_argument('--img-size', type=int, default=None)
-    g.add_argument('--eval-batches', type=int, default=None, help='limit the validation batches')
+    g.add_argument('--dataset', default=None, choices=fnl_data.DATASETS,
+                   help='data for the accuracy report and fine-tuning; without it, no accuracy and no fine-tuning')
+    g.add_argument('--data-dir', default=None, help='root folder of --dataset (every dataset but digits)')
+    g.add_argument('--img-size', type=int, default=None, help="input side; default: the dataset's")
+    g.add_argument('--eval-batches', type=int, default=None, help='evaluate on only this many validation batches')
     g.add_argument('--finetune-epochs', type=int, default=0, help='FD fine-tuning epochs (0 = none)')
-    g.add_argument('--finetune-steps', type=int, default=None, help='cap on fine-tuning steps')
-    g.add_argument('--finetune-batch-size', type=int, default=64)
-    g.add_argument('--opt', default='fdmomentum', choices=FD_OPTIMIZERS)
-    g.add_argument('--lr', type=float, default=0.01)
+    g.add_argument('--finetune-steps', type=int, default=None, help='stop fine-tuning after this many steps')
+    g.add_argument('--finetune-batch-size', type=int, default=64, help='batch size of the fine-tuning')
+    g.add_argument('--opt', default='fdmomentum', choices=FD_OPTIMIZERS,
+                   help='fine-tuning optimizer (Frobenius decay on the factors)')
+    g.add_argument('--lr', type=float, default=0.01, help='fine-tuning learning rate (cosine schedule)')
     g.add_argument('--weight-decay', type=float, default=1e-4, help='= the Frobenius-decay coefficient')
     g.add_argument('--finalize', default='fastest', choices=FINALIZE,
                    help='fastest: per layer, two plain layers (low rank) or one collapsed dense layer, whichever is '
                         'measured faster at --batch-size; inference: two plain layers everywhere; factorized: keep '
                         'fnl layers (to train further with FD); collapse: all dense')
     g.add_argument('-b', '--batch-size', type=int, default=1, help='batch size of the latency measurements')
-    g.add_argument('--device', default='cpu')
-    g.add_argument('--latency-repeats', type=int, default=15)
-    g.add_argument('--no-latency', action='store_true')
+    g.add_argument('--device', default='cpu', help='device for fine-tuning and timing (cpu, cuda, cuda:1, ...)')
+    g.add_argument('--latency-repeats', type=int, default=15, help='timed calls per model (the median is reported)')
+    g.add_argument('--no-latency', action='store_true', help='skip the latency comparison of the two models')
     g.add_argument('--fold-bn', action='store_true',
                    help='fold each BatchNorm into the conv before it (torch.fx) in model.pt and the exports, and '
                         'time both models folded; compressed.pth keeps the unfolded layers for fine-tuning')
@@ -106,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help='time both models in the channels-last memory format (usually faster on CPU)')
     g.add_argument('--cache-allocations', action='store_true',
                    help='CPU: keep freed memory in the process for reuse while timing (fnl.cache_cpu_allocations; '
-                        'as jemalloc / tcmalloc do); glibc\'s default maps large activations afresh on every call')
-    g.add_argument('--seed', type=int, default=0)
+                        "as jemalloc / tcmalloc do); glibc's default maps large activations afresh on every call")
+    g.add_argument('--seed', type=int, default=0, help='random seed (fine-tuning order, timing inputs)')
 
     g = p.add_argument_group('outputs')
     g.add_argument('--output', required=True, help='output folder (created; input files are never written)')
@@ -164,7 +196,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     if args.num_classes is not None:
         kwargs['num_classes'] = args.num_classes
     before = _fingerprints(inputs)
-    model, provenance = load_model(args.model, args.checkpoint, kwargs, args.random_init)
+    model, provenance = load_model(args.model, args.checkpoint, kwargs, args.random_init, args.trust_pickle)
     if input_size is None:
         cfg = getattr(model, 'pretrained_cfg', None) or getattr(model, 'default_cfg', None) or {}
         if 'input_size' not in cfg:

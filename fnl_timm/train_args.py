@@ -9,7 +9,7 @@ from timm.optim import list_optimizers
 from timm.utils import ParseKwargs
 
 from . import data as fnl_data
-from ._serialization import load_checkpoint
+from ._serialization import check_input_file, load_checkpoint
 from .compress import is_compressed_checkpoint
 from .optim import FD_OPTIMIZERS
 from .train_checkpoint import RESUME_MUST_MATCH
@@ -194,16 +194,15 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.normalize is not None:
         if not args.no_frob:
             raise ValueError('--normalize replaces Frobenius decay: add --no-frob')
-        if not os.path.isfile(args.normalize):
-            raise ValueError(f'--normalize: no such file {args.normalize!r}')
+        check_input_file(args.normalize, '--normalize')  # missing, a folder or empty
     if (args.wd2fd or args.no_frob) and not factorized:
         raise ValueError('--wd2fd / --no-frob act on the factors of a factorized model: set --rank-scale > 0 or '
                          '--target-ratio')
     if (args.dump_frobnorms or args.normalize or args.collapse) and not factorized:
         raise ValueError('--dump-frobnorms, --normalize and --collapse need a factorized model '
                          '(--rank-scale > 0 or --target-ratio)')
-    if args.resume is not None and not os.path.isfile(args.resume):
-        raise ValueError(f'--resume: no such file {args.resume!r}')
+    if args.resume is not None:
+        check_input_file(args.resume, '--resume')  # missing, a folder or empty
     if args.decay_milestones is not None and sorted(args.decay_milestones) != list(args.decay_milestones):
         raise ValueError(f'--decay-milestones must increase, got {args.decay_milestones}')
 

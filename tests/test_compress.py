@@ -19,6 +19,7 @@ import fnl  # noqa: E402
 import fnl_timm  # noqa: E402,F401
 from fnl.export import export_model  # noqa: E402
 from fnl_timm import compress as cli  # noqa: E402
+from fnl_timm._serialization import load_file  # noqa: E402
 from fnl_timm.data import create_datasets  # noqa: E402
 
 INPUT = (3, 16, 16)
@@ -260,7 +261,7 @@ def test_cli_compress_finetune_report_export(trained, tmp_path):
     assert f"finetuned {a['finetuned']:.2f}%" in text
     # both saved forms rebuild the same function
     x = torch.randn(4, *INPUT)
-    whole = torch.load(out_dir / 'model.pt', weights_only=False).eval()
+    whole = load_file(out_dir / 'model.pt', 'model.pt', trust_pickle=True).eval()
     rebuilt = cli.load_compressed(str(out_dir / 'compressed.pth'))
     assert fnl.count_parameters(rebuilt) == rep['params']
     with torch.no_grad():
@@ -275,14 +276,14 @@ def test_cli_saved_module_input(trained, tmp_path):
     path = tmp_path / 'net.pt'
     torch.save(trained[0], path)
     sha = _sha(path)
-    assert cli.main(['--model', str(path), '--input-size', '3', '16', '16', '--energy', '0.7', '--rank-multiple', '4',
+    assert cli.main(['--model', str(path), '--trust-pickle', '--input-size', '3', '16', '16', '--energy', '0.7', '--rank-multiple', '4',
                      '--batch-size', '4', '--latency-repeats', '3', '--channels-last',
                      '--output', str(tmp_path / 'out')]) == 0
     assert _sha(path) == sha
     rep = json.loads((tmp_path / 'out' / 'report.json').read_text())
     assert rep['mode'] == 'energy' and rep['target'] == 0.7
     assert rep['extra']['latency']['memory_format'] == 'channels_last'
-    saved = torch.load(tmp_path / 'out' / 'model.pt', weights_only=False)
+    saved = load_file(tmp_path / 'out' / 'model.pt', 'model.pt', trust_pickle=True)
     assert all(p.is_contiguous() for p in saved.parameters())  # timed channels-last, saved in the default format
     assert all(d['energy'] >= 0.7 - 1e-9 for d in rep['layers'] if d['decision'] == 'factorized')
     paths = rep['extra']['paths']
@@ -317,10 +318,10 @@ def test_cli_bad_inputs(trained, tmp_path, capsys, case):
     elif case == 'corrupt_checkpoint':
         watched = _corrupt(tmp_path)
         argv, msg = ['--model', 'fnl_test_resnet', '--checkpoint', str(watched)], \
-            f"--checkpoint '{watched}' could not be read as a torch file"
+            f"--checkpoint '{watched}' is not a readable torch.save file"
     elif case == 'corrupt_module':
         watched = _corrupt(tmp_path)
-        argv, msg = ['--model', str(watched)], f"--model '{watched}' could not be read as a torch file"
+        argv, msg = ['--model', str(watched)], f"--model '{watched}' is not a readable torch.save file"
     elif case == 'torchscript_module':
         watched = tmp_path / 'net.ts'
         torch.jit.save(torch.jit.trace(trained[0], torch.zeros(1, *INPUT)), str(watched))
@@ -417,7 +418,8 @@ def test_fnl_train_initial_checkpoint_errors(trained, compressed_dir, tmp_path, 
         argv, msg = ['--initial-checkpoint', trained[1], '--model', 'fnl_resnet20'], \
             f"--initial-checkpoint '{trained[1]}' does not fit --model 'fnl_resnet20'"
     else:
-        argv, msg = ['--initial-checkpoint', str(tmp_path / 'nope.pth')], '--initial-checkpoint: no such file'
+        argv, msg = ['--initial-checkpoint', str(tmp_path / 'nope.pth')], \
+            f"--initial-checkpoint '{tmp_path / 'nope.pth'}': no such file"
     sha = _sha(ckpt) if os.path.exists(ckpt) else None
     try:  # argument errors exit through argparse; errors found while setting up return 2
         code = main(_train_argv(tmp_path, *argv, '--epochs', '1'))
@@ -437,7 +439,7 @@ def test_cli_fold_bn(trained, tmp_path):
                             target_ratio=0.5, rank_multiple=4, finalize='inference', fold_bn=True, batch_size=4,
                             latency_repeats=3, export=['torchscript'])
     assert rep['extra']['batchnorm_folded'] and rep['extra']['latency']['batchnorm_folded']
-    folded = torch.load(out / 'model.pt', weights_only=False)
+    folded = load_file(out / 'model.pt', 'model.pt', trust_pickle=True)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     rebuilt = cli.load_compressed(str(out / 'compressed.pth'))
     assert any(isinstance(m, nn.BatchNorm2d) for m in rebuilt.modules())
