@@ -6,7 +6,7 @@ CIFAR-100 (ratios 0.02 / 0.05 / 0.1) and Tiny-ImageNet (ResNet: 0.05 / 0.1 / 0.1
 1e-4 (ResNet) / 2e-4 (VGG).
 
     python recipes/compression.py --data-dir data --download --datasets cifar10 cifar100
-    python recipes/compression.py --datasets tiny-imagenet --data-dir data/tiny-imagenet-200
+    python recipes/compression.py --datasets tiny-imagenet --tiny-dir data/tiny-imagenet-200
     python recipes/plot_results.py runs --out compression.png
     python recipes/compression.py --smoke          # each model at its largest ratio, on digits
 """
