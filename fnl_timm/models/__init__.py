@@ -1,6 +1,7 @@
-"""The fnl_* model zoo; importing registers every model in timm's registry."""
+"""The fnl_* model zoo and ``fnl`` (any timm model, factorized); importing registers them in timm's registry."""
 from .fnl_cifar_resnet import BasicBlock, CifarResNet
 from .fnl_vgg import CifarVGG
 from .fnl_wide_resnet import WideResNet
+from .fnl_any import factorize_timm_model
 
-__all__ = ['BasicBlock', 'CifarResNet', 'CifarVGG', 'WideResNet']
+__all__ = ['BasicBlock', 'CifarResNet', 'CifarVGG', 'WideResNet', 'factorize_timm_model']
