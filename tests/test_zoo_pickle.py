@@ -16,10 +16,12 @@ import fnl_timm  # noqa: F401  (registers the fnl_* models)
 from fnl_timm.models._factorize import kaiming_fan_out_, kaiming_linear_fan_in_
 from fnl_timm.models.fnl_wide_resnet import WideResNet
 
-ZOO = sorted(timm.list_models('fnl_*'))
+# 'fnl' factorizes any timm model (base=...); 'fnl_*' are the paper's models
+ZOO = sorted(m for m in timm.list_models('fnl*') if m == 'fnl' or m.startswith('fnl_'))
 
-# WRN-28-10 is 36M parameters dense: the generic variants build it 2 wide (the same code path)
-NARROW = {'fnl_wrn28_10': dict(width=2)}
+# WRN-28-10 is 36M parameters dense: the generic variants build it 2 wide (the same code path);
+# 'fnl' needs a base model: timm's tiny test models
+NARROW = {'fnl_wrn28_10': dict(width=2), 'fnl': dict(base='test_resnet')}
 # the factorized variant every model gets, plus extra variants
 VARIANTS = [(name, dict(rank_scale=0.25, **NARROW.get(name, {}))) for name in ZOO] + [
     ('fnl_test_resnet', dict()),  # dense
@@ -29,12 +31,17 @@ VARIANTS = [(name, dict(rank_scale=0.25, **NARROW.get(name, {}))) for name in ZO
     ('fnl_vgg19', dict(target_ratio=0.05)),
     ('fnl_wrn28_10', dict(conv='tt', rank_scale=0.234)),  # the full-size model of the issue
     ('fnl_wrn28_10', dict(conv='tucker', rank_scale=0.211, width=2)),
+    ('fnl', dict(base='test_vit', rank_scale=0.5, spectral=True)),
 ]
 
 
-def _input(model: torch.nn.Module) -> torch.Tensor:
-    # VGG-19 pools 5 times: 32x32; the ResNets are fully convolutional: 8x8 keeps them fast
-    size = 32 if 'vgg' in type(model).__name__.lower() else 8
+def _input(name: str, model: torch.nn.Module) -> torch.Tensor:
+    # VGG-19 pools 5 times: 32x32; the CIFAR ResNets are fully convolutional: 8x8 keeps them fast;
+    # a base timm model ('fnl') at its own input size
+    if name == 'fnl':
+        size = model.pretrained_cfg['input_size'][-1]
+    else:
+        size = 32 if 'vgg' in type(model).__name__.lower() else 8
     return torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
 
 
@@ -47,7 +54,7 @@ def _roundtrip(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def test_zoo_is_covered():
-    assert {'fnl_resnet20', 'fnl_resnet32_x2', 'fnl_vgg19', 'fnl_wrn28_10', 'fnl_test_resnet'} <= set(ZOO)
+    assert {'fnl', 'fnl_resnet20', 'fnl_resnet32_x2', 'fnl_vgg19', 'fnl_wrn28_10', 'fnl_test_resnet'} <= set(ZOO)
 
 
 @pytest.mark.parametrize('name,kwargs', VARIANTS, ids=[f'{n}-{"-".join(f"{k}={v}" for k, v in kw.items()) or "dense"}'
@@ -57,7 +64,7 @@ def test_model_pickles_and_deepcopies(name, kwargs):
     model = timm.create_model(name, num_classes=3, **kwargs).eval()
     if kwargs.get('rank_scale') or kwargs.get('target_ratio'):
         assert fnl.factor_parameter_names(model), 'the variant must actually be factorized'
-    x = _input(model)
+    x = _input(name, model)
     with torch.no_grad():
         ref = model(x)
         for copied in (_roundtrip(model), copy.deepcopy(model)):
