@@ -170,3 +170,12 @@ def test_doc_links_resolve():
             if page not in anchors or (anchor and anchor not in anchors[page]):
                 broken.append(f'{path.relative_to(ROOT)}: {page}#{anchor}')
     assert not broken, '\n'.join(broken)
+
+
+def test_no_parser_is_missed():
+    """A new command line in the packages must be added to BUILT above (its parser is walked there)."""
+    walked = {'fnl_timm/compress.py', 'fnl_timm/demo.py', 'fnl_timm/train_args.py', 'fnl_fairseq/launch.py'}
+    found = {str(p.relative_to(ROOT)).replace('\\', '/') for d in ('fnl', 'fnl_timm', 'fnl_fairseq')
+             for p in (ROOT / d).rglob('*.py') if 'ArgumentParser(' in p.read_text(encoding='utf-8')}
+    assert found <= walked, sorted(found - walked)
+    assert importlib.import_module('fnl_timm.train').build_parser.__module__ == 'fnl_timm.train_args'
