@@ -63,6 +63,18 @@ def _first_line(e: BaseException, limit: int = 160) -> str:
     return f"{type(e).__name__}: {text[:limit]}" if text else type(e).__name__
 
 
+# torch.save's legacy (non-zip) format starts with its magic number, pickled: LONG1 of 10 bytes
+_LEGACY_MAGIC = b"\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"
+
+
+def _is_torch_file(path: str) -> bool:
+    """A zip archive (torch.save's format) or torch's legacy format, by the first bytes."""
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as f:
+        return _LEGACY_MAGIC in f.read(64)
+
+
 def _needed_globals(path: str, error: BaseException, allowed: Iterable[Any]) -> list[str]:
     """The Python globals the file names that ``weights_only`` refuses (read from the archive, no unpickling)."""
     names: list[str] = []
@@ -123,7 +135,7 @@ def _load_weights_only(path: str, arg_name: str, safe_globals: list, hint: str, 
         with allow_globals(safe_globals):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" not in str(e):
+        if "Weights only load failed" not in str(e) or not _is_torch_file(path):
             raise ValueError(f"{arg_name} {path!r} is not a readable torch.save file (corrupt? "
                              f"{_first_line(e)})") from None
         names = _needed_globals(path, e, safe_globals)

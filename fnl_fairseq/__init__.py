@@ -8,8 +8,10 @@ Use it as a fairseq ``--user-dir`` (``python -m fnl_fairseq`` prints the path)::
         --wd2fd --wd2fd-quekey --wd2fd-outval --optimizer fd_nag --weight-decay 1e-4 ...
 
 Importing it registers the ``fnl_transformer`` model and its architectures, the ``fd_nag``,
-``fd_adam`` and ``fd_sgd`` optimizers, and the types fairseq checkpoints hold as safe globals for
-``torch.load(weights_only=True)`` (``fnl_fairseq.checkpoint``).
+``fd_adam`` and ``fd_sgd`` optimizers, and the one type fairseq checkpoints hold besides tensors
+and containers as a safe global for ``torch.load(weights_only=True)``; it also wraps fairseq's
+checkpoint loader for one-line errors about bad files and refuses checkpoints whose config holds
+code where fairseq would ``eval()`` a setting (``fnl_fairseq.checkpoint``).
 """
 from . import checkpoint  # noqa: F401  (safe globals first: fairseq may load a checkpoint next)
 from . import optim  # noqa: F401

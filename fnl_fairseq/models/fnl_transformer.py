@@ -40,6 +40,7 @@ from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, TransformerEncoderLayerBase
 from torch import nn
 
+from fnl_fairseq.checkpoint import check_literal_settings
 from fnl_fairseq.fd import FDTerms, register_model as _register_for_fd
 from fnl_fairseq.modules.attention import attention_layers, balance_attention_, head_dim_for, shrink_heads_
 from fnl_fairseq.modules.embedding import (
@@ -258,6 +259,7 @@ class FNLTransformerModel(TransformerModel):
 
     @classmethod
     def build_model(cls, args, task):
+        check_literal_settings(args, "model settings")  # fairseq eval()s some; from a checkpoint they are data
         s = check_settings(args)
         model = super().build_model(args, task)
         with torch.no_grad():
