@@ -20,6 +20,8 @@ copies. With ``--fp16`` fairseq flattens the copies into one buffer unless
 ``--fp16-no-flatten-grads`` is given; one buffer cannot keep weight decay off the factors, so that
 is refused at start-up naming the flag (``--bf16`` never flattens).
 """
+import ast
+import copy
 import dataclasses
 import logging
 from typing import Any, Optional
@@ -30,12 +32,12 @@ from fairseq.dataclass import FairseqDataclass
 from fairseq.optim import OPTIMIZER_REGISTRY, FairseqOptimizer, register_optimizer
 from fairseq.optim.adam import FairseqAdamConfig
 from fairseq.optim.nag import FairseqNAGConfig
-from omegaconf import II
+from omegaconf import II, DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from fnl_fairseq.fd import FDTerms, find_owner
 
-__all__ = ["FDOptimizer", "FairseqFDAdam", "FairseqFDNAG", "FairseqFDSGD"]
+__all__ = ["FDOptimizer", "FairseqFDAdam", "FairseqFDNAG", "FairseqFDSGD", "literal_betas"]
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +108,7 @@ class FDOptimizer(FairseqOptimizer):
             {"params": [p for p in params if id(p) in fd_ids], "weight_decay": 0.0},  # Frobenius decay instead
         ]
         groups = [g for g in groups if g["params"]]
-        self.wrapped = OPTIMIZER_REGISTRY[self.base](cfg, groups)
+        self.wrapped = OPTIMIZER_REGISTRY[self.base](self.base_cfg(cfg), groups)
         self._fd_ids = {id(p) for p in fd_params}
         if self.terms:
             if copies is None:
@@ -123,6 +125,11 @@ class FDOptimizer(FairseqOptimizer):
             self._optimizer = self.wrapped.optimizer
             logger.warning(f"--optimizer fd_{self.base}: the model asks for no Frobenius decay (no --wd2fd* flag); "
                            f"this is plain --optimizer {self.base}")
+
+    def base_cfg(self, cfg: Any) -> Any:
+        """The config handed to the wrapped fairseq optimizer (subclasses make strings fairseq would
+        ``eval()`` safe)."""
+        return cfg
 
     @property
     def coef(self) -> float:
@@ -214,9 +221,38 @@ class FairseqFDNAG(FDOptimizer):
 
 @register_optimizer("fd_adam", dataclass=FDAdamConfig)
 class FairseqFDAdam(FDOptimizer):
-    """fairseq's ``adam`` (decoupled weight decay) with Frobenius decay (coupled, through the gradient)."""
+    """fairseq's ``adam`` (decoupled weight decay) with Frobenius decay (coupled, through the gradient).
+
+    fairseq's ``adam`` reads a string ``--adam-betas`` with ``eval()``; here it is parsed as a Python
+    literal (a pair of floats in [0, 1)) and handed on as a list, so no string is run as code.
+    """
 
     base = "adam"
+
+    def base_cfg(self, cfg: Any) -> Any:
+        cfg = copy.deepcopy(cfg)
+        cfg.adam_betas = OmegaConf.create(literal_betas(cfg.adam_betas))  # fairseq takes a ListConfig as it is
+        return cfg
+
+
+def literal_betas(value: Any) -> list:
+    """``--adam-betas`` as ``[beta1, beta2]``: a string is read with ``ast.literal_eval``, never ``eval``.
+
+    Raises:
+        ValueError: not a pair of numbers in [0, 1).
+    """
+    given = value
+    if isinstance(value, str):
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            raise ValueError(f"--adam-betas must be a pair of numbers such as '(0.9, 0.98)', got {given!r}") from None
+    if isinstance(value, (ListConfig, DictConfig)):
+        value = OmegaConf.to_container(value)
+    if not (isinstance(value, (list, tuple)) and len(value) == 2
+            and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in value)):
+        raise ValueError(f"--adam-betas must be a pair of numbers in [0, 1) such as '(0.9, 0.98)', got {given!r}")
+    return [float(b) for b in value]
 
 
 @register_optimizer("fd_sgd", dataclass=FDSGDConfig)
