@@ -296,3 +296,120 @@ def test_bad_input_names_the_argument(kwargs, match):
     extra = MODELS['resnet50'][0] if kwargs.get('base') == 'resnet50' else {}
     with pytest.raises(ValueError, match=match):
         timm.create_model('fnl', **kwargs, **extra)
+
+
+# --- ViT / DeiT attention: heads shrunk by rank_scale, query-key / output-value forms (paper section 3.2) ---
+VITS = ['deit_tiny_patch16_224', 'vit_tiny_patch16_224']
+
+
+def _head_forms(attn):
+    """Per head: (scale * W_Q^hᵀ W_K^h, W_O^h W_V^h), each (heads, d, d), in float64."""
+    w, width, heads, dh = attn.qkv.weight.double(), attn.attn_dim, attn.num_heads, attn.head_dim
+    q, k, v = (w[i * width:(i + 1) * width].reshape(heads, dh, -1) for i in range(3))
+    o = attn.proj.weight.double().T.reshape(heads, dh, -1)
+    return attn.scale * q.transpose(1, 2) @ k, o.transpose(1, 2) @ v
+
+
+def _truncated(forms, rank):
+    u, s, vh = torch.linalg.svd(forms)
+    return u[..., :rank] @ torch.diag_embed(s[..., :rank]) @ vh[..., :rank, :]
+
+
+@pytest.mark.parametrize('qkv_bias', [True, False])
+@pytest.mark.parametrize('name', VITS)
+def test_heads_full_rank_spectral_reproduces_dense(name, qkv_bias):
+    dense = _dense(name, qkv_bias=qkv_bias).eval()
+    model = _fnl(name, qkv_bias=qkv_bias, rank_scale=1.0, spectral=True, attention='heads').eval()
+    assert isinstance(model.blocks[0].mlp.fc1, fnl.FactorizedLayer) and type(model.blocks[0].attn.qkv) is nn.Linear
+    x = _x(name)
+    with torch.no_grad():
+        a, b = model(x), dense(x)
+    assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), f'{(a - b).abs().max()}'
+
+
+@pytest.mark.parametrize('name', VITS)
+def test_heads_shrunk_to_best_rank_forms(name):
+    """rank_scale 0.5: d_h = int(0.5 * d / heads); each head's scaled query-key form and output-value
+    form are the best rank-d_h approximations of the dense ones, in balanced factors; the parameter
+    count is the closed form."""
+    dense = _dense(name)
+    model = _fnl(name, rank_scale=0.5, spectral=True, attention='heads')
+    d, heads = dense.embed_dim, dense.blocks[0].attn.num_heads
+    dh = int(0.5 * d / heads)
+    def low_rank(lin):  # what attention='linear' would give qkv / proj
+        r = max(1, round(0.5 * min(lin.in_features, lin.out_features)))
+        return r * (lin.in_features + lin.out_features) + (lin.bias.numel() if lin.bias is not None else 0)
+
+    shrunk = d * 3 * heads * dh + 3 * heads * dh * (dense.blocks[0].attn.qkv.bias is not None) + heads * dh * d + d
+    expected = _closed_form_params(dense, 0.5) + sum(
+        shrunk - low_rank(b.attn.qkv) - low_rank(b.attn.proj) for b in dense.blocks)
+    assert sum(p.numel() for p in model.parameters()) == expected
+    for blk_dense, blk in zip(dense.blocks, model.blocks):
+        attn = blk.attn
+        assert attn.head_dim == dh and attn.qkv.out_features == 3 * heads * dh and attn.scale == dh ** -0.5
+        (qk0, ov0), (qk1, ov1) = _head_forms(blk_dense.attn), _head_forms(attn)
+        assert torch.allclose(qk1, _truncated(qk0, dh), atol=1e-5), f'{(qk1 - _truncated(qk0, dh)).abs().max()}'
+        assert torch.allclose(ov1, _truncated(ov0, dh), atol=1e-5), f'{(ov1 - _truncated(ov0, dh)).abs().max()}'
+        width = attn.attn_dim
+        w = attn.qkv.weight.detach().double()
+        sq = torch.linalg.svdvals(w[:width].reshape(heads, dh, -1))
+        sk = torch.linalg.svdvals(w[width:2 * width].reshape(heads, dh, -1))
+        assert torch.allclose(sq, sk, rtol=1e-4, atol=1e-7)  # balanced
+
+
+@pytest.mark.parametrize('qkv_bias', [True, False])
+def test_spectral_quekey_outval_keep_outputs_and_balance(qkv_bias):
+    name = 'vit_tiny_patch16_224'
+    dense = _dense(name, qkv_bias=qkv_bias).eval()
+    model = _fnl(name, qkv_bias=qkv_bias, spectral_quekey=True, spectral_outval=True).eval()
+    x = _x(name)
+    with torch.no_grad():
+        a, b = model(x), dense(x)
+    assert torch.allclose(a, b, atol=1e-5), f'{(a - b).abs().max()}'
+    attn, heads = model.blocks[0].attn, model.blocks[0].attn.num_heads
+    width, dh = attn.attn_dim, attn.head_dim
+    w = attn.qkv.weight.detach().double()
+    sq, sk, sv = (torch.linalg.svdvals(w[i * width:(i + 1) * width].reshape(heads, dh, -1)) for i in range(3))
+    so = torch.linalg.svdvals(attn.proj.weight.detach().double().T.reshape(heads, dh, -1))
+    assert torch.allclose(sq, sk, rtol=1e-4) and torch.allclose(so, sv, rtol=1e-4)
+    assert not torch.allclose(sq, torch.linalg.svdvals(
+        dense.blocks[0].attn.qkv.weight.detach().double()[:width].reshape(heads, dh, -1)), rtol=1e-2)
+
+
+def test_attention_fd_grad_on_fused_slices_equals_autograd():
+    from fnl_timm.models._timm_attention import add_attention_fd_grad_, attention_owner
+    model = _fnl('vit_tiny_patch16_224', qkv_bias=True, rank_scale=0.5, attention='heads')
+    attn = model.blocks[1].attn
+    assert attention_owner(attn.qkv.weight) is attn and attention_owner(attn.proj.weight) is attn
+    w, width, heads, coef = attn.qkv.weight, attn.attn_dim, attn.num_heads, 0.3
+    for quekey, outval in ((True, False), (False, True), (True, True)):
+        penalty = 0.0
+        if quekey:
+            penalty = penalty + fnl.quekey_norm_sq(w[:width], w[width:2 * width], heads).sum()
+        if outval:
+            penalty = penalty + fnl.outval_norm_sq(attn.proj.weight, w[2 * width:], heads).sum()
+        w.grad, attn.proj.weight.grad = torch.zeros_like(w), torch.zeros_like(attn.proj.weight)
+        (0.5 * coef * penalty).backward()
+        want_qkv, want_proj = w.grad.clone(), attn.proj.weight.grad.clone()
+        base = torch.randn_like(w), torch.randn_like(attn.proj.weight)
+        w.grad, attn.proj.weight.grad = base[0].clone(), base[1].clone()
+        add_attention_fd_grad_(attn, coef, quekey, outval)
+        assert torch.allclose(w.grad - base[0], want_qkv, atol=1e-6), f'{(w.grad - base[0] - want_qkv).abs().max()}'
+        assert torch.allclose(attn.proj.weight.grad - base[1], want_proj, atol=1e-6)
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(base='resnet50', rank_scale=0.5, attention='heads'), "attention='heads': ResNet has no timm Attention"),
+    (dict(base='resnet50', spectral_quekey=True), 'spectral_quekey: ResNet has no timm Attention'),
+    (dict(base='vit_tiny_patch16_224', rank=4, attention='heads'), "attention='heads' shrinks each head by rank_scale"),
+    (dict(base='vit_tiny_patch16_224', rank_scale=0.5, attention='rows'), "attention must be 'linear' or 'heads'"),
+    (dict(base='vit_tiny_patch16_224', rank_scale=0.5, spectral_outval=True), "with attention='linear' they are"),
+    (dict(base='vit_tiny_patch16_224', rank_scale=0.5, attention='heads', qk_norm=True),
+     'query-key form of .* is not a product of two matrices'),
+    (dict(base='vit_tiny_patch16_224', spectral_quekey=True, qk_norm=True), 'query-key form .* not a product'),
+    (dict(base='vit_tiny_patch16_224', rank_scale=0.001, attention='heads'), 'head dimension of 0'),
+])
+def test_attention_refusals(kwargs, match):
+    extra = MODELS[kwargs['base']][0]
+    with pytest.raises(ValueError, match=match):
+        timm.create_model('fnl', **kwargs, **extra)

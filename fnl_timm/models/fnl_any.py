@@ -33,6 +33,7 @@ from timm.models import generate_default_cfgs, register_model
 from fnl import factorize, solve_rank_scale
 
 from ..optim import mark_factors
+from ._timm_attention import balance_attention_, mark_attention, shrink_heads_, timm_attentions
 
 __all__ = ['factorize_timm_model']
 
@@ -118,6 +119,9 @@ def factorize_timm_model(
         exclude: Patterns = None,
         factorize_stem: bool = False,
         factorize_classifier: bool = False,
+        attention: str = 'linear',
+        spectral_quekey: bool = False,
+        spectral_outval: bool = False,
 ) -> nn.Module:
     """Factorize a timm model in place by the paper's vision rules; return it.
 
@@ -137,11 +141,35 @@ def factorize_timm_model(
         exclude: fnmatch patterns (or one comma-separated string) of layers to keep dense.
         factorize_stem: also factorize the first conv.
         factorize_classifier: also factorize the classifier.
+        attention: how timm ``Attention`` layers are factorized: ``'linear'`` factorizes ``qkv`` and
+            ``proj`` like any Linear; ``'heads'`` (the paper's Transformer method, with ``rank_scale``)
+            shrinks every head to ``d_h = int(rank_scale * d / heads)`` dimensions instead, so the
+            query-key and output-value forms have rank d_h (``spectral``: their best rank-d_h
+            approximations, in balanced factors).
+        spectral_quekey: rebalance each head's query-key factors by SVD (outputs unchanged).
+        spectral_outval: rebalance each head's output-value factors by SVD (outputs unchanged).
     """
     given = _check_rank_args(rank, rank_scale, target_ratio)
     spectral, square = _check_flag('spectral', spectral), _check_flag('square', square)
     factorize_stem = _check_flag('factorize_stem', factorize_stem)
     factorize_classifier = _check_flag('factorize_classifier', factorize_classifier)
+    spectral_quekey = _check_flag('spectral_quekey', spectral_quekey)
+    spectral_outval = _check_flag('spectral_outval', spectral_outval)
+    if attention not in ('linear', 'heads'):
+        raise ValueError(f"attention must be 'linear' or 'heads', got {attention!r}")
+    attns = timm_attentions(model)
+    if attention == 'heads':
+        if given != 'rank_scale':
+            raise ValueError("attention='heads' shrinks each head by rank_scale: give rank_scale (not rank or "
+                             "target_ratio)")
+        if not attns:
+            raise ValueError(f"attention='heads': {type(model).__name__} has no timm Attention layer")
+    for flag, on in (('spectral_quekey', spectral_quekey), ('spectral_outval', spectral_outval)):
+        if on and not attns:
+            raise ValueError(f'{flag}: {type(model).__name__} has no timm Attention layer')
+        if on and given is not None and attention == 'linear':
+            raise ValueError(f"{flag} acts on dense query/key/value/output projections: with attention='linear' "
+                             "they are factorized; use attention='heads'")
     includes, excludes = _patterns('include', include), _patterns('exclude', exclude)
     layers = [(n, m) for n, m in model.named_modules() if n and isinstance(m, _LAYER_TYPES)]
     for arg, patterns in (('include', includes), ('exclude', excludes)):
@@ -166,6 +194,15 @@ def factorize_timm_model(
             ruled[name] = 'not named by include'
         elif any(fnmatch.fnmatchcase(name, p) for p in excludes):
             ruled[name] = 'named by exclude'
+    head_dims = {}
+    if attention == 'heads':
+        for name, attn in attns:
+            head_dims[name] = int(rank_scale * attn.qkv.in_features / attn.num_heads)
+            if not 1 <= head_dims[name] <= attn.head_dim:
+                raise ValueError(f"attention='heads': rank_scale={rank_scale!r} gives {name!r} a head dimension of "
+                                 f'{head_dims[name]}; it must be in [1, {attn.head_dim}]')
+            for proj in ('qkv', 'proj'):
+                ruled[f'{name}.{proj}'] = f"attention='heads': heads shrunk to d_h={head_dims[name]}"
 
     inside_mha: Set[str] = set()
     for name, module in model.named_modules():
@@ -190,8 +227,16 @@ def factorize_timm_model(
         factorize(model, rank=rank, rank_scale=rank_scale or None, spectral=spectral, square=square, exclude=keep)
         if given != 'rank':
             model.rank_scale = float(rank_scale)
+        for name, attn in attns:
+            if name in head_dims:
+                shrink_heads_(attn, head_dims[name], spectral, name)
+    for name, attn in attns:
+        if spectral_quekey or spectral_outval:
+            balance_attention_(attn, spectral_quekey, spectral_outval, name)
     model.fnl_kept_dense = {n: r for n, r in reasons.items() if r is not None}
     mark_factors(model)
+    if attns and (given is None or attention == 'heads'):
+        mark_attention(model)
     return model
 
 
@@ -215,6 +260,9 @@ def fnl(
         exclude: Patterns = None,
         factorize_stem: bool = False,
         factorize_classifier: bool = False,
+        attention: str = 'linear',
+        spectral_quekey: bool = False,
+        spectral_outval: bool = False,
         pretrained_cfg: Any = None,
         **kwargs: Any,
 ) -> nn.Module:
@@ -226,7 +274,8 @@ def fnl(
         base: the timm model to factorize (any registered name, with a pretrained tag if wanted).
         rank, rank_scale, target_ratio: at most one; none (or rank_scale 0) = the dense base model.
         spectral: spectral init (SVD of the dense init, or of the pretrained weights); default: pretrained.
-        square, include, exclude, factorize_stem, factorize_classifier: see :func:`factorize_timm_model`.
+        square, include, exclude, factorize_stem, factorize_classifier, attention, spectral_quekey,
+            spectral_outval: see :func:`factorize_timm_model`.
         pretrained_cfg: a tag or cfg for the base (the ``fnl`` entry's own cfg is ignored).
         **kwargs: for ``timm.create_model(base, ...)`` (``num_classes``, ``in_chans``, ``drop_rate``,
             ``pretrained_cfg_overlay``, ``features_only``, ``img_size``, ...).
@@ -252,4 +301,5 @@ def fnl(
     model = timm.create_model(base, pretrained=bool(pretrained), pretrained_cfg=pretrained_cfg, **kwargs)
     return factorize_timm_model(
         model, rank=rank, rank_scale=rank_scale, target_ratio=target_ratio, spectral=spectral, square=square,
-        include=include, exclude=exclude, factorize_stem=factorize_stem, factorize_classifier=factorize_classifier)
+        include=include, exclude=exclude, factorize_stem=factorize_stem, factorize_classifier=factorize_classifier,
+        attention=attention, spectral_quekey=spectral_quekey, spectral_outval=spectral_outval)
