@@ -327,6 +327,21 @@ def test_heads_full_rank_spectral_reproduces_dense(name, qkv_bias):
     assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), f'{(a - b).abs().max()}'
 
 
+def test_heads_from_a_pretrained_file(tmp_path):
+    """pretrained=True with attention='heads': the loaded dense weights are what the heads are cut from
+    (at rank_scale 1 the loaded model's function)."""
+    name = 'deit_tiny_patch16_224'
+    trained = _dense(name, seed=5, qkv_bias=True).eval()
+    path = tmp_path / 'dense.pth'
+    torch.save(trained.state_dict(), path)
+    model = _fnl(name, seed=6, qkv_bias=True, pretrained=True, rank_scale=1.0, attention='heads',
+                 pretrained_cfg_overlay=dict(file=str(path), num_classes=CLASSES)).eval()
+    x = _x(name)
+    with torch.no_grad():
+        a, b = model(x), trained(x)
+    assert torch.allclose(a, b, atol=1e-4), f'{(a - b).abs().max()}'
+
+
 @pytest.mark.parametrize('name', VITS)
 def test_heads_shrunk_to_best_rank_forms(name):
     """rank_scale 0.5: d_h = int(0.5 * d / heads); each head's scaled query-key form and output-value
