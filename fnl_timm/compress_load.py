@@ -10,6 +10,7 @@ from torch import nn
 import timm
 
 import fnl
+from fnl._serialization import load_file as load_plain_file
 
 from ._serialization import TRUST_HINT, is_torchscript, load_file, load_torchscript, state_dict_mismatch
 from ._serialization import state_dict_of as _state_dict_of
@@ -129,7 +130,7 @@ def load_compressed(path: Union[str, Dict[str, Any]], device: str = 'cpu', arg_n
         ckpt, path = path, '<dict>'
     else:
         path = os.fspath(path)
-        ckpt = load_file(path, arg_name)
+        ckpt = load_plain_file(path, arg_name)  # tensors, strings and numbers only: no extra type allowed
     if not is_compressed_checkpoint(ckpt):
         raise ValueError(f'{arg_name} {path!r} is not an fnl-compress checkpoint (no arch / ranks)')
     _check_compressed(ckpt, path, arg_name)

@@ -373,3 +373,19 @@ def test_fd_adam_does_not_eval_adam_betas(tmp_path):
         error = str(e)
     assert not marker.exists(), '--adam-betas ran as code'
     assert error is not None and error.startswith('--adam-betas must be a pair of numbers'), error
+
+
+def test_fairseq_generate_console_refuses_payload(fairseq_run, tmp_path):
+    """The issue's reproduction through a real process: non-zero exit, the refusal as the last line, no marker."""
+    import subprocess
+    import sys
+    marker = tmp_path / 'MARKER'
+    path = _make_input('payload', tmp_path / 'in', marker, None)
+    root = os.path.dirname(USER_DIR)
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get('PYTHONPATH', ''), OMP_NUM_THREADS='1')
+    out = subprocess.run([sys.executable, '-m', 'fairseq_cli.generate', str(fairseq_run / 'bin'), '--user-dir', USER_DIR,
+                          '--path', str(path), '--cpu'], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode != 0
+    last = out.stderr.strip().splitlines()[-1]
+    assert 'is refused' in last and str(path) in last, out.stderr[-2000:]
+    assert not marker.exists(), 'the payload ran'
