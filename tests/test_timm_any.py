@@ -428,3 +428,23 @@ def test_attention_refusals(kwargs, match):
     extra = MODELS[kwargs['base']][0]
     with pytest.raises(ValueError, match=match):
         timm.create_model('fnl', **kwargs, **extra)
+
+
+def test_recipe_smoke(tmp_path):
+    """recipes/timm_any.py runs for real (--smoke --small, the ViT): dense, low rank + wd, spectral + FD."""
+    import importlib.util
+    import os
+    import sys
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'recipes')
+    sys.path.insert(0, folder)
+    try:
+        spec = importlib.util.spec_from_file_location('timm_any_recipe', os.path.join(folder, 'timm_any.py'))
+        recipe = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(recipe)
+        rows = recipe.main(['--smoke', '--small', '--models', 'vit', '--output', str(tmp_path)])
+    finally:
+        sys.path.remove(folder)
+    assert [r['run'] for r in rows] == ['vit-dense', 'vit-lowrank-wd', 'vit-lowrank-spectral-fd']
+    assert rows[0]['compression_ratio'] == 1.0 and rows[1]['params'] == rows[2]['params'] < rows[0]['params']
+    assert rows[2]['spectral'] and rows[2]['wd2fd'] and all(len(r['curve']) == 1 for r in rows)
+    assert (tmp_path / 'timm_any.png').stat().st_size > 0 and (tmp_path / 'timm_any.json').exists()
