@@ -27,6 +27,8 @@ from __future__ import annotations
 import argparse
 import ast
 import functools
+import os
+import sys
 from typing import Any, Callable
 
 import torch
@@ -44,6 +46,9 @@ EVALUATED_SETTINGS = {"adaptive_softmax_cutoff": "--adaptive-softmax-cutoff",
                       "encoder_xformers_att_config": "--encoder-xformers-att-config",
                       "decoder_xformers_att_config": "--decoder-xformers-att-config",
                       "xformers_att_config": "--xformers-att-config"}
+
+# the fairseq flags that name a checkpoint file (--path takes several, separated by os.pathsep)
+_PATH_FLAGS = ("--path", "--restore-file", "--finetune-from-model")
 
 _HINT = "a fairseq checkpoint needs no unpickling of Python objects beyond argparse.Namespace; do not load this file"
 
@@ -91,14 +96,24 @@ def _model_configs(state: Any) -> list:
     return configs
 
 
+def _arg_name(path: str) -> str:
+    """The command-line flag that named ``path`` (``--path``, ``--restore-file``, ...), else 'checkpoint'."""
+    argv = sys.argv
+    for flag, value in zip(argv, argv[1:]):
+        if flag in _PATH_FLAGS and path in value.split(os.pathsep):
+            return flag
+    return "checkpoint"
+
+
 def _explain(path: Any, error: BaseException) -> None:
     """Raise a one-line ``ValueError`` saying what is wrong with the file ``path`` (a load of it just failed)."""
-    if not isinstance(path, (str, bytes)) or "://" in str(path):
+    if not isinstance(path, str) or "://" in path:
         return  # a remote path: fairseq's own error stands
-    state = load_file(path, "checkpoint", safe_globals=SAFE_GLOBALS, hint=_HINT)  # raises for an unreadable file
+    arg = _arg_name(path)
+    state = load_file(path, arg, safe_globals=SAFE_GLOBALS, hint=_HINT)  # raises for an unreadable file
     if not isinstance(state, dict) or "model" not in state or ("cfg" not in state and "args" not in state):
         keys = sorted(map(str, state))[:6] if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"checkpoint {path!r} is not a fairseq checkpoint (it holds {keys}; a fairseq checkpoint "
+        raise ValueError(f"{arg} {path!r} is not a fairseq checkpoint (it holds {keys}; a fairseq checkpoint "
                          "has 'model' and 'cfg'), e.g. a checkpoint of another library or architecture") from None
 
 
@@ -119,7 +134,7 @@ def wrap_checkpoint_loading() -> None:
             _explain(path, e)
             raise
         for config in _model_configs(state):
-            check_literal_settings(config, f"checkpoint {path!r}")
+            check_literal_settings(config, f"{_arg_name(path) if isinstance(path, str) else 'checkpoint'} {path!r}")
         return state
 
     load_checkpoint_to_cpu._fnl_checked = True  # type: ignore[attr-defined]

@@ -387,5 +387,5 @@ def test_fairseq_generate_console_refuses_payload(fairseq_run, tmp_path):
                           '--path', str(path), '--cpu'], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode != 0
     last = out.stderr.strip().splitlines()[-1]
-    assert 'is refused' in last and str(path) in last, out.stderr[-2000:]
+    assert "--path '" in last and 'is refused' in last and str(path) in last, out.stderr[-2000:]
     assert not marker.exists(), 'the payload ran'
