@@ -3,7 +3,8 @@
 Every command of this plugin reads its input files through :func:`load_file`:
 ``torch.load(weights_only=True)`` with exactly one extra type allowed, the ``argparse.Namespace``
 that timm's ``CheckpointSaver`` (and so fnl-train) stores as ``args``. fnl-compress's
-``compressed.pth`` and the normalisation experiment's norms need nothing extra. A whole pickled
+``compressed.pth`` and the normalisation experiment's norms need nothing extra, and their readers
+(``load_compressed``, ``fnl.load_frobnorms``) allow nothing extra. A whole pickled
 module (fnl-compress's ``model.pt``) and a TorchScript file are programs: they load only with
 ``trust_pickle=True`` (``--trust-pickle``), and are refused with the flag named otherwise.
 """
@@ -43,7 +44,8 @@ def load_file(path: 'os.PathLike | str', arg_name: str, *, trust_pickle: bool = 
     Args:
         path: the file.
         arg_name: the argument that named it; every error names it.
-        trust_pickle: use the full unpickler (runs any code the file names): trusted files only.
+        trust_pickle: a file the weights-only reader refuses is then read by the full unpickler, which
+            runs any code the file names: trusted files only.
         hint: the end of the refusal of a file that needs the full unpickler.
     """
     return _load_file(path, arg_name, trust_pickle=trust_pickle, safe_globals=CHECKPOINT_GLOBALS, hint=hint)
