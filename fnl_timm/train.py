@@ -27,7 +27,7 @@ import sys
 import time
 from collections import OrderedDict
 from contextlib import nullcontext
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -108,6 +108,15 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
             dist.destroy_process_group()
 
 
+def _amp(args: argparse.Namespace, device: torch.device) -> Tuple[Any, Optional[NativeScaler]]:
+    """(autocast context, loss scaler) of ``--amp``: bfloat16 on the CPU, float16 with timm's GradScaler on CUDA."""
+    if not args.amp:
+        return nullcontext(), None
+    amp_dtype = torch.float16 if device.type == 'cuda' else torch.bfloat16
+    scaler = NativeScaler(device=device.type) if amp_dtype == torch.float16 else None
+    return torch.autocast(device_type=device.type, dtype=amp_dtype), scaler
+
+
 def _read_resume(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     """The ``--resume`` checkpoint, its flags checked against this run's, before any data is read."""
     if not args.resume:
@@ -165,12 +174,7 @@ def _train(args: argparse.Namespace, device: torch.device, stop: StopSignal) -> 
         optimizer = create_optimizer_v2(groups, args.opt, lr=args.lr, weight_decay=args.weight_decay,
                                         momentum=args.momentum, **args.opt_kwargs)
 
-    amp_ctx, loss_scaler = nullcontext(), None
-    if args.amp:
-        amp_dtype = torch.float16 if device.type == 'cuda' else torch.bfloat16
-        amp_ctx = torch.autocast(device_type=device.type, dtype=amp_dtype)
-        if amp_dtype == torch.float16:
-            loss_scaler = NativeScaler(device=device.type)
+    amp_ctx, loss_scaler = _amp(args, device)
 
     # loaders and schedule
     eval_bs = args.eval_batch_size or 2 * args.batch_size
