@@ -85,7 +85,11 @@ def main(argv=None):
             if res is not None:
                 rows.append(dict(run=name, model_name=model, setting=setting, **res,
                                  curve=_curve(os.path.join(args.output, res['experiment']))))
-    finish(rows, args, ['run', 'params', 'compression_ratio', 'macs_ratio', 'top1', 'train_seconds'], 'timm_any.json')
+    for r in rows:  # against the dense run: fnl.summary's dense count is that of the head-shrunk ViT
+        dense = next((d for d in rows if d['model_name'] == r['model_name'] and d['setting'] == 'dense'), None)
+        r['params_vs_dense_run'] = None if dense is None else r['params'] / dense['params']
+    finish(rows, args, ['run', 'params', 'params_vs_dense_run', 'compression_ratio', 'macs_ratio', 'top1',
+                        'train_seconds'], 'timm_any.json')
     if rows:
         png = os.path.join(args.output, 'timm_any.png')
         plot(rows, png)

@@ -446,5 +446,6 @@ def test_recipe_smoke(tmp_path):
         sys.path.remove(folder)
     assert [r['run'] for r in rows] == ['vit-dense', 'vit-lowrank-wd', 'vit-lowrank-spectral-fd']
     assert rows[0]['compression_ratio'] == 1.0 and rows[1]['params'] == rows[2]['params'] < rows[0]['params']
+    assert rows[2]['params_vs_dense_run'] == rows[2]['params'] / rows[0]['params']
     assert rows[2]['spectral'] and rows[2]['wd2fd'] and all(len(r['curve']) == 1 for r in rows)
     assert (tmp_path / 'timm_any.png').stat().st_size > 0 and (tmp_path / 'timm_any.json').exists()
