@@ -449,3 +449,19 @@ def test_recipe_smoke(tmp_path):
     assert rows[2]['params_vs_dense_run'] == rows[2]['params'] / rows[0]['params']
     assert rows[2]['spectral'] and rows[2]['wd2fd'] and all(len(r['curve']) == 1 for r in rows)
     assert (tmp_path / 'timm_any.png').stat().st_size > 0 and (tmp_path / 'timm_any.json').exists()
+
+
+def test_bench_smoke():
+    """bench/bench_timm_any.py runs (tiny widths): images/s of both models, the MAC ratio of fnl.count_macs."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'bench', 'bench_timm_any.py')
+    spec = importlib.util.spec_from_file_location('bench_timm_any', path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    (row,) = bench.main(['--smoke', '--repeats', '1', '--models', 'vit_small_patch16_224', '--batch-size', '2'])
+    kwargs = bench.MODELS['vit_small_patch16_224'][2]
+    dense = timm.create_model('vit_small_patch16_224', **kwargs)
+    fact = timm.create_model('fnl', base='vit_small_patch16_224', rank_scale=0.25, attention='heads', **kwargs)
+    assert row['mac_speedup'] == fnl.count_macs(dense, (3, 32, 32)) / fnl.count_macs(fact, (3, 32, 32))
+    assert all(row[k] > 0 for k in ('infer_img_s_dense', 'infer_img_s_fnl', 'train_img_s_dense', 'train_img_s_fnl'))
