@@ -20,7 +20,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     nor for None (the help text then says what is used instead)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False, {}) or action.default is argparse.SUPPRESS:
+        if action.default is None or action.default is False or action.default == {} \
+                or action.default is argparse.SUPPRESS:
             return action.help or ''
         return super()._get_help_string(action)
 

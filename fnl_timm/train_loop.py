@@ -13,7 +13,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 
 from timm.utils import AverageMeter, accuracy, dispatch_clip_grad, reduce_tensor
 
@@ -62,8 +62,13 @@ class SeededDataset(Dataset):
 
     def __getitem__(self, item: Tuple[int, int]):
         index, seed = item
+        if get_worker_info() is not None:  # a loader process: nothing else draws from its generators
+            torch.default_generator.manual_seed(seed)
+            random.seed(seed)
+            return self.dataset[index]
         torch_state, py_state = torch.get_rng_state(), random.getstate()
-        torch.manual_seed(seed)
+        # the CPU generator the transforms draw from (torch.manual_seed also seeds every accelerator's: 90 us, not 1)
+        torch.default_generator.manual_seed(seed)
         random.seed(seed)
         try:
             return self.dataset[index]

@@ -224,3 +224,26 @@ def test_missing_dataset_is_a_clear_cli_error(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "fnl-train: error: data_dir (--data-dir)" in err and "holds no cifar10 data" in err and "--download" in err
+
+
+def test_every_flag_has_help_and_shows_its_default_once():
+    parser = fnl_train.build_parser()
+    text = parser.format_help()
+    for action in parser._actions:
+        assert action.help, f'{action.option_strings} has no help'
+    assert '(default: None)' not in text and '(default: False)' not in text
+    assert 'peak learning rate (default: 0.1)' in ' '.join(text.split())
+    for flag in ('--batch-size', '--epochs', '--lr'):
+        assert ' '.join(text.split()).count(f'{flag} {flag.lstrip("-").replace("-", "_").upper()} ') == 1
+
+
+def test_periodic_log_lines_without_a_terminal(tmp_path, caplog):
+    """Output not a terminal (as under pytest), no --no-progress: timm-style lines every --log-interval steps."""
+    argv = [a for a in BASE if a != '--no-progress'] + ['--output', str(tmp_path), '--epochs', '1',
+                                                       '--limit-train-batches', '5', '--log-interval', '2']
+    with caplog.at_level('INFO', logger='fnl_train'):
+        fnl_train.run(argv)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith('Train: ')]
+    assert [line.split(']')[0] for line in lines] == ['Train: 0 [2/5 ( 40%)', 'Train: 0 [4/5 ( 80%)',
+                                                      'Train: 0 [5/5 (100%)']
+    assert all(' loss ' in line and ' lr 0.05' in line for line in lines), lines
