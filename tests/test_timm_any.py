@@ -392,7 +392,7 @@ def test_spectral_quekey_outval_keep_outputs_and_balance(qkv_bias):
 
 
 def test_attention_fd_grad_on_fused_slices_equals_autograd():
-    from fnl_timm.models._timm_attention import add_attention_fd_grad_, attention_owner
+    from fnl_timm.models import add_attention_fd_grad_, attention_owner
     model = _fnl('vit_tiny_patch16_224', qkv_bias=True, rank_scale=0.5, attention='heads')
     attn = model.blocks[1].attn
     assert attention_owner(attn.qkv.weight) is attn and attention_owner(attn.proj.weight) is attn
