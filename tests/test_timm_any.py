@@ -196,6 +196,19 @@ def test_pretrained_file_is_loaded_then_factorized(name, tmp_path):
         assert torch.allclose(a, b, atol=1e-5), f'{(a - b).abs().max()}'
 
 
+def test_pretrained_with_other_in_chans(tmp_path):
+    """timm adapts the pretrained stem to in_chans (summing over RGB for one channel) before the
+    factorization; the factorized layers are the SVD of the loaded weights."""
+    trained = _dense('resnet50', seed=7)
+    path = tmp_path / 'dense.pth'
+    torch.save(trained.state_dict(), path)
+    model = _fnl('resnet50', pretrained=True, in_chans=1, rank_scale=1.0,
+                 pretrained_cfg_overlay=dict(file=str(path), num_classes=CLASSES))
+    assert torch.allclose(model.conv1.weight, trained.conv1.weight.sum(1, keepdim=True))
+    w = model.layer1[0].conv2.dense_weight()
+    assert torch.allclose(w, trained.layer1[0].conv2.weight, atol=1e-5), f'{(w - trained.layer1[0].conv2.weight).abs().max()}'
+
+
 @pytest.mark.parametrize('name', NAMES)
 def test_timm_interface_kept(name):
     """The base model's pretrained_cfg, forward_features / forward_head, reset_classifier,
