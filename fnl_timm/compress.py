@@ -273,6 +273,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         run(args)
     except ValueError as e:
         parser.exit(2, f'fnl-compress: error: {e}\n')
+    except OSError as e:  # e.g. a read-only --output: one line, not a traceback
+        parser.exit(1, f'fnl-compress: error: {e.strerror or e}' + (f': {e.filename}' if e.filename else '') + '\n')
+    except RuntimeError as e:  # torch.save to a path reports a full disk as a short write of its zip archive
+        if 'unexpected pos' not in str(e):
+            raise
+        parser.exit(1, f'fnl-compress: error: No space left on device (writing to --output {args.output})\n')
     return 0
 
 

@@ -423,3 +423,28 @@ def test_summary_rewritten_from_an_epoch_has_no_later_rows(tmp_path):
     for epoch in (0, 1, 2, 1):
         train_checkpoint.update_summary(path, epoch, {'loss': float(epoch)}, {'top1': 10.0 * epoch}, 0.1)
     assert [(r['epoch'], r['eval_top1']) for r in _summary_rows(tmp_path)] == [('0', '0.0'), ('1', '10.0')]
+
+
+@pytest.mark.parametrize('opts,reason', [('size=1m,ro', 'Read-only file system'), ('size=40k', 'No space left')])
+def test_fnl_compress_unwritable_output_is_one_line(tmp_path, capsys, opts, reason):
+    """Case 7 for fnl-compress: a read-only or full --output folder (a real tmpfs; skipped where none can be
+    mounted) is one line and exit 1, with no partial file left."""
+    from fnl_timm import compress
+    fs = tmp_path / 'fs'
+    fs.mkdir()
+    try:
+        if subprocess.run(['mount', '-t', 'tmpfs', '-o', opts, 'tmpfs', str(fs)], capture_output=True).returncode:
+            pytest.skip('no tmpfs can be mounted here')
+    except OSError:
+        pytest.skip('no mount command')
+    try:
+        with pytest.raises(SystemExit) as e:
+            compress.main(['--model', 'fnl_test_resnet', '--random-init', '--num-classes', '10', '--input-size', '3',
+                           '8', '8', '--target-ratio', '0.5', '--no-latency', '--dataset', 'digits', '--img-size',
+                           '8', '--eval-batches', '1', '--output', str(fs / 'out')])
+        err = capsys.readouterr().err.strip().splitlines()
+        left = [n for _, _, files in os.walk(fs) for n in files]
+    finally:  # lazy: the failed writer's file handle may live until its traceback is collected
+        subprocess.run(['umount', '-l', str(fs)], check=True)
+    assert e.value.code == 1 and err[-1].startswith('fnl-compress: error: ') and reason in err[-1], err[-3:]
+    assert left == []
