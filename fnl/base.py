@@ -52,13 +52,15 @@ def resolve_rank(rank: Optional[int], rank_scale: Optional[float], base: int) ->
 
 def spectral_factors(weight: Tensor, rank: int, square: bool = False,
                      generator: Optional[torch.Generator] = None) -> tuple[Tensor, Optional[Tensor], Tensor]:
-    """Spectral factors of a matrix: ``U = P_r sqrt(s_r)``, ``V = Q_r sqrt(s_r)`` (SPEC 2).
+    """Spectral factors of a matrix: ``U = P_r sqrt(s_r)``, ``V = Q_r sqrt(s_r)`` (paper section 3).
 
-    The singular vectors come from the eigendecomposition of the smaller Gram matrix (``W Wᵀ`` or
-    ``Wᵀ W``), about twice as fast as an SVD on the CPU; the other side is ``Wᵀ P_r / s_r``, so the
-    product is the exact projection ``P_r P_rᵀ W``: the best rank-r approximation, and ``W`` itself
-    at full rank. It runs in float64 for float64 weights and in float32 otherwise (half and
-    bfloat16 included); the factors come back in the input's dtype.
+    ``W = P diag(s) Qᵀ`` is a thin SVD computed in float64 whatever the weight's dtype (half and
+    bfloat16 included), and the factors come back in the input's dtype. ``U Vᵀ`` is then the best
+    rank-r approximation of ``W`` (Eckart-Young), and ``W`` itself at full rank; the singular values
+    are split evenly, so column i of ``U`` and of ``V`` both have norm ``sqrt(s_i)``. Float64 because
+    it reaches the optimum where float32 does not: on a 512 x 512 matrix with singular values from 1
+    to 1e-6, at rank 480 a float32 SVD gives 1.4x the optimal error, float64 1.0x (and an fp32
+    eigendecomposition of ``W Wᵀ``, used before, 90x with factors of wildly different norms).
 
     For ``rank > min(m, n)`` (and for numerically zero singular values) the extra columns of ``U``
     hold small random values and those of ``V`` zeros: the product is unchanged and the extra rank
@@ -74,27 +76,21 @@ def spectral_factors(weight: Tensor, rank: int, square: bool = False,
         raise ValueError(f"weight must be a matrix, got shape {tuple(weight.shape)}")
     if not bool(torch.isfinite(weight).all()):
         raise ValueError("weight has non-finite values (inf or nan); spectral init needs a finite weight")
-    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    w = weight.detach().to(dtype)
-    transpose = w.shape[0] > w.shape[1]  # decompose the smaller Gram matrix
-    if transpose:
-        w = w.T
-    m, n = w.shape  # m <= n from here on
-    keep = min(rank, m)
-    evals, evecs = torch.linalg.eigh(w @ w.T)  # ascending
-    s2 = evals.flip(0)[:keep].clamp_min(0)
-    p = evecs.flip(1)[:, :keep]
-    tol = s2[0] * (max(m, n) * torch.finfo(dtype).eps) ** 2 if keep else 0  # zero singular values
-    valid = s2 > tol
-    root = s2.sqrt().masked_fill(~valid, 1.0).sqrt()
-    a = w.new_zeros((m, rank))
-    b = w.new_zeros((n, rank))
-    a[:, :keep] = torch.where(valid, p * root, 0.0)
-    b[:, :keep] = torch.where(valid, (w.T @ p) / root, 0.0)
-    u, v = (b, a) if transpose else (a, b)
+    w = weight.detach().to(torch.float64)
+    m, n = w.shape
+    keep = min(rank, m, n)
+    p, s, qh = torch.linalg.svd(w, full_matrices=False)  # s descending
+    s, p, q = s[:keep], p[:, :keep], qh[:keep].T
+    tol = s[0] * max(m, n) * torch.finfo(torch.float64).eps if keep else 0  # numerically zero values
+    valid = s > tol
+    root = s.clamp_min(0).sqrt()
+    u = w.new_zeros((m, rank))
+    v = w.new_zeros((n, rank))
+    u[:, :keep] = torch.where(valid, p * root, 0.0)
+    v[:, :keep] = torch.where(valid, q * root, 0.0)
     dead = torch.cat([~valid, valid.new_ones(rank - keep)])  # zero directions and ranks beyond min(m, n)
     if dead.any():
-        u[:, dead] = torch.randn((u.shape[0], int(dead.sum())), generator=generator, dtype=dtype,
+        u[:, dead] = torch.randn((m, int(dead.sum())), generator=generator, dtype=torch.float64,
                                  device=w.device) * _EXTRA_RANK_STD
     sq = torch.eye(rank, dtype=weight.dtype, device=weight.device) if square else None
     return u.to(weight.dtype), sq, v.to(weight.dtype)

@@ -28,8 +28,10 @@ class FactorizedLinear(FactorizedLayer):
         square: add an (r x r) factor S initialised to the identity (deep distillation).
         spectral: initialise the dense weight with ``init`` and factorize it by SVD.
         init: in-place init function; applied to the dense (out x in) weight when ``spectral``,
-            else to each factor viewed as a layer weight (Vᵀ: r x in, U: out x r).
-            None is torch's ``nn.Linear`` init.
+            else (the paper's default-init baseline, as in its reference code) to each factor as
+            the weight of the layer it acts as: ``Vᵀ`` of an in -> r layer (fan-in ``in``) and ``U``
+            of an r -> out layer (fan-in ``r``). None is torch's ``nn.Linear`` init
+            (Kaiming-uniform, a=sqrt(5)) with those fan-ins.
         device: device of the parameters.
         dtype: dtype of the parameters.
     """

@@ -219,6 +219,11 @@ def factorize(
         exclude: patterns or a predicate removing candidates.
         embeddings: also factorize ``nn.Embedding``.
         init: the per-factor init of the non-spectral case (see the layer classes).
+
+    Raises:
+        ValueError, TypeError: for bad arguments, or naming the first selected layer that cannot be
+            factorized (e.g. ``padding='same'`` with an even kernel); every layer is checked before
+            any is replaced, so the model is then left exactly as it was.
     """
     if sum(x is not None for x in (rank, rank_scale, target_ratio)) != 1:
         raise ValueError(f"give exactly one of rank, rank_scale or target_ratio; got rank={rank!r}, "
@@ -230,12 +235,18 @@ def factorize(
                                       embeddings=embeddings)
     else:  # validate before touching the model
         resolve_rank(rank, rank_scale, 1)
-    done: dict[int, FactorizedLayer] = {}
+    # every layer is built (and so validated) before any is swapped in: an invalid layer raises with
+    # the model exactly as it was
+    built: dict[int, tuple[nn.Module, FactorizedLayer]] = {}
     for name, module in _candidates(model, include, exclude, embeddings):
-        if id(module) not in done:
-            done[id(module)] = _factorize_one(module, rank, rank_scale, spectral, square, init)
-            for alias in _all_names(model, module):  # a shared layer stays shared
-                _replace(model, alias, done[id(module)])
+        if id(module) not in built:
+            try:
+                built[id(module)] = module, _factorize_one(module, rank, rank_scale, spectral, square, init)
+            except (ValueError, TypeError) as e:
+                raise type(e)(f"cannot factorize layer {name!r} ({module}): {e}; the model is unchanged") from e
+    for module, new in built.values():
+        for alias in _all_names(model, module):  # a shared layer stays shared
+            _replace(model, alias, new)
     return model
 
 

@@ -159,14 +159,6 @@ def test_counts():
     assert lin.num_parameters() == 10 * 150 + 50
 
 
-def test_default_init_is_per_factor_kaiming():
-    torch.manual_seed(7)
-    f = fnl.FactorizedConv2d(64, 64, 3, rank=32, init=lambda w: nn.init.kaiming_normal_(w, mode="fan_in"))
-    # V acts as a (r, in, 1, kw) conv: fan_in = in*kw = 192; U as (out, r, kh, 1): fan_in = r*kh = 96
-    assert f.V.std().item() == pytest.approx(math.sqrt(2 / 192), rel=0.05)
-    assert f.U.std().item() == pytest.approx(math.sqrt(2 / 96), rel=0.05)
-
-
 def test_extra_repr_shows_non_defaults():
     assert repr(fnl.FactorizedLinear(4, 3, bias=False, rank=2)) == \
         "FactorizedLinear(in_features=4, out_features=3, rank=2, bias=False)"
