@@ -269,3 +269,32 @@ def test_torchscript(make, x):
     layer = make()
     scripted = torch.jit.script(layer)
     _close(scripted(x), layer(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("stride, expect_dense", [((1, 1), False), ((1, 2), False), ((2, 1), True), ((2, 2), True)])
+def test_conv_auto_path_counts_the_vertical_stride(stride, expect_dense):
+    """The (1 x kw) conv runs on every input row, about sh per output row: rank 20 at 16 -> 16 channels,
+    3x3, costs 20 (48 sh + 48) per output pixel against 2304 dense: factored at sh = 1, dense at sh = 2
+    (the horizontal stride divides both paths alike)."""
+    layer = fnl.FactorizedConv2d(16, 16, 3, stride, padding=1, rank=20)
+    assert layer.uses_dense_path == expect_dense
+    shape = (16, 32, 32)
+    layer.path = "factored"
+    factored = layer.macs(shape)
+    assert (factored >= layer.dense_macs(shape)) == expect_dense, (factored, layer.dense_macs(shape))
+
+
+@pytest.mark.parametrize("padding", [(1, 2), (2, 0), (0, 3)])
+@pytest.mark.parametrize("stride", [1, (1, 2), (2, 1)])
+@pytest.mark.parametrize("cls", [fnl.TTConv2d, fnl.TuckerConv2d])
+def test_1x1_tensor_conv_asymmetric_padding_matches_dense_conv(cls, stride, padding):
+    torch.manual_seed(12)
+    layer = cls(12, 10, 1, stride, padding, rank_scale=0.5, dtype=torch.float64)
+    dense = nn.Conv2d(12, 10, 1, stride, padding, dtype=torch.float64)
+    with torch.no_grad():
+        dense.weight.copy_(layer.dense_weight())
+        dense.bias.copy_(layer.bias)
+    x = torch.randn(2, 12, 7, 9, dtype=torch.float64)
+    y, ref = layer(x), dense(x)
+    assert y.shape == ref.shape
+    _close(y, ref, atol=1e-10)
