@@ -187,13 +187,39 @@ class FactorizedConv2d(FactorizedLayer):
     def forward(self, x: Tensor) -> Tensor:
         if self.uses_dense_path:
             return F.conv2d(x, self.dense_weight(), self.bias, self.stride, self.padding, self.dilation)
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
-        u = self.U if self.S is None else self.U @ self.S  # (out*kh, r)
-        r = self.rank
-        w_a = self.V.view(self.in_channels, kw, r).permute(2, 0, 1).unsqueeze(2)  # (r, in, 1, kw)
-        w_b = u.view(self.out_channels, kh, r).permute(0, 2, 1).unsqueeze(3)  # (out, r, kh, 1)
+        (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
+        if torch.jit.is_scripting():
+            w_a, w_b = self._factor_conv_weights()
+        elif not torch.is_grad_enabled() and not torch.compiler.is_compiling():  # inference: reuse
+            w_a, w_b = self._cached_factor_conv_weights()
+        else:
+            w_a, w_b = self._factor_conv_weights()
         h = F.conv2d(x, w_a, None, (1, sw), (0, pw), (1, dw))  # (B, r, H, W_out)
         return F.conv2d(h, w_b, self.bias, (sh, 1), (ph, 0), (dh, 1))  # (B, out, H_out, W_out)
+
+    def _factor_conv_weights(self) -> tuple[Tensor, Tensor]:
+        """The two convs' weights, (r, in, 1, kw) and (out, r, kh, 1), contiguous.
+
+        Permuted views of ``V`` and ``U`` are not contiguous, and the conv kernels copy such a weight
+        on every call anyway; here the copy is explicit, and without autograd it is made once and
+        reused until a factor changes (``_cached_factor_conv_weights``).
+        """
+        (kh, kw), r = self.kernel_size, self.rank
+        u = self.U if self.S is None else self.U @ self.S  # (out*kh, r)
+        w_a = self.V.view(self.in_channels, kw, r).permute(2, 0, 1).unsqueeze(2).contiguous()
+        w_b = u.view(self.out_channels, kh, r).permute(0, 2, 1).unsqueeze(3).contiguous()
+        return w_a, w_b
+
+    @torch.jit.unused
+    def _cached_factor_conv_weights(self) -> tuple[Tensor, Tensor]:
+        # host-side key, no device sync: in-place updates (optimizer steps, load_state_dict) bump a
+        # tensor's version; replaced or moved factors change identity or address
+        key = tuple((id(p), p.data_ptr(), p._version, p.device, p.dtype) for p in self.factor_parameters())
+        cache = self.__dict__.get("_conv_weight_cache")
+        if cache is None or cache[0] != key:
+            cache = (key, self._factor_conv_weights())
+            self.__dict__["_conv_weight_cache"] = cache
+        return cache[1]
 
     # --- layout --------------------------------------------------------------------------------
     def _dense_weight_shape(self) -> Sequence[int]:

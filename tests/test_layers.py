@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fnl
@@ -298,3 +299,35 @@ def test_1x1_tensor_conv_asymmetric_padding_matches_dense_conv(cls, stride, padd
     y, ref = layer(x), dense(x)
     assert y.shape == ref.shape
     _close(y, ref, atol=1e-10)
+
+
+def test_conv_inference_reuses_weights_until_a_factor_changes():
+    """Without autograd the two convs' contiguous weights are made once; any change of a factor
+    (optimizer step, load_state_dict, a new dtype) must show in the next output."""
+    torch.manual_seed(13)
+    f = fnl.FactorizedConv2d(4, 6, 3, padding=1, rank=3, square=True, path="factored")
+    x = torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        y0 = f(x)
+        first = f._cached_factor_conv_weights()
+        assert all(a is b for a, b in zip(first, f._cached_factor_conv_weights())), "not reused"
+        assert all(w.is_contiguous() for w in first)
+    opt = torch.optim.SGD(f.parameters(), lr=0.5)
+    f(x).square().sum().backward()
+    opt.step()
+    for step in ("optimizer step", "load_state_dict", "double"):
+        if step == "load_state_dict":
+            state = {k: torch.randn_like(v) for k, v in f.state_dict().items()}
+            f.load_state_dict(state)
+        elif step == "double":
+            f.double()
+            x = x.double()
+        with torch.no_grad():
+            y = f(x)
+        ref = F.conv2d(x, f.dense_weight().detach(), f.bias.detach(), f.stride, f.padding)
+        _close(y, ref, atol=1e-5 * ref.abs().max().item())
+        if step == "double":
+            assert y.dtype == torch.float64
+        else:
+            assert not torch.allclose(y, y0, atol=1e-3), step
+        y0 = y
