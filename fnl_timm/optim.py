@@ -1,4 +1,4 @@
-"""Frobenius-decay optimizers registered in timm's optimizer registry (SPEC 3).
+"""Frobenius-decay optimizers registered in timm's optimizer registry (paper section 3).
 
 ``timm.optim.create_optimizer_v2(model, 'fdsgd', lr=0.1, momentum=0.9, weight_decay=1e-4)``
 gives the paper's ``--wd2fd`` behaviour: every factor of a factorized layer is regularised by
@@ -6,23 +6,34 @@ Frobenius decay ``(lambda/2) ||U Vᵀ||_F²`` with ``lambda`` = the weight decay
 parameter keeps timm's ordinary weight decay. timm's factory hands an optimizer only parameter
 groups, never the model, so the optimizer finds the layer that owns each factor through a
 registry filled by :func:`mark_factors` (every ``fnl_*`` model calls it when it is built; call it
-yourself for a model factorized with ``fnl.factorize``).
+yourself for a model factorized with ``fnl.factorize``). The models' ``no_weight_decay()`` does
+not name the factors: with a stock timm optimizer (``sgd``, ``momentum``, ``adamw``, ...) they keep
+ordinary weight decay, the paper's baseline.
 
 The FD gradient is added inside ``step()``: after backward, after ``GradScaler.unscale_`` and
 gradient clipping, right before the update, i.e. exactly where coupled L2 weight decay is applied
-by ``torch.optim.SGD`` (it goes through momentum the same way). Under DDP the gradients are
-already averaged and the factors are identical on every rank, so every rank adds the same FD term.
+by ``torch.optim.SGD`` (it goes through momentum the same way). With ``fused=True`` under
+``torch.amp.GradScaler`` the scaler hands the optimizer still-scaled gradients and the scale to
+divide out inside the kernel; the FD gradient is then multiplied by that scale first, so the update
+is the same as unscaled (``fnl.frobenius.accumulate_fd_grads_``). ``foreach`` and the for-loop
+implementations are unscaled by the scaler before ``step``. Factors whose ``.grad`` is None this
+step get no FD. Under DDP the gradients are already averaged and the factors are identical on
+every rank, so every rank adds the same FD term.
+
+A requested regulariser that would do nothing is an error at construction: ``wd2fd=True`` (the
+default) with no registered factor among the parameters, or with an FD coefficient of 0 that
+was not asked for explicitly (``weight_decay=0`` and no ``fd_coef``).
 
 Extra keyword arguments understood by every FD optimizer (pass them through timm's
 ``--opt-kwargs``):
 
 * ``fd_coef``: the FD coefficient; default = the largest weight decay among the groups (the
-  ``weight_decay`` the user asked for). ``fd_coef=0`` is the paper's ``--no-frob``.
+  ``weight_decay`` the user asked for). ``fd_coef=0`` is the paper's ``--no-frob`` (factors
+  unregularised).
 * ``wd2fd``: ``True`` (default) = factors get FD and no weight decay; ``False`` = factors get
   ordinary weight decay and no FD (the paper's baseline).
 """
 from typing import Any, Dict, Iterable, List, Optional, Tuple
-import warnings
 import weakref
 
 import torch
@@ -30,6 +41,7 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 import fnl
+from fnl.frobenius import accumulate_fd_grads_
 
 __all__ = [
     'mark_factors', 'factor_owner', 'FDSGD', 'FDAdamW', 'FDAdam', 'FD_OPTIMIZERS',
@@ -110,10 +122,15 @@ def _split_factor_groups(
                 out.append(dict(rest, params=factors, weight_decay=0.0, fd_coef=coef))
             else:
                 out.append(dict(rest, params=factors, weight_decay=wd, fd_coef=0.0))
-    if n_factors == 0 and wd2fd and coef > 0:
-        warnings.warn('Frobenius-decay optimizer: no registered factor among the parameters, so it acts as '
-                      'the plain optimizer. Factorize the model (an fnl_* model with rank_scale > 0) or call '
-                      'fnl_timm.mark_factors(model) before creating the optimizer.', stacklevel=4)
+    if wd2fd and n_factors == 0:
+        raise ValueError('Frobenius-decay optimizer with wd2fd=True: no registered factor among the parameters, so '
+                         'Frobenius decay would do nothing. Factorize the model (an fnl_* model with rank_scale > 0) '
+                         'or call fnl_timm.mark_factors(model) before creating the optimizer; for a dense model use '
+                         'a stock optimizer (sgd, momentum, adamw) or wd2fd=False')
+    if wd2fd and coef == 0 and fd_coef is None:
+        raise ValueError('Frobenius-decay optimizer: the FD coefficient (default: the weight decay) is 0, so Frobenius '
+                         'decay would do nothing. Give weight_decay > 0 (or fd_coef > 0); for factors without any '
+                         'regulariser (the paper\'s --no-frob) pass fd_coef=0.0 explicitly')
     return out, wd, coef
 
 
@@ -129,22 +146,34 @@ class _FrobeniusDecayMixin:
         super().__init__(groups, lr=lr, weight_decay=weight_decay, **optimizer_kwargs)
         self.wd2fd = bool(wd2fd)
 
-    def _fd_layers(self) -> List[Tuple[nn.Module, float]]:
-        seen: Dict[int, Tuple[nn.Module, float]] = {}
-        for g in self.param_groups:
-            coef = float(g.get('fd_coef', 0.0))
-            for p in g['params']:
-                layer = factor_owner(p)
-                if layer is not None and id(layer) not in seen:
-                    seen[id(layer)] = (layer, coef)
-        return list(seen.values())
+    def _fd_layers(self) -> List[Tuple[nn.Module, Dict[str, Any]]]:
+        """(layer, its factors' group) for every factorized layer owning a factor; cached until the
+        groups change (``add_param_group``, ``load_state_dict``), so a step does not walk every parameter."""
+        key = tuple(id(g) for g in self.param_groups)
+        cache = getattr(self, '_fd_layer_cache', None)
+        if cache is None or cache[0] != key:
+            seen: Dict[int, Tuple[nn.Module, Dict[str, Any]]] = {}
+            for g in self.param_groups:
+                for p in g['params']:
+                    layer = factor_owner(p)
+                    if layer is not None and id(layer) not in seen:
+                        seen[id(layer)] = (layer, g)
+            cache = (key, list(seen.values()))
+            self._fd_layer_cache = cache
+        return cache[1]
 
     @torch.no_grad()
     def add_frobenius_grads_(self) -> None:
-        """Add ``coef * dFD/dtheta`` to the ``.grad`` of every factor (the coupled FD step)."""
-        for layer, coef in self._fd_layers():
-            if coef > 0.0 and any(p.grad is not None for p in layer.factor_parameters()):
-                layer.add_frobenius_grad_(coef)
+        """Add ``coef * dFD/dtheta`` to the ``.grad`` of every factor that has one (the coupled FD step).
+
+        Under ``torch.amp.GradScaler`` with ``fused=True`` the scaler sets ``self.grad_scale`` (the
+        gradients are still scaled, the kernel divides by it); the FD gradient is scaled to match.
+        """
+        grad_scale = getattr(self, 'grad_scale', None)
+        for layer, group in self._fd_layers():
+            coef = float(group.get('fd_coef', 0.0))
+            if coef > 0.0:
+                accumulate_fd_grads_(layer.factor_parameters(), lambda: layer.add_frobenius_grad_(coef), grad_scale)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -165,7 +194,7 @@ def _check_common(lr: float, weight_decay: float) -> None:
 
 
 class FDSGD(_FrobeniusDecayMixin, torch.optim.SGD):
-    """``torch.optim.SGD`` with Frobenius decay on the factors (SPEC 3, coupled).
+    """``torch.optim.SGD`` with Frobenius decay on the factors (paper section 3, coupled).
 
     Args:
         params: parameters or parameter groups (as built by timm's optimizer factory).
@@ -197,7 +226,7 @@ class FDAdamW(_FrobeniusDecayMixin, torch.optim.AdamW):
     """``torch.optim.AdamW`` with (coupled) Frobenius decay on the factors.
 
     The non-factor parameters keep AdamW's decoupled weight decay; the FD gradient is added to
-    the factors' gradients before the Adam moments, as in SPEC 3. Arguments as :class:`FDSGD`.
+    X Arguments as :class:`FDSGD`.
     """
 
     def __init__(

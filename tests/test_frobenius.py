@@ -193,3 +193,24 @@ def test_fd_computed_in_float32_for_bf16_factors():
     assert layer.U.grad.dtype == torch.bfloat16
     assert torch.allclose(layer.U.grad.float(), ref.U.grad, rtol=1e-2, atol=1e-4)
     assert layer.frobenius_norm_sq().dtype == torch.float32
+
+
+def test_frobenius_decay_deepcopy_steps_the_copy():
+    """copy.deepcopy copies the wrapped optimizer (state included) and the layers together: stepping the
+    copy moves the copied model exactly as stepping the original moves the original."""
+    model = _tiny_model()
+    opt = fnl.FrobeniusDecay(torch.optim.SGD(fnl.param_groups(model, 1e-3), lr=0.1, momentum=0.9), model, 0.05)
+    x, y = torch.randn(4, 1, 6, 6, dtype=torch.float64), torch.randint(0, 3, (4,))
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    model2, opt2 = copy.deepcopy((model, opt))
+    assert opt2.coef == 0.05 and len(opt2.layers) == 2
+    assert {id(p) for g in opt2.param_groups for p in g["params"]} == {id(p) for p in model2.parameters()}
+    assert {id(p) for layer in opt2.layers for p in layer.factor_parameters()} <= {id(p) for p in model2.parameters()}
+    for m, o in ((model, opt), (model2, opt2)):
+        o.zero_grad()
+        nn.functional.cross_entropy(m(x), y).backward()
+        o.step()
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+    assert any(not torch.equal(opt.state[p]["momentum_buffer"], torch.zeros_like(p)) for p in model.parameters())

@@ -50,7 +50,7 @@ def test_groups_follow_wd2fd():
                 assert g['fd_coef'] == 0.0
                 assert g['weight_decay'] == (0.0 if p.ndim <= 1 else WD)
     assert seen == {id(p) for p in model.parameters()}
-    assert create_optimizer_v2(model, 'fdmomentum', lr=LR).defaults['nesterov'] is False
+    assert create_optimizer_v2(model, 'fdmomentum', lr=LR, weight_decay=WD).defaults['nesterov'] is False
 
 
 def _manual_sgd_step(model, coef, wd_factors):
@@ -237,9 +237,49 @@ def test_stock_timm_train_py_path():
     assert all(g['weight_decay'] == 0.0 for g in opt.param_groups if g['fd_coef'] > 0)
 
 
-def test_warns_without_factors():
-    """A dense model gets a plain optimizer, with a warning that FD has nothing to act on."""
-    model = timm.create_model('fnl_test_resnet')
-    with pytest.warns(UserWarning, match='mark_factors'):
-        opt = create_optimizer_v2(model, 'fdsgd', lr=LR, weight_decay=WD)
+def test_regulariser_that_would_do_nothing_is_refused():
+    """wd2fd=True on a model without registered factors, or with an FD coefficient of 0 nobody asked
+    for (weight_decay 0, no fd_coef), is an error; an explicit fd_coef=0 (--no-frob) and wd2fd=False
+    on a dense model are not."""
+    dense = timm.create_model('fnl_test_resnet')
+    with pytest.raises(ValueError, match='no registered factor among the parameters.*mark_factors'):
+        create_optimizer_v2(dense, 'fdsgd', lr=LR, weight_decay=WD)
+    opt = create_optimizer_v2(dense, 'fdsgd', lr=LR, weight_decay=WD, wd2fd=False)
     assert all(g['fd_coef'] == 0.0 for g in opt.param_groups)
+    model = _model()
+    for name in ('fdsgd', 'fdmomentum', 'fdadam', 'fdadamw'):
+        with pytest.raises(ValueError, match=r"FD coefficient \(default: the weight decay\) is 0.*fd_coef=0\.0"):
+            create_optimizer_v2(model, name, lr=LR, weight_decay=0.0)
+    opt = create_optimizer_v2(model, 'fdmomentum', lr=LR, weight_decay=0.0, fd_coef=0.0)  # --no-frob
+    assert all(g['fd_coef'] == 0.0 for g in opt.param_groups)
+
+
+def test_stock_optimizers_keep_weight_decay_on_the_factors():
+    """The fnl_* models' no_weight_decay() does not name the factors: timm's sgd / adamw decay them
+    like every other weight (the paper's baseline)."""
+    model = _model()
+    assert model.no_weight_decay() == set()
+    factors = _factor_ids(model)
+    for name in ('sgd', 'momentum', 'adamw'):
+        opt = create_optimizer_v2(model, name, lr=LR, weight_decay=WD)
+        decayed = {id(p) for g in opt.param_groups if g['weight_decay'] == WD for p in g['params']}
+        assert factors and factors <= decayed, name
+
+
+def test_fused_under_grad_scaler_adds_fd_to_unscaled_gradients():
+    """fused=True under torch.amp.GradScaler: the scaler hands the optimizer still-scaled gradients and
+    the scale; the step equals the unscaled for-loop step."""
+    models = [_model(), _model()]
+    for m in models:
+        mark_factors(m)
+    opts = [create_optimizer_v2(m, 'fdmomentum', lr=LR, momentum=0.9, weight_decay=WD, fused=fused)
+            for m, fused in zip(models, (True, False))]
+    scaler = torch.amp.GradScaler('cpu', init_scale=1000.0)
+    scaler.scale(_loss(models[0])).backward()
+    assert opts[0]._step_supports_amp_scaling
+    scaler.step(opts[0])
+    _loss(models[1]).backward()
+    opts[1].step()
+    for (n, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        assert torch.allclose(a, b, atol=1e-6), f'{n}: {(a - b).abs().max()}'
+    assert not hasattr(opts[0], 'grad_scale')  # GradScaler removed what it set

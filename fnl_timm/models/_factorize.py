@@ -89,8 +89,9 @@ class ClassifierMixin:
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
-        """Names of the factors: timm's optimizer factory leaves them to Frobenius decay."""
-        return fnl.factor_parameter_names(self)
+        """Empty: the factors keep ordinary weight decay with a stock timm optimizer (the paper's
+        baseline); the ``fd*`` optimizers find them through ``fnl_timm.mark_factors``, not this list."""
+        return set()
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
