@@ -1,4 +1,4 @@
-"""What Frobenius decay acts on in a model (paper section 3; SPEC 3).
+"""What Frobenius decay acts on in a model (paper section 3).
 
 A model built by this plugin knows, from its ``--wd2fd*`` flags, which structures get Frobenius
 decay (FD) instead of weight decay: factorized layers (``--wd2fd``), per-head query-key forms
@@ -13,6 +13,7 @@ import weakref
 from typing import Callable, Iterable, Optional
 
 import fnl
+from fnl.frobenius import accumulate_fd_grads_
 from torch import Tensor, nn
 
 __all__ = ["FDTerms", "find_owner", "register_model"]
@@ -56,15 +57,15 @@ class FDTerms:
 
         ``copies`` (``{id(model parameter): tensor}``) makes the hooks act on the tensors the optimizer
         steps instead of the model's parameters (the fp32 master copies of ``--fp16`` / ``--bf16``).
+        A tensor whose ``.grad`` is None is skipped (``fnl.frobenius.accumulate_fd_grads_``).
         """
         def c(p: Tensor) -> Tensor:
             return p if copies is None else copies[id(p)]
 
         hooks: list[Callable[[float], None]] = []
-        for q, k, heads in self.quekey:
-            hooks.append(lambda coef, q=c(q.weight), k=c(k.weight), h=heads: fnl.add_quekey_fd_grad_(q, k, h, coef))
-        for o, v, heads in self.outval:
-            hooks.append(lambda coef, o=c(o.weight), v=c(v.weight), h=heads: fnl.add_outval_fd_grad_(o, v, h, coef))
+        for add, forms in ((fnl.add_quekey_fd_grad_, self.quekey), (fnl.add_outval_fd_grad_, self.outval)):
+            for a, b, heads in forms:
+                hooks.append(_hook(add, c(a.weight), c(b.weight), heads))
         return hooks
 
     def copy_hooks(self, copies: dict) -> list[Callable[[float], None]]:
@@ -72,10 +73,16 @@ class FDTerms:
         the parameters (``{id(model parameter): copy}``), for ``fnl.FrobeniusDecay(..., extra=...)``."""
         hooks: list[Callable[[float], None]] = []
         for layer in self.layers:
-            u, s, v = layer.factors()
-            s = None if s is None else copies[id(s)]
-            hooks.append(lambda coef, u=copies[id(u)], v=copies[id(v)], s=s: fnl.add_factor_fd_grad_(u, v, coef, s))
+            u, s, v = (None if f is None else copies[id(f)] for f in layer.factors())
+            tensors = [t for t in (u, s, v) if t is not None]
+            hooks.append(lambda coef, u=u, v=v, s=s, ts=tensors: accumulate_fd_grads_(
+                ts, lambda: fnl.add_factor_fd_grad_(u, v, coef, s)))
         return hooks + self.attention_hooks(copies)
+
+
+def _hook(add: Callable, a: Tensor, b: Tensor, heads: int) -> Callable[[float], None]:
+    """``f(coef)`` adding the FD gradient of one attention form (``add(a, b, heads, coef)``) to ``a``, ``b``."""
+    return lambda coef: accumulate_fd_grads_((a, b), lambda: add(a, b, heads, coef))
 
 
 def register_model(model: nn.Module) -> None:

@@ -1,6 +1,6 @@
 """Frobenius-decay optimizers for fairseq: ``fd_nag`` (the paper's), ``fd_adam``, ``fd_sgd``.
 
-(Paper section 3; SPEC 3.) One wrapper, ``FDOptimizer``, over fairseq's own optimizers: it finds
+(Paper section 3.) One wrapper, ``FDOptimizer``, over fairseq's own optimizers: it finds
 the model that owns its parameters (``fnl_fairseq.fd``), keeps plain weight decay off the
 parameters that Frobenius decay (FD) regularises and on every other one, and wraps the fairseq
 optimizer's torch optimizer in ``fnl.FrobeniusDecay``, which adds the FD gradient of every
@@ -9,8 +9,19 @@ factorized layer (``--wd2fd``) and of every per-head QK/OV form (``--wd2fd-queke
 
 The FD gradient is added inside ``step()``, where fairseq's optimizers apply weight decay: after
 gradient clipping, after the all-reduce (every process adds the same FD gradient to the same
-parameters), and after fairseq has unscaled fp16/AMP gradients (``supports_step_with_scale`` is
-False, so fairseq unscales before calling ``step``).
+parameters), and to unscaled gradients: under ``--fp16`` / ``--memory-efficient-fp16``
+``supports_step_with_scale`` is False, so fairseq unscales before calling ``step``. Under ``--amp``
+fairseq's ``AMPOptimizer`` unscales the gradients through ``optimizer.optimizer`` (the torch
+optimizer) in ``clip_grad_norm`` and then hands this wrapper, a different object, to
+``GradScaler.step``, which would unscale them a second time (the task gradient divided by the loss
+scale twice, FD and weight decay not). So this wrapper tells the scaler it handles the scale itself
+(``_step_supports_amp_scaling``): the scaler then only checks for inf/NaN and passes the scale, and
+``step`` divides the gradients by it only when ``clip_grad_norm`` (which ``AMPOptimizer`` calls right
+after unscaling) has not run since the last step, and skips the update on inf/NaN as the scaler would.
+
+Every FD term skips a parameter whose ``.grad`` is None (no gradient this step), like torch's
+weight decay. A requested regulariser that would do nothing is an error at start-up: an ``fd_*``
+optimizer for a model without ``--wd2fd*`` flags, or ``--weight-decay 0`` (the FD coefficient).
 
 Precision modes: fp32, ``--amp`` and ``--memory-efficient-fp16``/``--memory-efficient-bf16``
 update the model's own parameters. ``--fp16``/``--bf16`` (fairseq's ``FP16Optimizer``) update fp32
@@ -94,6 +105,15 @@ class FDOptimizer(FairseqOptimizer):
         coef = float(cfg.weight_decay)
         if coef < 0:
             raise ValueError(f"--weight-decay (the FD coefficient) must be >= 0, got {coef}")
+        if not self.terms:
+            raise ValueError(f"--optimizer fd_{self.base}: the model asks for no Frobenius decay (no --wd2fd, "
+                             f"--wd2fd-quekey or --wd2fd-outval), so it would do nothing; add the flags, or use "
+                             f"--optimizer {self.base}")
+        if coef == 0:
+            raise ValueError(f"--optimizer fd_{self.base} with --weight-decay 0: --weight-decay is the Frobenius-decay "
+                             f"coefficient of --wd2fd / --wd2fd-quekey / --wd2fd-outval, so they would do nothing; "
+                             f"set --weight-decay > 0 (the paper: 1e-4), or drop the --wd2fd* flags and use "
+                             f"--optimizer {self.base}")
         fd_params = self.terms.parameters()
         if copies is not None:
             fd_params = [copies[id(p)] for p in fd_params]
@@ -110,21 +130,17 @@ class FDOptimizer(FairseqOptimizer):
         groups = [g for g in groups if g["params"]]
         self.wrapped = OPTIMIZER_REGISTRY[self.base](self.base_cfg(cfg), groups)
         self._fd_ids = {id(p) for p in fd_params}
-        if self.terms:
-            if copies is None:
-                self._optimizer = fnl.FrobeniusDecay(self.wrapped.optimizer, self.terms.layer_module(), coef,
-                                                     extra=self.terms.attention_hooks())
-            else:
-                self._optimizer = fnl.FrobeniusDecay(self.wrapped.optimizer, nn.ModuleList(), coef,
-                                                     extra=self.terms.copy_hooks(copies))
-            logger.info(f"Frobenius decay (coef {coef:g}) on {len(self.terms.layers)} factorized layers, "
-                        f"{len(self.terms.quekey)} query-key and {len(self.terms.outval)} output-value forms "
-                        f"({sum(p.numel() for p in fd_params)} parameters without plain weight decay"
-                        f"{', on their fp32 copies' if copies is not None else ''})")
+        self._unscaled = False  # clip_grad_norm ran since the last step (under --amp: gradients unscaled)
+        if copies is None:
+            self._optimizer = fnl.FrobeniusDecay(self.wrapped.optimizer, self.terms.layer_module(), coef,
+                                                 extra=self.terms.attention_hooks())
         else:
-            self._optimizer = self.wrapped.optimizer
-            logger.warning(f"--optimizer fd_{self.base}: the model asks for no Frobenius decay (no --wd2fd* flag); "
-                           f"this is plain --optimizer {self.base}")
+            self._optimizer = fnl.FrobeniusDecay(self.wrapped.optimizer, nn.ModuleList(), coef,
+                                                 extra=self.terms.copy_hooks(copies))
+        logger.info(f"Frobenius decay (coef {coef:g}) on {len(self.terms.layers)} factorized layers, "
+                    f"{len(self.terms.quekey)} query-key and {len(self.terms.outval)} output-value forms "
+                    f"({sum(p.numel() for p in fd_params)} parameters without plain weight decay"
+                    f"{', on their fp32 copies' if copies is not None else ''})")
 
     def base_cfg(self, cfg: Any) -> Any:
         """The config handed to the wrapped fairseq optimizer (subclasses make strings fairseq would
@@ -134,7 +150,28 @@ class FDOptimizer(FairseqOptimizer):
     @property
     def coef(self) -> float:
         """The FD coefficient."""
-        return self._optimizer.coef if isinstance(self._optimizer, fnl.FrobeniusDecay) else 0.0
+        return self._optimizer.coef
+
+    # torch.amp.GradScaler.step(this wrapper) hands over the scale instead of unscaling a second time
+    # (fairseq's --amp; see the module docstring)
+    _step_supports_amp_scaling = True
+
+    def clip_grad_norm(self, max_norm, aggregate_norm_fn=None):
+        self._unscaled = True  # AMPOptimizer.clip_grad_norm unscales the gradients right before this call
+        return super().clip_grad_norm(max_norm, aggregate_norm_fn)
+
+    def step(self, closure=None, scale=1.0, groups=None):
+        grad_scale = getattr(self, "grad_scale", None)  # set by GradScaler.step for this call only
+        found_inf = getattr(self, "found_inf", None)
+        unscaled, self._unscaled = self._unscaled, False
+        if found_inf is not None and bool(found_inf):  # one host sync, as GradScaler's own step makes
+            return  # inf/NaN gradients: skip the update, as GradScaler does (it lowers the scale in update())
+        if grad_scale is not None and not unscaled:
+            inv = grad_scale.double().reciprocal().float()
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.mul_(inv.to(device=p.grad.device, dtype=p.grad.dtype))
+        super().step(closure, scale, groups)
 
     @property
     def optimizer_config(self) -> dict:
@@ -155,14 +192,11 @@ class FDOptimizer(FairseqOptimizer):
 
     @property
     def supports_flat_params(self) -> bool:
-        # one flat fp32 buffer has no factors to find
-        return not self.terms and self.wrapped.supports_flat_params
+        return False  # one flat fp32 buffer has no factors to find
 
     def state_dict(self) -> dict:
         """The wrapped torch optimizer's state dict (flat, as fairseq's fp16 wrappers expect) plus the FD state."""
-        state = self._optimizer.state_dict()
-        if isinstance(self._optimizer, fnl.FrobeniusDecay):
-            state = dict(state["optimizer"])
+        state = dict(self._optimizer.state_dict()["optimizer"])
         state[_STATE_KEY] = {"coef": self.coef, "layers": len(self.terms.layers),
                              "quekey": len(self.terms.quekey), "outval": len(self.terms.outval)}
         return state
@@ -177,12 +211,11 @@ class FDOptimizer(FairseqOptimizer):
                 raise ValueError(f"the checkpoint's optimizer applied Frobenius decay to {saved} but this run asks for "
                                  f"{now} (different --wd2fd* flags or model); use --reset-optimizer to start afresh")
         self.wrapped.optimizer.load_state_dict(state_dict)
-        if isinstance(self._optimizer, fnl.FrobeniusDecay):
-            # like the groups' weight_decay, the FD coefficient comes back from the checkpoint
-            if fd_state is not None:
-                self._optimizer.coef = float(fd_state["coef"])
-            if optimizer_overrides and "weight_decay" in optimizer_overrides:
-                self._optimizer.coef = float(optimizer_overrides["weight_decay"])
+        # like the groups' weight_decay, the FD coefficient comes back from the checkpoint
+        if fd_state is not None:
+            self._optimizer.coef = float(fd_state["coef"])
+        if optimizer_overrides and "weight_decay" in optimizer_overrides:
+            self._optimizer.coef = float(optimizer_overrides["weight_decay"])
         if optimizer_overrides:
             for group in self.param_groups:
                 group.update(optimizer_overrides)

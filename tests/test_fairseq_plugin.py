@@ -185,38 +185,6 @@ def _optimizer(model, args):
     return optim.build_optimizer(cfg.optimizer, params)
 
 
-@pytest.mark.parametrize("name,momentum", [("fd_sgd", 0.0), ("fd_nag", 0.9)])
-def test_one_step_without_loss_gradient_is_exactly_fd_and_weight_decay(name, momentum):
-    lr, wd = 0.5, 0.1
-    model, args = _build(["--rank-scale", "0.5", "--weight-decay", str(wd), "--momentum", str(momentum),
-                          "--encoder-learned-pos", "--share-all-embeddings"] + ALL_SPECTRAL + ALL_FD, optimizer=name)
-    args.lr = [lr]
-    opt = _optimizer(model, args)
-    assert isinstance(opt, FDOptimizer) and opt.coef == wd
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    # the FD gradient, from autograd on the dense forms
-    model.zero_grad()
-    _fd_penalty(model).backward()
-    fd_grad = {n: (p.grad.detach().clone() if p.grad is not None else None) for n, p in model.named_parameters()}
-    fd_names = {n for n, p in model.named_parameters() if any(p is q for q in opt.terms.parameters())}
-    assert any(".U" in n for n in fd_names) and any("q_proj.weight" in n for n in fd_names)
-    assert any("out_proj.weight" in n for n in fd_names) and "encoder.embed_positions.U" in fd_names
-    # zero loss gradient on every parameter, then one step
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)
-    opt.step()
-    for n, p in model.named_parameters():
-        if n in fd_names:
-            # SGD: p - lr*g; NAG's first step (empty buffer): p - (1 + momentum)*lr*g
-            expected = before[n] - (1 + momentum) * lr * wd * fd_grad[n]
-        elif name == "fd_sgd":
-            expected = before[n] * (1 - lr * wd)  # coupled L2 through the gradient
-        else:
-            expected = before[n] * (1 - lr * wd) - 0.0  # fairseq NAG: p *= 1 - lr*wd
-        assert torch.allclose(p.detach(), expected, atol=1e-6, rtol=1e-5), f"{n}: {(p.detach() - expected).abs().max()}"
-    assert len(fd_names) > 0 and len(fd_names) < len(before)
-
-
 def test_plain_weight_decay_on_factors_without_wd2fd():
     lr, wd = 0.5, 0.1
     model, args = _build(["--rank-scale", "0.5", "--weight-decay", str(wd), "--wd2fd-quekey"], optimizer="fd_sgd")
@@ -247,58 +215,103 @@ def test_refused_flag_combinations(extra, optimizer, message):
     assert message in str(err.value)
 
 
-@pytest.mark.parametrize("mode", ["fp16", "bf16"])
-def test_fp16_master_copies_step_is_fd_and_weight_decay(mode):
-    """--fp16 --fp16-no-flatten-grads / --bf16: fairseq's FP16Optimizer steps fp32 copies; FD acts on them."""
-    lr, wd = 0.5, 0.1
-    model, args = _build(["--rank-scale", "0.5", "--weight-decay", str(wd), "--momentum", "0.0"] + ALL_FD,
-                         optimizer="fd_nag")
-    args.lr = [lr]
-    if mode == "fp16":
-        args.fp16, args.fp16_no_flatten_grads = True, True
-        model.half()
-    else:
-        args.bf16 = True  # fairseq never flattens bf16 copies
-        model.bfloat16()
-    cfg = convert_namespace_to_omegaconf(args)
-    opt = optim.FP16Optimizer.build_optimizer(cfg, [p for p in model.parameters()])
-    fd = opt.fp32_optimizer
-    assert isinstance(fd, FDOptimizer) and fd.coef == wd
-    copies = dict(zip([id(p) for p in model.parameters()], opt.fp32_params))
-    fd_ids = {id(p) for p in fd.terms.parameters()}
-    assert {id(copies[i]) for i in fd_ids} == fd._fd_ids and len(fd_ids) > 0
-    # the FD gradient, in float32 from autograd on a float32 model with the same weights
-    model32, _ = _build(["--rank-scale", "0.5"] + ALL_FD, optimizer="fd_nag")
-    model32.load_state_dict({n: p.detach().float() for n, p in model.named_parameters()}, strict=False)
-    model32.zero_grad()
-    _fd_penalty(model32).backward()
-    grads = {n: p.grad for n, p in model32.named_parameters()}
-    before = {n: p.detach().float().clone() for n, p in model.named_parameters()}
-    opt.zero_grad()
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)
-    opt.step()
-    low = torch.float16 if mode == "fp16" else torch.bfloat16
-    for n, p in model.named_parameters():
-        expected = before[n] - lr * wd * grads[n] if id(p) in fd_ids else before[n] * (1 - lr * wd)
-        master = copies[id(p)].detach()
-        assert torch.allclose(master, expected, atol=1e-6, rtol=1e-5), f"{n}: {(master - expected).abs().max()}"
-        assert p.dtype == low and torch.equal(p.detach(), master.to(low)), n  # copied back to the model
-    state = opt.state_dict()
-    assert state["fnl_frobenius_decay"]["coef"] == wd
-    opt.load_state_dict(state)
-
-
-def test_flat_fp16_copy_is_refused_naming_no_flatten_grads():
+def test_unmatched_tensors_are_refused():
+    """(The flat --fp16 copy's refusal is a cell of tests/test_regularizer_matrix.py.)"""
     model, args = _build(["--rank-scale", "0.5", "--wd2fd"], optimizer="fd_nag")
-    params = [p for p in model.parameters() if p.requires_grad]
-    flat = torch.nn.Parameter(torch.cat([p.detach().float().reshape(-1) for p in params]))  # FP16Optimizer's layout
     cfg = convert_namespace_to_omegaconf(args)
-    with pytest.raises(RuntimeError) as err:
-        optim.build_optimizer(cfg.optimizer, [flat])
-    assert "--fp16-no-flatten-grads" in str(err.value)
     with pytest.raises(RuntimeError, match="neither the parameters of the model"):
         optim.build_optimizer(cfg.optimizer, [torch.nn.Parameter(torch.zeros(3))] * 2)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--rank-scale", "0.5", "--weight-decay", "0", "--wd2fd"],
+     "--optimizer fd_nag with --weight-decay 0: --weight-decay is the Frobenius-decay coefficient"),
+    (["--rank-scale", "0.5", "--weight-decay", "0.1"],
+     "--optimizer fd_nag: the model asks for no Frobenius decay (no --wd2fd, --wd2fd-quekey or --wd2fd-outval)"),
+])
+def test_regulariser_that_would_do_nothing_is_refused(extra, message):
+    model, args = _build(extra, optimizer="fd_nag")
+    with pytest.raises(ValueError) as err:
+        _optimizer(model, args)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("mode", ["fp16", "bf16", "memory-efficient-fp16"])
+def test_fp16_wrappers_keep_fd_state(mode):
+    """fairseq's fp16 wrappers: the FD optimizer under them matches the fp32 copies (--fp16/--bf16) or the
+    model's own parameters, and its state round-trips. (Their steps are cells of the regulariser matrix.)"""
+    model, args = _build(["--rank-scale", "0.5", "--weight-decay", "0.1", "--momentum", "0.0"] + ALL_FD,
+                         optimizer="fd_nag")
+    if mode == "bf16":
+        args.bf16 = True
+        model.bfloat16()
+    else:
+        args.fp16, args.fp16_no_flatten_grads = True, True
+        args.memory_efficient_fp16 = mode == "memory-efficient-fp16"
+        model.half()
+    cfg = convert_namespace_to_omegaconf(args)
+    params = list(model.parameters())
+    if mode == "memory-efficient-fp16":
+        opt = optim.MemoryEfficientFP16Optimizer.build_optimizer(cfg, params)
+        fd = opt.wrapped_optimizer
+        assert fd._fd_ids == {id(p) for p in fd.terms.parameters()}
+    else:
+        opt = optim.FP16Optimizer.build_optimizer(cfg, params)
+        fd = opt.fp32_optimizer
+        copies = dict(zip([id(p) for p in params], opt.fp32_params))
+        assert {id(copies[id(p)]) for p in fd.terms.parameters()} == fd._fd_ids
+    assert isinstance(fd, FDOptimizer) and fd.coef == 0.1 and len(fd._fd_ids) > 0
+    opt.zero_grad()
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    state = opt.state_dict()
+    assert state["fnl_frobenius_decay"]["coef"] == 0.1
+    fd._optimizer.coef = 0.5
+    opt.load_state_dict(state)  # fairseq's memory-efficient hack reads state['state'] and state['param_groups']
+    assert fd.coef == 0.1
+
+
+def _amp_optimizer(extra=()):
+    """fairseq's own AMPOptimizer with a CPU GradScaler swapped in (torch.cuda.amp.GradScaler needs CUDA)."""
+    import warnings
+    model, args = _build(["--rank-scale", "0.5", "--weight-decay", "0.1", "--momentum", "0.0", "--fp16-init-scale",
+                          "128"] + ALL_FD + list(extra), optimizer="fd_sgd")
+    args.amp, args.lr = True, [1.0]
+    cfg = convert_namespace_to_omegaconf(args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = optim.AMPOptimizer.build_optimizer(cfg, [p for p in model.parameters()])
+    opt._grad_scaler = torch.amp.GradScaler("cpu", init_scale=128.0)
+    return model, opt
+
+
+@pytest.mark.parametrize("clip", [True, False])
+def test_amp_unscales_once(clip):
+    """--amp: AMPOptimizer unscales through the torch optimizer in clip_grad_norm, then GradScaler.step
+    gets the FD optimizer; the gradients must be unscaled exactly once (with or without clip_grad_norm).
+    A task gradient of 1 on one weight (lr 1, FD and weight decay off it) moves it by exactly 1."""
+    model, opt = _amp_optimizer()
+    w = model.encoder.layers[0].final_layer_norm.weight  # plain weight decay, no FD
+    before = w.detach().clone()
+    opt.backward(w.sum())  # gradient 1 per entry, times the loss scale
+    if clip:
+        opt.clip_grad_norm(0.0)
+    opt.step()
+    # SGD: w - lr * (grad + wd * w), lr = 1
+    expected = before - (1.0 + 0.1 * before)
+    assert torch.allclose(w.detach(), expected, atol=1e-6), f"{(w.detach() - expected).abs().max()}"
+    assert opt.scaler.get_scale() == 128.0
+
+
+def test_amp_overflow_skips_the_step_and_lowers_the_scale():
+    model, opt = _amp_optimizer()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.backward(model.encoder.layers[0].fc1.U.sum() * float("inf"))
+    opt.clip_grad_norm(0.0)
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert opt.scaler.get_scale() == 64.0
 
 
 def test_optimizer_state_round_trip_keeps_fd_state():
@@ -317,7 +330,7 @@ def test_optimizer_state_round_trip_keeps_fd_state():
     bufs = [opt2.optimizer.state[p]["momentum_buffer"] for p in model.parameters()]
     ref = [opt.optimizer.state[p]["momentum_buffer"] for p in model.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(bufs, ref))
-    wrong, wargs = _build(["--rank-scale", "0.5", "--wd2fd"], optimizer="fd_nag")
+    wrong, wargs = _build(["--rank-scale", "0.5", "--wd2fd", "--weight-decay", "0.01"], optimizer="fd_nag")
     with pytest.raises(ValueError, match="--reset-optimizer"):
         _optimizer(wrong, wargs).load_state_dict(state)
 
@@ -339,41 +352,6 @@ def test_launch_worker_argv():
     assert argv[argv.index("--ddp-backend") + 1] == "legacy_ddp"
     with pytest.raises(ValueError, match="--distributed-rank is set by fnl_fairseq.launch"):
         worker_argv(["data", "--distributed-rank", "0"], rank=0, local_rank=0, world_size=2)
-
-
-def test_memory_efficient_fp16_step_is_fd_and_state_round_trips():
-    lr, wd = 0.5, 0.1
-    model, args = _build(["--rank-scale", "0.5", "--weight-decay", str(wd), "--momentum", "0.0"] + ALL_FD,
-                         optimizer="fd_nag")
-    args.lr = [lr]
-    args.fp16, args.memory_efficient_fp16 = True, True
-    model.half()
-    cfg = convert_namespace_to_omegaconf(args)
-    opt = optim.MemoryEfficientFP16Optimizer.build_optimizer(cfg, [p for p in model.parameters()])
-    # the FD gradient, in float32 from autograd on a float32 copy
-    ref = {n: p.detach().float().clone().requires_grad_(True) for n, p in model.named_parameters()}
-    model32, _ = _build(["--rank-scale", "0.5"] + ALL_FD, optimizer="fd_nag")
-    model32.load_state_dict({n: t.detach() for n, t in ref.items()}, strict=False)
-    model32.zero_grad()
-    _fd_penalty(model32).backward()
-    grads = {n: p.grad for n, p in model32.named_parameters()}
-    before = {n: p.detach().float().clone() for n, p in model.named_parameters()}
-    fd_ids = {id(p) for p in opt.wrapped_optimizer.terms.parameters()}
-    opt.zero_grad()
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)
-    opt.step()
-    for n, p in model.named_parameters():
-        if id(p) in fd_ids:
-            expected = before[n] - lr * wd * grads[n]
-        else:
-            expected = before[n] * (1 - lr * wd)
-        assert torch.allclose(p.detach().float(), expected, atol=2e-3, rtol=2e-3), \
-            f"{n}: {(p.detach().float() - expected).abs().max()}"
-    state = opt.state_dict()
-    assert "loss_scale" in state and state["fnl_frobenius_decay"]["coef"] == wd
-    opt.load_state_dict(state)  # fairseq's memory-efficient hack reads state['state'] and state['param_groups']
-    assert opt.wrapped_optimizer.coef == wd
 
 
 @pytest.mark.parametrize("training", [False, True])
