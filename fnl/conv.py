@@ -190,7 +190,8 @@ class FactorizedConv2d(FactorizedLayer):
         (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
         if torch.jit.is_scripting():
             w_a, w_b = self._factor_conv_weights()
-        elif not torch.is_grad_enabled() and not torch.compiler.is_compiling():  # inference: reuse
+        elif not (torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            # eager inference: reuse (a trace or compiled graph must read the parameters)
             w_a, w_b = self._cached_factor_conv_weights()
         else:
             w_a, w_b = self._factor_conv_weights()

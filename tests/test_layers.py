@@ -331,3 +331,14 @@ def test_conv_inference_reuses_weights_until_a_factor_changes():
         else:
             assert not torch.allclose(y, y0, atol=1e-3), step
         y0 = y
+
+
+def test_conv_trace_under_no_grad_reads_the_parameters():
+    """A trace must not bake the reused inference weights in as constants."""
+    torch.manual_seed(14)
+    f = fnl.FactorizedConv2d(3, 4, 3, padding=1, rank=2, path="factored")
+    x = torch.randn(1, 3, 5, 5)
+    with torch.no_grad():
+        traced = torch.jit.trace(f, x)
+        f.U.mul_(2.0)
+        _close(traced(x), f(x), atol=1e-6)
