@@ -296,7 +296,7 @@ def _fairseq_cell(name: str, mode: str, ddp: bool = False) -> None:
     fd_names = {n for n, p in names.items() if id(p) in fd_ids}
     master = mode in ("fp16-no-flatten-grads", "bf16")  # fairseq steps fp32 copies; a missing grad is zero there
     dropped = set() if ddp or master else {"encoder.layers.0.fc1.U", "encoder.layers.0.fc1.V",
-                                           "encoder.layers.0.fc1.bias"}
+                                           "encoder.layers.0.fc1.bias", "encoder.layers.0.self_attn.q_proj.weight"}
     before = {n: p.detach().float().clone() for n, p in names.items()}
     fd = _fd_grads(model, WD, fd_names - dropped, attention=True)
     task = _task_gradients(names)
