@@ -160,8 +160,8 @@ def _train(args: argparse.Namespace, device: torch.device, stop: StopSignal) -> 
     if args.sync_bn and args.distributed:  # as timm's train.py: before the optimizer and the DDP wrapper
         model = convert_sync_batchnorm(model)
 
-    # optimizer: FD optimizers get the factors from timm's factory (the model's no_weight_decay()
-    # names them); any other optimizer gets FNL's groups with plain weight decay on the factors
+    # optimizer: FD optimizers find the factors through mark_factors (FD instead of weight decay with
+    # --wd2fd); any other optimizer gets FNL's groups with plain weight decay on the factors
     opt_name = args.opt.lower().split('_')[-1]
     if opt_name in FD_OPTIMIZERS:
         extra = dict(wd2fd=args.wd2fd)
