@@ -36,6 +36,6 @@ __all__ = [
     "outval_norm_sq", "param_groups", "quekey_norm_sq", "rescale_to_norm_", "resolve_rank", "round_rank",
     "select_fastest_paths", "solve_rank_scale", "spectral_factors", "summary",
     "to_inference_form",
-    # tensor formats (SPEC 6)
+    # tensor formats (docs/method.md#tensor-formats)
     "TTConv2d", "TensorConv2d", "TuckerConv2d", "hosvd", "solve_tensor_scale", "tensor_modes", "tensorize", "tt_svd",
 ]

@@ -1,4 +1,4 @@
-"""Quadratic forms of multi-head attention (paper section 3.2; SPEC 3 "Attention quadratic forms").
+"""Quadratic forms of multi-head attention (paper section 6; docs/method.md#attention-quadratic-forms).
 
 For head h, with the projections' weights in ``nn.Linear`` layout (``w_q``, ``w_k``, ``w_v``:
 (heads*d_h, d); ``w_o``: (d, heads*d_h)), the query-key form is ``A_h = W_Q^hᵀ W_K^h`` and the

@@ -1,9 +1,9 @@
-"""Shared machinery of the factorized layers (paper sections 2-3; SPEC sections 1-3).
+"""Shared machinery of the factorized layers (paper sections 2-3; docs/method.md).
 
 A factorized layer holds a dense weight ``W`` (m x n, read in the layer's own matrix layout) as
 ``W = U Vᵀ`` or, with ``square=True``, ``W = U S Vᵀ``, where ``U`` is (m x r), ``V`` is (n x r) and
 ``S`` is (r x r), initialised to the identity. This module has the rank rules, the spectral
-initialisation (with the two fixes of SPEC 2) and the Frobenius-decay algebra that every layer
+initialisation (with the two corrections of docs/differences.md) and the Frobenius-decay algebra that every layer
 shares; the layers only say how their matrix maps onto the dense layer's weight and how the
 forward pass runs.
 """
@@ -20,7 +20,7 @@ __all__ = ["FactorizedLayer", "add_factor_fd_grad_", "gram_frobenius_sq", "resol
 InitFn = Callable[[Tensor], object]
 
 # Scale of the random values put in the extra columns of one factor when the rank exceeds
-# min(m, n) (SPEC 2 fix): small against the spectral part, non-zero so that the zero columns of the
+# min(m, n) (docs/differences.md): small against the spectral part, non-zero so that the zero columns of the
 # other factor receive gradient.
 _EXTRA_RANK_STD = 1e-3
 

@@ -1,4 +1,4 @@
-"""Factorized 2-d convolution, the paper's "spatial" split (paper section 2; SPEC 1 "Conv2d").
+"""Factorized 2-d convolution, the paper's "spatial" split (paper section 2; docs/method.md#conv2d).
 
 The kernel ``K`` (out, in, kh, kw) is read as the matrix ``M[(o, h), (i, w)]`` of size
 (out*kh) x (in*kw) and held as ``M = U Vᵀ``. The forward pass is two convolutions:

@@ -1,4 +1,4 @@
-"""Factorized embedding table (paper section 2; SPEC 1 "Embedding").
+"""Factorized embedding table (paper section 2; docs/method.md#embedding).
 
 ``E = U Vᵀ``: look up rows of ``U`` (vocab x r), then multiply by ``Vᵀ`` (r x dim).
 """

@@ -1,4 +1,4 @@
-"""Frobenius decay (paper section 3).
+"""Frobenius decay (paper section 3.2; docs/method.md#frobenius-decay).
 
 Frobenius decay (FD) penalises ``(lambda/2) ||U Vᵀ||_F²`` of each factorized layer instead of
 weight decay ``(lambda/2)(||U||² + ||V||²)`` on its factors. ``FrobeniusDecay`` adds the FD gradient

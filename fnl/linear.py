@@ -1,4 +1,4 @@
-"""Factorized fully-connected layer (paper section 2; SPEC 1 "Linear").
+"""Factorized fully-connected layer (paper section 2; docs/method.md#linear).
 
 ``y = (x V) Uᵀ + b`` (with ``square``: ``y = (x V) (U S)ᵀ + b``): two matmuls, ``W`` is never formed.
 """

@@ -1,4 +1,4 @@
-"""Whole models: factorize, collapse, target compression ratio, counts (SPEC 1, 5).
+"""Whole models: factorize, collapse, target compression ratio, counts (paper sections 2 and 4; docs/method.md).
 
 ``factorize`` swaps ``nn.Linear`` / ``nn.Conv2d`` (and optionally ``nn.Embedding``) submodules for
 their factorized versions; ``collapse`` turns every factorized layer back into its dense

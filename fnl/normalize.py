@@ -1,4 +1,4 @@
-"""The normalisation experiment (paper section 3.1, Figure 2).
+"""The normalisation experiment (paper section 3.3; docs/method.md#normalisation-experiment).
 
 A run with Frobenius decay records ``||U Vᵀ||_F`` of every factorized layer after every optimizer
 step (``--dump-frobnorms``); a second run without FD rescales its factors after every step so that

@@ -1,4 +1,4 @@
-"""Query-key / output-value quadratic forms of attention (paper section 3.2)."""
+"""Query-key / output-value quadratic forms of attention (paper section 6; docs/method.md#attention-quadratic-forms)."""
 import pytest
 import torch
 from torch import nn

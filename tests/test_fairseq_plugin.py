@@ -422,11 +422,12 @@ def test_recipe_trains_with_the_papers_command():
     a = argparse.Namespace(work_dir="/w", weight_decay=1e-4, seed=1, smoke=False, cpu=False, extra=["--fp16"])
     cmd = rec.train_command(a)
     flags = dict(zip(cmd, cmd[1:]))
-    # SPEC 8: rank_scale 0.5, NAG lr 0.25, clip-norm 0.1, dropout 0.2, label smoothing 0.1, warm-up 4000,
+    # docs/experiments.md#translation: rank_scale 0.5, NAG lr 0.25, clip-norm 0.1, dropout 0.2, label smoothing 0.1, warm-up 4000,
     # max-tokens 4000, 100k updates
     expected = {"--arch": "fnl_transformer_small", "--rank-scale": "0.5", "--optimizer": "fd_nag", "--lr": "0.25",
                 "--clip-norm": "0.1", "--dropout": "0.2", "--label-smoothing": "0.1", "--warmup-updates": "4000",
-                "--max-tokens": "4000", "--max-update": "100000", "--lr-scheduler": "inverse_sqrt"}
+                "--max-tokens": "4000", "--max-update": "100000", "--lr-scheduler": "inverse_sqrt",
+                "--warmup-init-lr": "0.25"}
     assert {k: flags[k] for k in expected} == expected
     assert {"--spectral", "--spectral-quekey", "--spectral-outval", "--wd2fd", "--wd2fd-quekey",
             "--wd2fd-outval"} <= set(cmd)

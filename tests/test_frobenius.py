@@ -1,4 +1,4 @@
-"""Frobenius decay: closed-form gradients, the optimizer wrapper, parameter groups (SPEC 3)."""
+"""Frobenius decay: closed-form gradients, the optimizer wrapper, parameter groups (docs/method.md#frobenius-decay)."""
 import copy
 
 import pytest

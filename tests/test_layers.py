@@ -1,4 +1,4 @@
-"""Factorized layers against their dense counterparts (SPEC 1, 2, 7)."""
+"""Factorized layers against their dense counterparts (docs/method.md#factorized-layers)."""
 import math
 
 import pytest
@@ -73,7 +73,7 @@ def test_conv_spectral_is_best_rank_r(case):
     torch.manual_seed(1)
     dense = nn.Conv2d(cin, cout, k, s, p, d).double()
     kh, kw = dense.kernel_size
-    # the (out*kh) x (in*kw) matrix M[(o,h),(i,w)] of SPEC 1
+    # the (out*kh) x (in*kw) matrix M[(o,h),(i,w)] of docs/method.md#conv2d
     m = dense.weight.permute(0, 2, 1, 3).reshape(cout * kh, cin * kw)
     sv = torch.linalg.svdvals(m)
     for rank in (1, 2, len(sv) - 1):
@@ -97,7 +97,7 @@ def test_spectral_init_conv_uses_forward_layout():
 
 
 def test_spectral_overcomplete_extra_rank_trains():
-    """rank > min(m, n): product unchanged, and the extra columns receive gradient (SPEC 2 fix)."""
+    """rank > min(m, n): product unchanged, and the extra columns receive gradient (docs/differences.md)."""
     torch.manual_seed(3)
     dense = nn.Linear(4, 6)
     f = fnl.FactorizedLinear.from_dense(dense, rank=7)
@@ -144,7 +144,7 @@ def test_square_factor_is_identity_and_trains():
 
 
 def test_resnet20_stage_ranks():
-    # SPEC 7: 3x3 convs of 16/32/64 channels at rank_scale 0.111 get ranks 5, 11, 21
+    # docs/experiments.md#reference-checks: 3x3 convs of 16/32/64 channels at rank_scale 0.111 get ranks 5, 11, 21
     assert [fnl.FactorizedConv2d(c, c, 3, rank_scale=0.111).rank for c in (16, 32, 64)] == [5, 11, 21]
 
 

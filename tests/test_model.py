@@ -1,4 +1,4 @@
-"""Whole models: factorize, collapse, target ratio, counts, normalisation pieces (SPEC 1, 4, 5)."""
+"""Whole models: factorize, collapse, target ratio, counts, normalisation pieces (docs/method.md)."""
 import copy
 
 import pytest

@@ -1,4 +1,4 @@
-"""Frobenius-decay optimizers in timm's registry (SPEC 3)."""
+"""Frobenius-decay optimizers in timm's registry (docs/method.md#frobenius-decay)."""
 import copy
 
 import pytest

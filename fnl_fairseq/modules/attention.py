@@ -1,4 +1,4 @@
-"""Multi-head attention with a smaller per-head dimension (paper section 3.2; SPEC 3).
+"""Multi-head attention with a smaller per-head dimension (paper section 6; docs/method.md#attention-quadratic-forms).
 
 ``rank_scale`` for attention shrinks each head to ``d_h = int(rank_scale * d / heads)``, so that
 every query-key form ``W_Q^hᵀ W_K^h`` and output-value form ``W_O^h W_V^h`` has rank ``d_h``. The
@@ -65,7 +65,7 @@ class ShrunkMultiheadAttention(MultiheadAttention):
 
 
 def head_dim_for(rank_scale: float, embed_dim: int, heads: int) -> int:
-    """``d_h = int(rank_scale * embed_dim / heads)`` (SPEC 3), checked to be >= 1."""
+    """``d_h = int(rank_scale * embed_dim / heads)`` (docs/method.md#rank-rules), checked to be >= 1."""
     d_h = int(rank_scale * embed_dim / heads)
     if d_h < 1:
         raise ValueError(
