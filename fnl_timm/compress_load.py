@@ -52,7 +52,9 @@ def load_model(
     looks_like_file = os.sep in model or model.endswith(('.pt', '.pth', '.ts', '.tar', '.pt2'))
     if not os.path.exists(model) and not timm.is_model(model) and looks_like_file:
         raise ValueError(f'--model {model!r}: no such file (and not a timm model name)')
-    if os.path.exists(model):
+    # a folder that is also a timm name (the generic 'fnl' model run from the repository root, where the
+    # fnl/ package folder exists) is the model name: folders never hold a module
+    if os.path.exists(model) and not (os.path.isdir(model) and timm.is_model(model)):
         if not os.path.isfile(model):
             raise ValueError(f'--model {model!r} is a folder, not a file holding a module')
         if checkpoint is not None:

@@ -389,3 +389,14 @@ def test_fairseq_generate_console_refuses_payload(fairseq_run, tmp_path):
     last = out.stderr.strip().splitlines()[-1]
     assert "--path '" in last and 'is refused' in last and str(path) in last, out.stderr[-2000:]
     assert not marker.exists(), 'the payload ran'
+
+
+def test_model_name_that_is_also_a_folder_is_the_timm_name(tmp_path, monkeypatch):
+    """``fnl-compress --model fnl`` from the repository root, where the ``fnl/`` package folder exists."""
+    from fnl_timm.compress_load import load_model
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'fnl_test_resnet').mkdir()
+    model, info = load_model('fnl_test_resnet', random_init=True)
+    assert type(model).__name__ == 'CifarResNet' and info['arch'] == 'fnl_test_resnet'
+    with pytest.raises(ValueError, match='is a folder'):
+        load_model(str(tmp_path / 'fnl_test_resnet'), random_init=True)
