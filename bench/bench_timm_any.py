@@ -80,10 +80,11 @@ def bench(name: str, rank_scale: float, device: torch.device, batch_size: int, r
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS))
+    p.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS),
+                   help='timm models to compare, each dense against factorized (default: %(default)s)')
     p.add_argument('--rank-scale', type=float, default=0.25, help='rank_scale of the factorized models')
-    p.add_argument('--device', default='cpu')
-    p.add_argument('--batch-size', type=int, default=8)
+    p.add_argument('--device', default='cpu', help='device to time on, e.g. cpu or cuda (default: %(default)s)')
+    p.add_argument('--batch-size', type=int, default=8, help='images per timed batch (default: %(default)s)')
     p.add_argument('--repeats', type=int, default=7, help='timed rounds (medians)')
     p.add_argument('--smoke', action='store_true', help='tiny widths at 32x32: checks that the script runs')
     p.add_argument('--json', default=None, help='also write the rows to this file')
