@@ -36,7 +36,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(USAGE)
         raise SystemExit(0 if args else 2)
 
-    import fnl_timm  # noqa: F401  (registers the models and optimizers in timm's registries)
+    # the fnl_timm package, imported before this submodule, has registered the models and optimizers
 
     if args[0] == '-m':
         if len(args) < 2:
