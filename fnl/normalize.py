@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ._serialization import load_file
 from .base import FactorizedLayer
+from .export import atomic_path
 from .frobenius import factorized_layers, frobenius_norm
 
 __all__ = ["FrobeniusNormRecorder", "FrobeniusNormalizer", "load_frobnorms", "rescale_to_norm_"]
@@ -69,9 +70,8 @@ class FrobeniusNormRecorder:
 
     def save(self, path: PathLike, steps_per_epoch: int) -> None:
         """Save ``norms(steps_per_epoch)`` with ``torch.save`` (written to a temporary file first)."""
-        tmp = f"{os.fspath(path)}.tmp"
-        torch.save(self.norms(steps_per_epoch), tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:  # renamed over ``path`` on success, removed on error
+            torch.save(self.norms(steps_per_epoch), tmp)
 
 
 def load_frobnorms(path: PathLike, arg_name: str = "path") -> Tensor:
