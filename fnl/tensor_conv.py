@@ -6,16 +6,8 @@ the stride, padding and dilation) followed by a 1x1 convolution whose (out x in)
 held in a tensor format. A 1x1 convolution (the WRN shortcuts) has no depthwise part: a per-channel
 scale would add nothing a 1x1 matrix cannot hold but does not fit the tensor format either.
 
-**Modes.** ``out = o_1 o_2 o_3`` and ``in = i_1 i_2 i_3`` (row-major), and ``W`` is read as the
-3-way tensor ``T[n_1, n_2, n_3]`` with ``n_k = (o_k, i_k)``, i.e. mode k has size ``n_k = o_k i_k``
-(the "TT-matrix" layout, which is what lets the cores be contracted with the input directly).
-Derived modes: each channel count is split into 3 factors as equal as possible, the output
-factors in decreasing and the input factors in increasing order are paired (balancing the
-``n_k``), and the pairs are sorted by ``n_k``, largest first. 640 x 640 gives ``o = (10, 8, 8)``,
-``i = (8, 10, 8)``, ``n = (80, 80, 64)``, the paper's modes.
-
-**Ranks from a scale s** (the paper's rule): Tensor-Train bond ranks ``r_k = max(1, round(s min(n_k,
-n_{k+1})))`` for k = 1, 2; Tucker ranks ``R_k = max(1, round(s n_k))``; s in (0, 1].
+**Modes and ranks**: ``fnl.tensor_decompositions`` (the matrix as a 3-way tensor of modes
+``n_k = o_k i_k``, and the paper's rank rules).
 
 **Forward.** Depthwise conv, then the cheaper (by multiply-adds, counted for the actual batch) of
 contracting the cores with the input one at a time (no permutation of the activations: each step
@@ -46,201 +38,23 @@ It is exact for 1x1 convs and for kernels made by ``to_dense`` (at full ranks).
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import FactorizedLayer, InitFn, accumulate_grad_, check_positive_int
+from .base import FactorizedLayer, InitFn, accumulate_grad_
 from .conv import IntPair, conv_output_hw, conv_repr_options, set_conv_geometry
-from .model import Selector, _all_names, _candidates, _closest_scale, _replace, count_parameters
+from .tensor_decompositions import (  # noqa: F401  (re-exported: the public names of fnl.tensor_conv)
+    NUM_MODES, RankArg, _balance, _check_modes, _check_scale, _near_equal_factors, _resolve_ranks,
+    _tt_full, _tt_ranks_from_scale, _tucker_full, _tucker_ranks_from_scale, hosvd, tensor_modes, tt_svd,
+)
 
 __all__ = [
     "TTConv2d", "TensorConv2d", "TuckerConv2d", "hosvd", "solve_tensor_scale", "tensor_modes", "tensorize",
     "tt_svd",
 ]
-
-NUM_MODES = 3  # the paper's tensor models: the matrix as a 3-way tensor
-RankArg = Union[int, Sequence[int], None]
-
-
-# --- modes and ranks ---------------------------------------------------------------------------
-def _near_equal_factors(n: int, d: int) -> tuple[int, ...]:
-    """``d`` factors of ``n`` (ascending), as equal as possible: smallest max/min, then smallest max."""
-    best: Optional[tuple[int, ...]] = None
-
-    def rec(rest: int, k: int, lo: int, acc: tuple[int, ...]):
-        nonlocal best
-        if k == 1:
-            if rest >= lo:
-                cand = acc + (rest,)
-                key = (cand[-1] / cand[0], cand[-1])
-                if best is None or key < (best[-1] / best[0], best[-1]):
-                    best = cand
-            return
-        for f in range(lo, int(round(rest ** (1 / k))) + 2):
-            if rest % f == 0:
-                rec(rest // f, k - 1, f, acc + (f,))
-
-    rec(n, d, 1, ())
-    assert best is not None  # n = 1 * ... * 1 * n always qualifies
-    return best
-
-
-def tensor_modes(out_channels: int, in_channels: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The derived ``(out_modes, in_modes)`` of an (out x in) matrix (see the module docstring)."""
-    check_positive_int("out_channels", out_channels)
-    check_positive_int("in_channels", in_channels)
-    o = sorted(_near_equal_factors(out_channels, NUM_MODES), reverse=True)
-    i = sorted(_near_equal_factors(in_channels, NUM_MODES))
-    pairs = sorted(zip(o, i), key=lambda p: -p[0] * p[1])  # stable: ties keep the pairing order
-    return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
-
-
-def _check_modes(name: str, modes: Optional[Sequence[int]], channels: int) -> Optional[tuple[int, ...]]:
-    if modes is None:
-        return None
-    if (not isinstance(modes, (tuple, list)) or len(modes) != NUM_MODES
-            or not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in modes)):
-        raise TypeError(f"{name} must be a sequence of {NUM_MODES} ints >= 1, got {modes!r}")
-    if math.prod(modes) != channels:
-        raise ValueError(f"{name}={tuple(modes)} must multiply to {channels}, got {math.prod(modes)}")
-    return tuple(modes)
-
-
-def _check_scale(rank_scale: object) -> float:
-    if isinstance(rank_scale, bool) or not isinstance(rank_scale, (int, float)):
-        raise TypeError(f"rank_scale must be a float in (0, 1], got {type(rank_scale).__name__} {rank_scale!r}")
-    if not math.isfinite(rank_scale) or not 0 < rank_scale <= 1:
-        raise ValueError(f"rank_scale must be a float in (0, 1], got {rank_scale!r}")
-    return float(rank_scale)
-
-
-def _tt_ranks_from_scale(n: Sequence[int], s: float) -> tuple[int, ...]:
-    return tuple(max(1, round(s * min(n[k], n[k + 1]))) for k in range(len(n) - 1))
-
-
-def _tucker_ranks_from_scale(n: Sequence[int], s: float) -> tuple[int, ...]:
-    return tuple(max(1, round(s * nk)) for nk in n)
-
-
-def _resolve_ranks(rank: RankArg, rank_scale: Optional[float], count: int,
-                   from_scale: Callable[[float], tuple[int, ...]]) -> tuple[int, ...]:
-    if (rank is None) == (rank_scale is None):
-        raise ValueError(f"give exactly one of rank (an int >= 1 or {count} of them) or rank_scale (a float in "
-                         f"(0, 1]); got rank={rank!r}, rank_scale={rank_scale!r}")
-    if rank_scale is not None:
-        return from_scale(_check_scale(rank_scale))
-    ranks = (rank,) * count if isinstance(rank, int) and not isinstance(rank, bool) else rank
-    if (not isinstance(ranks, (tuple, list)) or len(ranks) != count
-            or not all(isinstance(r, int) and not isinstance(r, bool) for r in ranks)):
-        raise TypeError(f"rank must be an int >= 1 or a sequence of {count} ints >= 1, got {rank!r}")
-    if min(ranks) < 1:
-        raise ValueError(f"rank must be >= 1, got {rank!r}")
-    return tuple(int(r) for r in ranks)
-
-
-# --- decompositions ----------------------------------------------------------------------------
-def _decomposition_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64  # decompositions run in float64 and are cast back (they run once)
-
-
-def tt_svd(tensor: Tensor, ranks: Sequence[int]) -> tuple[list[Tensor], list[Tensor]]:
-    """TT-SVD (Oseledets 2011): sequential truncated SVDs, left-orthogonal cores.
-
-    Args:
-        tensor: a d-way tensor (n_1, ..., n_d).
-        ranks: the d-1 bond ranks; ``ranks[k]`` must not exceed the rank the k-th step can have
-            (``r_{k-1} n_k`` and ``n_{k+1} ... n_d``).
-
-    Returns:
-        ``(cores, discarded)``: cores (r_{k-1}, n_k, r_k) in float64, and for each step the sum of
-        the squared singular values it discarded. ``||T - TT(cores)||_F² = sum(discarded)``
-        exactly (the cores are left-orthogonal, so the step errors are orthogonal), and each term
-        is at most the discarded energy of the same unfolding of ``T`` itself.
-    """
-    n = tuple(tensor.shape)
-    if len(ranks) != len(n) - 1:
-        raise ValueError(f"ranks must have {len(n) - 1} entries for a {len(n)}-way tensor, got {tuple(ranks)}")
-    c = tensor.detach().to(_decomposition_dtype(tensor))
-    cores, discarded = [], []
-    r_prev = 1
-    for k, r in enumerate(ranks):
-        mat = c.reshape(r_prev * n[k], -1)
-        if r > min(mat.shape):
-            raise ValueError(f"ranks[{k}]={r} exceeds {min(mat.shape)}, the largest rank of TT-SVD step {k} "
-                             f"for modes {n} and ranks {tuple(ranks)}")
-        u, s, vh = torch.linalg.svd(mat, full_matrices=False)
-        discarded.append(s[r:].square().sum())
-        cores.append(u[:, :r].reshape(r_prev, n[k], r))
-        c = s[:r, None] * vh[:r]
-        r_prev = r
-    cores.append(c.reshape(r_prev, n[-1], 1))
-    return cores, discarded
-
-
-def _mode_unfold(t: Tensor, k: int) -> Tensor:
-    return t.movedim(k, 0).reshape(t.shape[k], -1)
-
-
-def hosvd(tensor: Tensor, ranks: Sequence[int]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """Truncated higher-order SVD (De Lathauwer, De Moor, Vandewalle 2000).
-
-    Args:
-        tensor: a d-way tensor (n_1, ..., n_d).
-        ranks: d ranks, ``ranks[k] <= n_k``.
-
-    Returns:
-        ``(core, factors, discarded)``: factors (n_k, R_k) with orthonormal columns (the leading
-        left singular vectors of the mode-k unfolding), core ``T x_k A_kᵀ`` (R_1, ..., R_d), all
-        float64, and per mode the discarded squared singular values of the unfolding. The error
-        satisfies ``||T - T_hat||² = ||T||² - ||core||²`` exactly and
-        ``max(discarded) <= ||T - T_hat||² <= sum(discarded)``.
-    """
-    n = tuple(tensor.shape)
-    if len(ranks) != len(n):
-        raise ValueError(f"ranks must have {len(n)} entries for a {len(n)}-way tensor, got {tuple(ranks)}")
-    t = tensor.detach().to(_decomposition_dtype(tensor))
-    factors, discarded = [], []
-    for k, r in enumerate(ranks):
-        if r > n[k]:
-            raise ValueError(f"ranks[{k}]={r} exceeds the mode size n_{k + 1}={n[k]}")
-        unf = _mode_unfold(t, k)
-        evals, evecs = torch.linalg.eigh(unf @ unf.T)  # n_k x n_k Gram: cheaper than the SVD of unf
-        evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
-        factors.append(evecs[:, :r].contiguous())
-        discarded.append(evals[r:].sum())
-    core = t
-    for k, a in enumerate(factors):
-        core = torch.tensordot(core, a, dims=([0], [0]))  # contracts mode k; it moves to the end
-    return core, factors, discarded
-
-
-def _tucker_full(core: Tensor, factors: Sequence[Tensor]) -> Tensor:
-    t = core
-    for a in factors:
-        t = torch.tensordot(t, a, dims=([0], [1]))
-    return t
-
-
-def _tt_full(cores: Sequence[Tensor]) -> Tensor:
-    """The tensor (n_1, ..., n_d) of 3-way cores (r_{k-1}, n_k, r_k)."""
-    t = cores[0].reshape(-1, cores[0].shape[-1])
-    for c in cores[1:]:
-        t = t @ c.reshape(c.shape[0], -1)
-        t = t.reshape(-1, c.shape[-1])
-    return t.reshape([c.shape[1] for c in cores])
-
-
-def _balance(parts: Sequence[Tensor]) -> None:
-    """Rescale the parts in place (product of the scales 1) so that they have equal Frobenius norms."""
-    norms = [float(p.norm()) for p in parts]
-    if min(norms) == 0:
-        return
-    target = math.exp(sum(math.log(v) for v in norms) / len(norms))
-    for p, v in zip(parts, norms):
-        p.mul_(target / v)
 
 
 # --- the layers --------------------------------------------------------------------------------
@@ -261,7 +75,7 @@ class TensorConv2d(FactorizedLayer):
         bias: learn an additive bias (on the 1x1 conv).
         rank: explicit ranks: an int (every rank) or one int per rank (exactly one of rank / rank_scale).
         rank_scale: the scale s of the rank rules (docs/method.md#tensor-formats), a float in (0, 1].
-        out_modes: 3 ints multiplying to out_channels (None: derived, see the module docstring).
+        out_modes: 3 ints multiplying to out_channels (None: derived, see ``fnl.tensor_decompositions``).
         in_modes: 3 ints multiplying to in_channels (None: derived).
         spectral: give the dense 1x1 matrix ``init`` and decompose it (TT-SVD / HOSVD).
         init: in-place init of the dense 1x1 weight (out, in, 1, 1); None is torch's ``nn.Conv2d``
@@ -742,115 +556,5 @@ def _torch_conv_init_(weight: Tensor) -> None:
     nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # nn.Conv2d's default
 
 
-# --- whole models ------------------------------------------------------------------------------
-_FORMATS = {"tt": TTConv2d, "tucker": TuckerConv2d}
-
-
-def _format_class(tensor_format: str) -> type[TensorConv2d]:
-    if tensor_format not in _FORMATS:
-        raise ValueError(f"tensor_format must be one of {tuple(_FORMATS)}, got {tensor_format!r}")
-    return _FORMATS[tensor_format]
-
-
-def _layer_count(tensor_format: str, conv: nn.Conv2d, scale: float) -> int:
-    """Parameters of the tensor layer replacing ``conv`` at scale ``scale`` (analytic)."""
-    o, i = tensor_modes(conv.out_channels, conv.in_channels)
-    n = [a * b for a, b in zip(o, i)]
-    kh, kw = conv.kernel_size
-    total = (conv.in_channels * kh * kw if (kh, kw) != (1, 1) else 0) + (conv.out_channels if conv.bias is not None else 0)
-    if tensor_format == "tt":
-        r = (1, *_tt_ranks_from_scale(n, scale), 1)
-        return total + sum(r[k] * n[k] * r[k + 1] for k in range(NUM_MODES))
-    r = _tucker_ranks_from_scale(n, scale)
-    return total + math.prod(r) + sum(a * b for a, b in zip(n, r))
-
-
-def _tensor_candidates(model: nn.Module, include: Selector, exclude: Selector) -> list[tuple[str, nn.Conv2d]]:
-    return [(name, m) for name, m in _candidates(model, include, exclude, False)
-            if isinstance(m, nn.Conv2d) and not isinstance(m.padding, str)]
-
-
-def solve_tensor_scale(model: nn.Module, target_ratio: float, tensor_format: str, *, include: Selector = None,
-                       exclude: Selector = None) -> float:
-    """The scale s whose whole-model parameter ratio (tensorized / dense) is closest to ``target_ratio``.
-
-    Same rules as ``fnl.solve_rank_scale`` (all parameters count, analytic counts, the model is
-    not modified), for the convs ``tensorize`` would replace with derived modes; s in (0, 1].
-    """
-    _format_class(tensor_format)
-    if isinstance(target_ratio, bool) or not isinstance(target_ratio, (int, float)) or not math.isfinite(target_ratio):
-        raise TypeError(f"target_ratio must be a finite float in (0, 1], got {target_ratio!r}")
-    convs = [m for _, m in _tensor_candidates(model, include, exclude)]
-    if not convs:
-        raise ValueError("the model has no nn.Conv2d to tensorize, so no target_ratio can be reached")
-    dense_total = count_parameters(model, dense=True)
-    fixed = dense_total - sum(sum(p.numel() for p in m.parameters()) for m in convs)
-
-    def ratio(s: float) -> float:
-        return (fixed + sum(_layer_count(tensor_format, m, s) for m in convs)) / dense_total
-
-    lowest, highest = ratio(1e-9), ratio(1.0)
-    if not lowest <= target_ratio <= highest:
-        raise ValueError(f"target_ratio={target_ratio} cannot be reached with tensor_format={tensor_format!r}: "
-                         f"this model's ratios run from {lowest:.6g} (every rank 1) to {highest:.6g} (scale 1.0)")
-    return _closest_scale(ratio, target_ratio, lo=1e-9)
-
-
-def tensorize(
-        model: nn.Module,
-        *,
-        tensor_format: str = "tt",
-        rank: RankArg = None,
-        rank_scale: Optional[float] = None,
-        target_ratio: Optional[float] = None,
-        spectral: bool = False,
-        from_dense: bool = False,
-        include: Selector = None,
-        exclude: Selector = None,
-        init: Optional[InitFn] = None,
-        depthwise_init: Optional[InitFn] = None,
-) -> nn.Module:
-    """Replace the model's ``nn.Conv2d`` (groups 1, zero numeric padding) by tensor-format convs, in place.
-
-    Args:
-        model: any module.
-        tensor_format: ``'tt'`` or ``'tucker'``.
-        rank: explicit ranks for every layer (exactly one of rank / rank_scale / target_ratio).
-        rank_scale: the scale s of the rank rules (docs/method.md#tensor-formats), in (0, 1].
-        target_ratio: a whole-model parameter ratio; s is solved by ``solve_tensor_scale``.
-        spectral: new layers get the spectral init of a freshly initialised dense 1x1 matrix
-            (TT-SVD / HOSVD of ``init``'s draw), the depthwise filters ``depthwise_init``.
-        from_dense: instead, project the weights already in the convs (for a trained model; see
-            ``TensorConv2d.from_dense``); excludes ``spectral``.
-        include, exclude: as in ``fnl.factorize``.
-        init, depthwise_init: as in ``TensorConv2d``.
-    """
-    cls = _format_class(tensor_format)
-    if sum(x is not None for x in (rank, rank_scale, target_ratio)) != 1:
-        raise ValueError(f"give exactly one of rank, rank_scale or target_ratio; got rank={rank!r}, "
-                         f"rank_scale={rank_scale!r}, target_ratio={target_ratio!r}")
-    if spectral and from_dense:
-        raise ValueError("spectral and from_dense exclude each other: spectral decomposes a fresh dense init, "
-                         "from_dense the weights already in the model")
-    if target_ratio is not None:
-        rank_scale = solve_tensor_scale(model, target_ratio, tensor_format, include=include, exclude=exclude)
-    elif rank_scale is not None:
-        _check_scale(rank_scale)
-    done: dict[int, nn.Module] = {}
-    for name, module in _tensor_candidates(model, include, exclude):
-        if id(module) in done:
-            continue
-        if from_dense:
-            new = cls.from_dense(module, rank=rank, rank_scale=rank_scale)
-        else:
-            w = module.weight
-            new = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-                      module.dilation, 1, module.bias is not None, rank=rank, rank_scale=rank_scale,
-                      spectral=spectral, init=init, depthwise_init=depthwise_init, device=w.device, dtype=w.dtype)
-            if module.bias is not None:
-                with torch.no_grad():
-                    new.bias.copy_(module.bias)
-        done[id(module)] = new
-        for alias in _all_names(model, module):
-            _replace(model, alias, new)
-    return model
+# whole models (fnl.tensorize), re-exported here: imported last, it builds on the layers above
+from .tensorize import solve_tensor_scale, tensorize  # noqa: E402
