@@ -62,6 +62,8 @@ def factorize_model(
         The rank_scale used (solved when ``target_ratio`` is given), 0.0 for a dense model.
     """
     check_rank_args(rank_scale, target_ratio)
+    # load_state_dict / timm's load_checkpoint adopt a checkpoint's ranks (dense, factorized, square)
+    fnl.adopt_on_load(model, after=mark_factors)
     if target_ratio is not None:
         rank_scale = fnl.solve_rank_scale(model, target_ratio, include=include, square=square)
     if not rank_scale:

@@ -30,7 +30,7 @@ import timm
 from timm.models import generate_default_cfgs, register_model
 
 # the core by name: this module's entrypoint is called ``fnl``
-from fnl import factorize, solve_rank_scale
+from fnl import adopt_on_load, factorize, solve_rank_scale
 
 from ..optim import mark_factors
 from ._timm_attention import balance_attention_, mark_attention, shrink_heads_, timm_attentions
@@ -235,6 +235,7 @@ def factorize_timm_model(
             balance_attention_(attn, spectral_quekey, spectral_outval, name)
     model.fnl_kept_dense = {n: r for n, r in reasons.items() if r is not None}
     mark_factors(model)
+    adopt_on_load(model, after=mark_factors)  # load_state_dict adopts a checkpoint's ranks (fnl/adopt.py)
     if attns and (given is None or attention == 'heads'):
         mark_attention(model)
     return model

@@ -167,6 +167,7 @@ def _tensorize(model: nn.Module, include, conv: str, rank_scale: Optional[float]
                          f'target_ratio={target_ratio!r})')
     if target_ratio is not None:
         rank_scale = fnl.solve_tensor_scale(model, target_ratio, conv, include=include)
+    fnl.adopt_on_load(model, after=mark_factors)  # a checkpoint's ranks and format are adopted on load
     fnl.tensorize(
         model, tensor_format=conv, rank_scale=rank_scale, spectral=bool(spectral), include=include,
         init=kaiming_fan_out_, depthwise_init=kaiming_linear_fan_in_)
