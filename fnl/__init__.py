@@ -3,7 +3,6 @@
 Implements "Initialization and Regularization of Factorized Neural Layers" (Khodak, Tenenholtz,
 Mackey, Fusi; ICLR 2022, arXiv 2105.01029). The core imports only torch.
 """
-from .adopt import CheckpointMismatchError, adopt_on_load, adopt_state_dict_shapes
 from .attention import (
     add_outval_fd_grad_, add_quekey_fd_grad_, balance_outval_, balance_quekey_, outval_norm_sq, quekey_norm_sq,
 )
@@ -14,6 +13,7 @@ from .compress import (
 )
 from .conv import FactorizedConv2d
 from .embedding import FactorizedEmbedding
+from .fd_engine import FDEngine, FDTerm, factor_owner, form_term, layer_term, mark_factors
 from .frobenius import (
     FrobeniusDecay, factor_parameter_names, factorized_layers, frobenius_norm, frobenius_penalty, param_groups,
 )
@@ -28,10 +28,11 @@ from .tensor_conv import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointMismatchError", "CompressionReport", "FactorizedConv2d", "FactorizedEmbedding", "FactorizedLayer", "FactorizedLinear",
-    "FrobeniusDecay", "FrobeniusNormRecorder", "FrobeniusNormalizer", "LayerDecision", "ModelSummary",
-    "adopt_on_load", "adopt_state_dict_shapes", "add_factor_fd_grad_", "add_outval_fd_grad_", "add_quekey_fd_grad_", "apply_ranks", "balance_outval_",
-    "balance_quekey_", "cache_cpu_allocations", "collapse", "compress", "cpu_allocations_cached", "count_macs", "count_parameters", "factor_parameter_names", "factorize",
+    "CompressionReport", "FactorizedConv2d", "FactorizedEmbedding", "FactorizedLayer", "FactorizedLinear",
+    "FDEngine", "FDTerm", "FrobeniusDecay", "FrobeniusNormRecorder", "FrobeniusNormalizer", "LayerDecision", "ModelSummary",
+    "add_factor_fd_grad_", "add_outval_fd_grad_", "add_quekey_fd_grad_", "apply_ranks", "balance_outval_",
+    "balance_quekey_", "cache_cpu_allocations", "collapse", "compress", "cpu_allocations_cached", "count_macs", "count_parameters", "factor_owner", "factor_parameter_names", "factorize",
+    "form_term", "layer_term", "mark_factors",
     "fold_batchnorm",
     "factorized_layers", "frobenius_norm", "frobenius_penalty", "load_frobnorms", "measure_latency",
     "outval_norm_sq", "param_groups", "quekey_norm_sq", "rescale_to_norm_", "resolve_rank", "round_rank",

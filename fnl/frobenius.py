@@ -7,9 +7,10 @@ momentum like SGD's coupled weight decay); ``param_groups`` keeps plain weight d
 factors (the paper's ``--wd2fd``) and on everything else.
 
 Every FD path of the project (this wrapper, the timm ``fd*`` optimizers, the fairseq ``fd_*``
-optimizers) adds its gradients through :func:`accumulate_fd_grads_`, which holds the rules they
-share: the FD gradient is added to unscaled gradients, after gradient clipping, and a parameter
-whose ``.grad`` is None (it got no gradient this step) is skipped, as torch's weight decay skips it.
+optimizers) adds its gradients through one engine, :class:`fnl.fd_engine.FDEngine`, which holds
+the rules they share: grouped closed-form gradients in float32, added after gradient clipping to
+unscaled gradients (or scaled to match for fused optimizers), a parameter whose ``.grad`` is None
+(it got no gradient this step) skipped as torch's weight decay skips it, coupled or decoupled.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import FactorizedLayer
+from .fd_engine import FDEngine, FDTerm, layer_term
 
 __all__ = [
     "FrobeniusDecay", "accumulate_fd_grads_", "factor_parameter_names", "factorized_layers", "frobenius_norm",
@@ -138,32 +140,41 @@ def param_groups(
 
 
 class FrobeniusDecay(torch.optim.Optimizer):
-    """Wraps an optimizer so that each ``step()`` first adds the Frobenius-decay gradient.
+    """Wraps an optimizer so that each ``step()`` applies Frobenius decay first.
 
-    The FD gradient of every factorized layer of ``model`` (``coef * U (VᵀV)`` and
-    ``coef * V (UᵀU)``, with the square factor where present) is added to the factors' ``.grad``,
-    then the wrapped optimizer steps: FD is coupled, as SGD's weight decay is. ``param_groups`` and
-    ``state`` are the wrapped optimizer's, so LR schedulers, gradient clipping and
-    ``torch.amp.GradScaler`` see one optimizer. Call ``scaler.unscale_`` / ``scaler.step`` on this
-    wrapper, not on the wrapped optimizer: the scaler then unscales the gradients before ``step``
-    (also for a ``fused=True`` optimizer, whose in-kernel unscaling the wrapper does not use), so
-    FD is added to unscaled, clipped gradients, like coupled weight decay. Factors whose ``.grad``
-    is None this step get no FD (see :func:`accumulate_fd_grads_`). Under DDP every process holds
-    the same parameters, so they add the same FD gradient. ``copy.deepcopy`` copies the wrapped
-    optimizer and the layers together (``extra`` callables are shared, not copied).
+    Coupled (the paper's, the default for every optimizer but Adam / AdamW): the FD gradient of every
+    factorized layer of ``model`` (``coef * U (VᵀV)`` and ``coef * V (UᵀU)``, with the square factor
+    where present) is added to the factors' ``.grad``, then the wrapped optimizer steps, so FD goes
+    through momentum as SGD's weight decay does. Decoupled (the default for ``torch.optim.Adam`` /
+    ``AdamW``, as AdamW decouples weight decay): each factor moves by ``-lr * coef * dFD/dp`` at its
+    pre-step value, where AdamW applies its decay, and Adam's normalisation never sees FD.
+    ``param_groups`` and ``state`` are the wrapped optimizer's, so LR schedulers, gradient clipping
+    and ``torch.amp.GradScaler`` see one optimizer. Call ``scaler.unscale_`` / ``scaler.step`` on
+    this wrapper, not on the wrapped optimizer: the scaler then unscales the gradients before
+    ``step`` (also for a ``fused=True`` optimizer, whose in-kernel unscaling the wrapper does not
+    use), so coupled FD is added to unscaled, clipped gradients. Factors whose ``.grad`` is None
+    this step get no FD. Under DDP every process holds the same parameters, so they add the same FD
+    gradient. ``copy.deepcopy`` copies the wrapped optimizer and the layers together (``extra``
+    callables are shared, not copied).
 
     Args:
         optimizer: any ``torch.optim.Optimizer``; build it with ``fnl.param_groups`` so that the
             factors carry no plain weight decay.
         model: the module whose factorized layers get FD.
         coef: the FD coefficient ``lambda`` (>= 0; 0 disables FD).
-        extra: further callables ``f(coef)`` run before each step to add FD gradients of other
-            structures (e.g. ``fnl.add_quekey_fd_grad_`` for attention); wrap them in
-            :func:`accumulate_fd_grads_` so that they follow the same rules.
+        extra: further callables ``f(coef)`` run before each step to add (coupled) FD gradients of
+            other structures; wrap them in :func:`accumulate_fd_grads_` so that they follow the same
+            rules. Prefer ``terms``.
+        terms: further :class:`fnl.fd_engine.FDTerm` objects (attention forms, terms on master
+            copies), applied with the layers' terms by the same engine.
+        decoupled: None = decoupled for ``torch.optim.Adam`` / ``AdamW``, coupled otherwise; True /
+            False to choose. Decoupled FD needs every regularised tensor in the optimizer's groups
+            (it reads their ``lr``) and no ``extra`` callables.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, coef: float,
-                 extra: Sequence[Callable[[float], None]] = ()) -> None:
+                 extra: Sequence[Callable[[float], None]] = (), terms: Sequence[FDTerm] = (),
+                 decoupled: Optional[bool] = None) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, FrobeniusDecay):
@@ -173,19 +184,47 @@ class FrobeniusDecay(torch.optim.Optimizer):
         coef = float(coef)
         if not coef >= 0:
             raise ValueError(f"coef must be a float >= 0, got {coef}")
+        if decoupled is None:
+            decoupled = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
+        elif not isinstance(decoupled, bool):
+            raise TypeError(f"decoupled must be None, True or False, got {decoupled!r}")
         # Optimizer.__init__ is not called: the parameters, groups and state are the wrapped optimizer's.
         self.optimizer = optimizer
         self.coef = coef
+        self.decoupled = decoupled
         self.layers = factorized_layers(model)
         self.extra = list(extra)
-        if not self.layers and not self.extra:
+        self.engine = FDEngine([layer_term(layer) for layer in self.layers] + list(terms))
+        if not len(self.engine) and not self.extra:
             raise ValueError("model has no factorized layers and no extra FD terms were given; "
                              "FrobeniusDecay would do nothing")
+        if decoupled:
+            if self.extra:
+                raise ValueError("decoupled=True applies FD through the optimizer's learning rates; extra callables "
+                                 "can only add gradients (coupled): pass FDTerm objects as terms= instead")
+            self._term_groups()  # every regularised tensor must be in a group
         for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
                      "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
                      "_optimizer_load_state_dict_post_hooks"):
             setattr(self, name, OrderedDict())
         self._patch_step_function()
+
+    def _term_groups(self) -> list[dict[str, Any]]:
+        """The param group of each term (for its ``lr``), cached until the groups change."""
+        key = tuple(id(g) for g in self.optimizer.param_groups)
+        cache = self.__dict__.get("_group_cache")
+        if cache is None or cache[0] != key:
+            where = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
+            found = []
+            for term in self.engine.terms:
+                group = where.get(id(term.params()[0]))
+                if group is None:
+                    raise ValueError(f"decoupled Frobenius decay: a {term.name} tensor is not in the optimizer's "
+                                     "param_groups, so it has no learning rate; optimize it or use decoupled=False")
+                found.append(group)
+            cache = (key, found)
+            self._group_cache = cache
+        return cache[1]
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
@@ -213,11 +252,11 @@ class FrobeniusDecay(torch.optim.Optimizer):
 
     @torch.no_grad()
     def apply_frobenius_decay(self) -> None:
-        """Add the FD gradient to the factors' ``.grad`` (``step`` calls this)."""
+        """Apply FD (``step`` calls this): add the gradients (coupled) or move the factors (decoupled)."""
         if self.coef == 0:
             return
-        for layer in self.layers:
-            accumulate_fd_grads_(layer.factor_parameters(), lambda layer=layer: layer.add_frobenius_grad_(self.coef))
+        lr = [g["lr"] for g in self._term_groups()] if self.decoupled else None
+        self.engine.apply_(self.coef, lr=lr)
         for fn in self.extra:
             fn(self.coef)
 
@@ -248,7 +287,8 @@ class FrobeniusDecay(torch.optim.Optimizer):
         self.optimizer.add_param_group(param_group)
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        return {"optimizer": self.optimizer.state_dict(), "frobenius_decay": {"coef": self.coef}}
+        return {"optimizer": self.optimizer.state_dict(),
+                "frobenius_decay": {"coef": self.coef, "decoupled": self.decoupled}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         if not isinstance(state_dict, dict) or set(state_dict) != {"optimizer", "frobenius_decay"}:
@@ -258,4 +298,5 @@ class FrobeniusDecay(torch.optim.Optimizer):
         self.coef = float(state_dict["frobenius_decay"]["coef"])
 
     def __repr__(self) -> str:
-        return f"FrobeniusDecay(coef={self.coef}, layers={len(self.layers)}, optimizer={self.optimizer!r})"
+        return (f"FrobeniusDecay(coef={self.coef}, decoupled={self.decoupled}, layers={len(self.layers)}, "
+                f"terms={len(self.engine)}, optimizer={self.optimizer!r})")

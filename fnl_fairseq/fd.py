@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from typing import Callable, Iterable, Optional
+from typing import Iterable, Optional
 
-import fnl
-from fnl.frobenius import accumulate_fd_grads_
+from fnl.fd_engine import FDTerm, form_term, layer_term
 from torch import Tensor, nn
 
 __all__ = ["FDTerms", "find_owner", "register_model"]
@@ -48,41 +47,21 @@ class FDTerms:
         seen: set[int] = set()
         return [p for p in params if not (id(p) in seen or seen.add(id(p)))]
 
-    def layer_module(self) -> nn.ModuleList:
-        """The factorized layers as one module, for ``fnl.FrobeniusDecay(optimizer, model, coef)``."""
-        return nn.ModuleList(self.layers)
+    def fd_terms(self, copies: Optional[dict] = None) -> list[FDTerm]:
+        """Every FD term as core :class:`fnl.fd_engine.FDTerm` objects, for ``fnl.FrobeniusDecay(terms=...)``.
 
-    def attention_hooks(self, copies: Optional[dict] = None) -> list[Callable[[float], None]]:
-        """``extra=`` hooks for ``fnl.FrobeniusDecay``: FD gradients of the attention forms.
-
-        ``copies`` (``{id(model parameter): tensor}``) makes the hooks act on the tensors the optimizer
-        steps instead of the model's parameters (the fp32 master copies of ``--fp16`` / ``--bf16``).
-        A tensor whose ``.grad`` is None is skipped (``fnl.frobenius.accumulate_fd_grads_``).
+        ``copies`` (``{id(model parameter): tensor}``) builds them on the tensors the optimizer steps
+        instead of the model's parameters (the fp32 master copies of ``--fp16`` / ``--bf16``): the FD
+        gradient is computed from the copies and written to their ``.grad``.
         """
         def c(p: Tensor) -> Tensor:
             return p if copies is None else copies[id(p)]
 
-        hooks: list[Callable[[float], None]] = []
-        for add, forms in ((fnl.add_quekey_fd_grad_, self.quekey), (fnl.add_outval_fd_grad_, self.outval)):
+        terms = [layer_term(layer, copies) for layer in self.layers]
+        for kind, forms in (("quekey", self.quekey), ("outval", self.outval)):
             for a, b, heads in forms:
-                hooks.append(_hook(add, c(a.weight), c(b.weight), heads))
-        return hooks
-
-    def copy_hooks(self, copies: dict) -> list[Callable[[float], None]]:
-        """Every FD term (factorized layers and attention forms) as hooks on the optimizer's copies of
-        the parameters (``{id(model parameter): copy}``), for ``fnl.FrobeniusDecay(..., extra=...)``."""
-        hooks: list[Callable[[float], None]] = []
-        for layer in self.layers:
-            u, s, v = (None if f is None else copies[id(f)] for f in layer.factors())
-            tensors = [t for t in (u, s, v) if t is not None]
-            hooks.append(lambda coef, u=u, v=v, s=s, ts=tensors: accumulate_fd_grads_(
-                ts, lambda: fnl.add_factor_fd_grad_(u, v, coef, s)))
-        return hooks + self.attention_hooks(copies)
-
-
-def _hook(add: Callable, a: Tensor, b: Tensor, heads: int) -> Callable[[float], None]:
-    """``f(coef)`` adding the FD gradient of one attention form (``add(a, b, heads, coef)``) to ``a``, ``b``."""
-    return lambda coef: accumulate_fd_grads_((a, b), lambda: add(a, b, heads, coef))
+                terms.append(form_term(kind, c(a.weight), c(b.weight), heads))
+        return terms
 
 
 def register_model(model: nn.Module) -> None:

@@ -3,9 +3,12 @@
 (Paper section 3.) One wrapper, ``FDOptimizer``, over fairseq's own optimizers: it finds
 the model that owns its parameters (``fnl_fairseq.fd``), keeps plain weight decay off the
 parameters that Frobenius decay (FD) regularises and on every other one, and wraps the fairseq
-optimizer's torch optimizer in ``fnl.FrobeniusDecay``, which adds the FD gradient of every
-factorized layer (``--wd2fd``) and of every per-head QK/OV form (``--wd2fd-quekey``,
-``--wd2fd-outval``) before each update. The FD coefficient is ``--weight-decay``.
+optimizer's torch optimizer in ``fnl.FrobeniusDecay``, which applies the FD of every factorized
+layer (``--wd2fd``) and of every per-head QK/OV form (``--wd2fd-quekey``, ``--wd2fd-outval``) before
+each update through the core's one FD engine (``fnl.fd_engine``). The FD coefficient is
+``--weight-decay``. ``fd_nag`` and ``fd_sgd`` add the FD gradient to the gradient (coupled, the
+paper's); ``fd_adam`` decouples it as fairseq's ``adam`` decouples weight decay
+(``p -= lr * coef * dFD/dp`` at the pre-step value), or couples it with ``--fd-coupled``.
 
 The FD gradient is added inside ``step()``, where fairseq's optimizers apply weight decay: after
 gradient clipping, after the all-reduce (every process adds the same FD gradient to the same
@@ -131,16 +134,17 @@ class FDOptimizer(FairseqOptimizer):
         self.wrapped = OPTIMIZER_REGISTRY[self.base](self.base_cfg(cfg), groups)
         self._fd_ids = {id(p) for p in fd_params}
         self._unscaled = False  # clip_grad_norm ran since the last step (under --amp: gradients unscaled)
-        if copies is None:
-            self._optimizer = fnl.FrobeniusDecay(self.wrapped.optimizer, self.terms.layer_module(), coef,
-                                                 extra=self.terms.attention_hooks())
-        else:
-            self._optimizer = fnl.FrobeniusDecay(self.wrapped.optimizer, nn.ModuleList(), coef,
-                                                 extra=self.terms.copy_hooks(copies))
-        logger.info(f"Frobenius decay (coef {coef:g}) on {len(self.terms.layers)} factorized layers, "
+        self._optimizer = fnl.FrobeniusDecay(self.wrapped.optimizer, nn.ModuleList(), coef,
+                                             terms=self.terms.fd_terms(copies), decoupled=self.decoupled(cfg))
+        mode = "decoupled" if self._optimizer.decoupled else "coupled"
+        logger.info(f"{mode} Frobenius decay (coef {coef:g}) on {len(self.terms.layers)} factorized layers, "
                     f"{len(self.terms.quekey)} query-key and {len(self.terms.outval)} output-value forms "
                     f"({sum(p.numel() for p in fd_params)} parameters without plain weight decay"
                     f"{', on their fp32 copies' if copies is not None else ''})")
+
+    def decoupled(self, cfg: Any) -> bool:
+        """Whether FD is decoupled (``p -= lr * coef * dFD/dp``) rather than added to the gradient."""
+        return False
 
     def base_cfg(self, cfg: Any) -> Any:
         """The config handed to the wrapped fairseq optimizer (subclasses make strings fairseq would
@@ -235,6 +239,11 @@ class FDNAGConfig(FairseqNAGConfig):
 class FDAdamConfig(FairseqAdamConfig):
     """``adam``'s options; ``--weight-decay`` is also the FD coefficient."""
 
+    fd_coupled: bool = dataclasses.field(default=False, metadata={
+        "help": "add the Frobenius-decay gradient to the gradient before Adam's update (coupled, so Adam's "
+                "normalisation rescales it) instead of the default decoupled step p -= lr * coef * dFD/dp, "
+                "applied where adam applies its decoupled weight decay"})
+
 
 @dataclasses.dataclass
 class FDSGDConfig(FairseqDataclass):
@@ -254,13 +263,17 @@ class FairseqFDNAG(FDOptimizer):
 
 @register_optimizer("fd_adam", dataclass=FDAdamConfig)
 class FairseqFDAdam(FDOptimizer):
-    """fairseq's ``adam`` (decoupled weight decay) with Frobenius decay (coupled, through the gradient).
+    """fairseq's ``adam`` (decoupled weight decay) with Frobenius decay, decoupled like the weight decay
+    (``p -= lr * coef * dFD/dp`` at the pre-step value) unless ``--fd-coupled`` adds it to the gradient.
 
     fairseq's ``adam`` reads a string ``--adam-betas`` with ``eval()``; here it is parsed as a Python
     literal (a pair of floats in [0, 1)) and handed on as a list, so no string is run as code.
     """
 
     base = "adam"
+
+    def decoupled(self, cfg: Any) -> bool:
+        return not bool(getattr(cfg, "fd_coupled", False))
 
     def base_cfg(self, cfg: Any) -> Any:
         cfg = copy.deepcopy(cfg)

@@ -10,15 +10,19 @@ yourself for a model factorized with ``fnl.factorize``). The models' ``no_weight
 not name the factors: with a stock timm optimizer (``sgd``, ``momentum``, ``adamw``, ...) they keep
 ordinary weight decay, the paper's baseline.
 
-The FD gradient is added inside ``step()``: after backward, after ``GradScaler.unscale_`` and
-gradient clipping, right before the update, i.e. exactly where coupled L2 weight decay is applied
-by ``torch.optim.SGD`` (it goes through momentum the same way). With ``fused=True`` under
-``torch.amp.GradScaler`` the scaler hands the optimizer still-scaled gradients and the scale to
-divide out inside the kernel; the FD gradient is then multiplied by that scale first, so the update
-is the same as unscaled (``fnl.frobenius.accumulate_fd_grads_``). ``foreach`` and the for-loop
-implementations are unscaled by the scaler before ``step``. Factors whose ``.grad`` is None this
-step get no FD. Under DDP the gradients are already averaged and the factors are identical on
-every rank, so every rank adds the same FD term.
+FD is applied inside ``step()`` by the core's one FD engine (``fnl.fd_engine``, shared with
+``fnl.FrobeniusDecay`` and the fairseq plugin): after backward, after ``GradScaler.unscale_`` and
+gradient clipping, right before the update. ``fdsgd`` / ``fdmomentum`` add the FD gradient to the
+gradient (coupled, the paper's), exactly where ``torch.optim.SGD`` applies coupled L2 weight decay
+(it goes through momentum the same way). ``fdadam`` / ``fdadamw`` decouple it by default, as AdamW
+decouples weight decay: each factor moves by ``-lr * coef * dFD/dp`` at its pre-step value before
+Adam's update, so Adam's normalisation does not rescale FD (``fd_decoupled=False``: coupled). With
+``fused=True`` under ``torch.amp.GradScaler`` the scaler hands the optimizer still-scaled gradients
+and the scale to divide out inside the kernel; the coupled FD gradient is then multiplied by that
+scale first, so the update is the same as unscaled, and a decoupled step is skipped on inf/NaN as the
+kernel skips its own. ``foreach`` and the for-loop implementations are unscaled by the scaler before
+``step``. Factors whose ``.grad`` is None this step get no FD. Under DDP the gradients are already
+averaged and the factors are identical on every rank, so every rank applies the same FD term.
 
 A requested regulariser that would do nothing is an error at construction: ``wd2fd=True`` (the
 default) with no registered factor among the parameters, or with an FD coefficient of 0 that
@@ -32,51 +36,19 @@ Extra keyword arguments understood by every FD optimizer (pass them through timm
   unregularised).
 * ``wd2fd``: ``True`` (default) = factors get FD and no weight decay; ``False`` = factors get
   ordinary weight decay and no FD (the paper's baseline).
+* ``fd_decoupled``: ``True`` = decoupled FD (default of ``fdadam`` / ``fdadamw``), ``False`` =
+  coupled (default of ``fdsgd`` / ``fdmomentum``).
 """
 from typing import Any, Dict, Iterable, List, Optional, Tuple
-import weakref
 
 import torch
-from torch import nn
-from torch.utils.weak import WeakIdKeyDictionary
 
-import fnl
-from fnl.frobenius import accumulate_fd_grads_
+from fnl.fd_engine import FDEngine, FDTerm, factor_owner, layer_term, mark_factors
 
 __all__ = [
     'mark_factors', 'factor_owner', 'FDSGD', 'FDAdamW', 'FDAdam', 'FD_OPTIMIZERS',
     'register_fd_optimizers',
 ]
-
-# factor parameter -> weakref to the FactorizedLayer owning it
-_FACTOR_OWNER = WeakIdKeyDictionary()
-
-
-def mark_factors(model: nn.Module) -> int:
-    """Register the factors of every factorized layer of ``model`` for the FD optimizers.
-
-    Args:
-        model: a module containing ``fnl.FactorizedLayer`` submodules.
-
-    Returns:
-        The number of factorized layers found.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f'model must be an nn.Module, got {type(model).__name__}')
-    count = 0
-    for module in model.modules():
-        if isinstance(module, fnl.FactorizedLayer):
-            ref = weakref.ref(module)
-            for p in module.factor_parameters():
-                _FACTOR_OWNER[p] = ref
-            count += 1
-    return count
-
-
-def factor_owner(param: torch.Tensor) -> Optional[nn.Module]:
-    """The factorized layer owning ``param`` (registered by :func:`mark_factors`), else None."""
-    ref = _FACTOR_OWNER.get(param)
-    return None if ref is None else ref()
 
 
 def _split_factor_groups(
@@ -84,6 +56,7 @@ def _split_factor_groups(
         weight_decay: float,
         fd_coef: Optional[float],
         wd2fd: bool,
+        fd_decoupled: bool = False,
 ) -> Tuple[List[Dict[str, Any]], float, float]:
     """Split every group into its factor and non-factor parameters.
 
@@ -119,7 +92,7 @@ def _split_factor_groups(
         n_factors += len(factors)
         if factors:
             if wd2fd:
-                out.append(dict(rest, params=factors, weight_decay=0.0, fd_coef=coef))
+                out.append(dict(rest, params=factors, weight_decay=0.0, fd_coef=coef, fd_decoupled=fd_decoupled))
             else:
                 out.append(dict(rest, params=factors, weight_decay=wd, fd_coef=0.0))
     if wd2fd and n_factors == 0:
@@ -135,45 +108,52 @@ def _split_factor_groups(
 
 
 class _FrobeniusDecayMixin:
-    """Adds the FD gradient of every factorized layer owning a factor in a group with
-    ``fd_coef > 0`` right before the parent optimizer's update."""
+    """Applies the FD of every factorized layer owning a factor in a group with ``fd_coef > 0``
+    right before the parent optimizer's update, through the core's FD engine (``fnl.fd_engine``)."""
 
     def _init_fd(self, params: Iterable, lr: float, weight_decay: float, fd_coef: Optional[float], wd2fd: bool,
-                 **optimizer_kwargs: Any) -> None:
+                 fd_decoupled: bool, **optimizer_kwargs: Any) -> None:
         """Check the arguments, split the factors into their own groups and build the torch optimizer."""
         _check_common(lr, weight_decay)
-        groups, _, _ = _split_factor_groups(params, weight_decay, fd_coef, bool(wd2fd))
+        if not isinstance(fd_decoupled, bool):
+            raise TypeError(f'fd_decoupled must be True or False, got {fd_decoupled!r}')
+        groups, _, _ = _split_factor_groups(params, weight_decay, fd_coef, bool(wd2fd), fd_decoupled)
         super().__init__(groups, lr=lr, weight_decay=weight_decay, **optimizer_kwargs)
         self.wd2fd = bool(wd2fd)
 
-    def _fd_layers(self) -> List[Tuple[nn.Module, Dict[str, Any]]]:
-        """(layer, its factors' group) for every factorized layer owning a factor; cached until the
-        groups change (``add_param_group``, ``load_state_dict``), so a step does not walk every parameter."""
+    def _fd_terms(self) -> Tuple[FDEngine, List[Dict[str, Any]]]:
+        """The FD engine over every factorized layer owning a factor, and each term's group; cached until
+        the groups change (``add_param_group``, ``load_state_dict``), so a step does not walk every parameter."""
         key = tuple(id(g) for g in self.param_groups)
-        cache = getattr(self, '_fd_layer_cache', None)
+        cache = self.__dict__.get('_fd_cache')
         if cache is None or cache[0] != key:
-            seen: Dict[int, Tuple[nn.Module, Dict[str, Any]]] = {}
+            seen: Dict[int, Tuple[FDTerm, Dict[str, Any]]] = {}
             for g in self.param_groups:
                 for p in g['params']:
                     layer = factor_owner(p)
                     if layer is not None and id(layer) not in seen:
-                        seen[id(layer)] = (layer, g)
-            cache = (key, list(seen.values()))
-            self._fd_layer_cache = cache
-        return cache[1]
+                        seen[id(layer)] = (layer_term(layer), g)
+            terms = list(seen.values())
+            cache = (key, FDEngine([t for t, _ in terms]), [g for _, g in terms])
+            self._fd_cache = cache
+        return cache[1], cache[2]
 
     @torch.no_grad()
     def add_frobenius_grads_(self) -> None:
-        """Add ``coef * dFD/dtheta`` to the ``.grad`` of every factor that has one (the coupled FD step).
+        """Apply FD: add ``coef * dFD/dtheta`` to the ``.grad`` of every factor that has one (coupled), or
+        move the factor by ``-lr * coef * dFD/dtheta`` (groups with ``fd_decoupled``).
 
         Under ``torch.amp.GradScaler`` with ``fused=True`` the scaler sets ``self.grad_scale`` (the
-        gradients are still scaled, the kernel divides by it); the FD gradient is scaled to match.
+        gradients are still scaled, the kernel divides by it) and ``self.found_inf``; the coupled FD
+        gradient is scaled to match, a decoupled step skipped on inf/NaN as the kernel skips its own.
         """
-        grad_scale = getattr(self, 'grad_scale', None)
-        for layer, group in self._fd_layers():
-            coef = float(group.get('fd_coef', 0.0))
-            if coef > 0.0:
-                accumulate_fd_grads_(layer.factor_parameters(), lambda: layer.add_frobenius_grad_(coef), grad_scale)
+        engine, groups = self._fd_terms()
+        if not len(engine):
+            return
+        coefs = [float(g.get('fd_coef', 0.0)) for g in groups]
+        lrs = [g['lr'] if g.get('fd_decoupled', False) else None for g in groups]
+        engine.apply_(coefs, lr=lrs, grad_scale=getattr(self, 'grad_scale', None),
+                      found_inf=getattr(self, 'found_inf', None))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -204,6 +184,7 @@ class FDSGD(_FrobeniusDecayMixin, torch.optim.SGD):
         nesterov: Nesterov momentum.
         fd_coef: FD coefficient; None = the largest weight decay among the groups.
         wd2fd: True = factors get FD and no weight decay; False = weight decay and no FD.
+        fd_decoupled: True = decoupled FD (``p -= lr * coef * dFD/dp``); False (default here) = coupled.
         **kwargs: passed on to ``torch.optim.SGD`` (dampening, foreach, ...).
     """
 
@@ -217,16 +198,19 @@ class FDSGD(_FrobeniusDecayMixin, torch.optim.SGD):
             *,
             fd_coef: Optional[float] = None,
             wd2fd: bool = True,
+            fd_decoupled: bool = False,
             **kwargs: Any,
     ):
-        self._init_fd(params, lr, weight_decay, fd_coef, wd2fd, momentum=momentum, nesterov=nesterov, **kwargs)
+        self._init_fd(params, lr, weight_decay, fd_coef, wd2fd, fd_decoupled, momentum=momentum, nesterov=nesterov,
+                      **kwargs)
 
 
 class FDAdamW(_FrobeniusDecayMixin, torch.optim.AdamW):
-    """``torch.optim.AdamW`` with (coupled) Frobenius decay on the factors.
+    """``torch.optim.AdamW`` with Frobenius decay on the factors.
 
-    The non-factor parameters keep AdamW's decoupled weight decay; the FD gradient is added to
-    X Arguments as :class:`FDSGD`.
+    The non-factor parameters keep AdamW's decoupled weight decay; FD is decoupled the same way
+    (``p -= lr * coef * dFD/dp`` before the update) unless ``fd_decoupled=False`` adds the FD
+    gradient to the gradient. Arguments as :class:`FDSGD`.
     """
 
     def __init__(
@@ -239,13 +223,15 @@ class FDAdamW(_FrobeniusDecayMixin, torch.optim.AdamW):
             *,
             fd_coef: Optional[float] = None,
             wd2fd: bool = True,
+            fd_decoupled: bool = True,
             **kwargs: Any,
     ):
-        self._init_fd(params, lr, weight_decay, fd_coef, wd2fd, betas=betas, eps=eps, **kwargs)
+        self._init_fd(params, lr, weight_decay, fd_coef, wd2fd, fd_decoupled, betas=betas, eps=eps, **kwargs)
 
 
 class FDAdam(_FrobeniusDecayMixin, torch.optim.Adam):
-    """``torch.optim.Adam`` (coupled L2 weight decay) with Frobenius decay on the factors."""
+    """``torch.optim.Adam`` (coupled L2 weight decay on the non-factors) with Frobenius decay on the
+    factors, decoupled unless ``fd_decoupled=False``. Arguments as :class:`FDSGD`."""
 
     def __init__(
             self,
@@ -257,9 +243,10 @@ class FDAdam(_FrobeniusDecayMixin, torch.optim.Adam):
             *,
             fd_coef: Optional[float] = None,
             wd2fd: bool = True,
+            fd_decoupled: bool = True,
             **kwargs: Any,
     ):
-        self._init_fd(params, lr, weight_decay, fd_coef, wd2fd, betas=betas, eps=eps, **kwargs)
+        self._init_fd(params, lr, weight_decay, fd_coef, wd2fd, fd_decoupled, betas=betas, eps=eps, **kwargs)
 
 
 FD_OPTIMIZERS = ('fdsgd', 'fdmomentum', 'fdadam', 'fdadamw')

@@ -11,7 +11,10 @@ unscale shows, and clipping (to a norm below ``||G||``) acts on it. The expected
 stock optimizer of the same kind (plain for-loop implementation, no loss scaling) on clones whose
 gradients are set by hand: the (clipped) task gradient plus, for the parameters FD regularises, the FD
 gradient (autograd of the penalty on the dense products and d x d forms, in float64); the reference
-optimizer's own weight decay acts on the decayed parameters. Which parameter gets FD, weight decay or
+optimizer's own weight decay acts on the decayed parameters. For the Adam family FD is decoupled by
+default (``core``, ``timm``, ``fairseq`` cells of adam / adamw / fdadam / fdadamw / fd_adam): the reference
+moves the FD parameters by ``-lr * dFD/dp`` at their pre-step values, where AdamW applies its decay, and
+their gradient is the task gradient alone; the ``*-coupled`` cells ask for coupled FD. Which parameter gets FD, weight decay or
 nothing is stated here from the documented rules, never read from the optimizer under test. One
 factorized layer and one bias have their gradient dropped (``grad = None``: a layer unused this
 step): they must not move.
@@ -55,16 +58,24 @@ IMPLS = {"loop": dict(foreach=False), "foreach": dict(foreach=True), "fused": di
 TIMM_KIND = {"fdsgd": "nesterov", "fdmomentum": "momentum", "fdadam": "adam", "fdadamw": "adamw",
              "sgd": "nesterov", "momentum": "momentum", "adamw": "adamw"}
 FAIRSEQ_MODES = ["fp32", "amp", "memory-efficient-fp16", "fp16-no-flatten-grads", "bf16", "fp16-flat"]
+# FD for the Adam family is decoupled by default (p -= lr * coef * dFD/dp, where AdamW applies its decay);
+# "coupled" cells ask for the FD gradient to be added to the gradient instead (the paper's, SGD's default)
+ADAM_FAMILY = {"adam", "adamw", "fdadam", "fdadamw", "fd_adam"}
 
 CELLS = (
     [("core", k, impl, scaler, clip) for k, impl, scaler, clip in itertools.product(
         ["sgd", "momentum", "adam", "adamw"], IMPLS, ["-", "scaler"], ["-", "clip"])]
+    + [("core-coupled", k, impl, scaler, clip) for k, impl, scaler, clip in itertools.product(
+        ["adam", "adamw"], IMPLS, ["-", "scaler"], ["-", "clip"])]
     + [("timm", k, impl, scaler, clip) for k, impl, scaler, clip in itertools.product(
         ["fdsgd", "fdmomentum", "fdadam", "fdadamw"], IMPLS, ["-", "scaler"], ["-", "clip"])]
+    + [("timm-coupled", k, impl, scaler, clip) for k, impl, scaler, clip in itertools.product(
+        ["fdadam", "fdadamw"], ["loop", "fused"], ["-", "scaler"], ["-", "clip"])]
     + [("timm-stock", k, impl, scaler, "-") for k, impl, scaler in itertools.product(
         ["sgd", "momentum", "adamw"], ["loop", "fused"], ["-", "scaler"])]
     + [("fairseq", k, mode, "-", "clip") for k, mode in itertools.product(["fd_nag", "fd_adam", "fd_sgd"],
                                                                          FAIRSEQ_MODES)]
+    + [("fairseq-coupled", "fd_adam", mode, "-", "clip") for mode in ["fp32", "amp", "fp16-no-flatten-grads"]]
     + [pytest.param(*c, marks=pytest.mark.slow) for c in [("ddp-core", "momentum", "loop", "-", "clip"),
                                                            ("ddp-fairseq", "fd_nag", "fp32", "-", "clip")]]
 )
@@ -100,10 +111,14 @@ def _task_loss(out: torch.Tensor, names: dict, task: dict) -> torch.Tensor:
     return 0 * out.float().sum() + sum((p * task[n].to(p.dtype)).float().sum() for n, p in names.items())
 
 
-def _reference(before: dict, task: dict, fd: dict, decayed: set, dropped: set, clip: bool, make_opt) -> dict:
+def _reference(before: dict, task: dict, fd: dict, decayed: set, dropped: set, clip: bool, make_opt,
+               decoupled_lr: Optional[float] = None) -> dict:
     """One step of the stock optimizer on clones of ``before``: the task gradient (clipped like
     ``clip_grad_norm_``) plus the FD gradient on the FD parameters, the optimizer's own weight decay on
-    ``decayed``; ``dropped`` parameters have no gradient."""
+    ``decayed``; ``dropped`` parameters have no gradient. ``decoupled_lr``: FD is decoupled instead, as
+    AdamW applies its weight decay: the FD parameters first move by ``-lr * dFD/dp`` at their pre-step
+    values (torch's AdamW multiplies by ``1 - lr * wd`` before its update, which does not read the
+    parameters), and their gradient is the task gradient alone."""
     kept = [n for n in before if n not in dropped]
     coef = 1.0
     if clip:
@@ -114,10 +129,15 @@ def _reference(before: dict, task: dict, fd: dict, decayed: set, dropped: set, c
     groups = {"fd": [], "wd": [], "none": []}
     for n in kept:
         c = clones[n]
-        c.grad = (task[n].double() * coef + (fd[n] if n in fd else 0.0)).float()
+        coupled_fd = fd[n] if n in fd and decoupled_lr is None else 0.0
+        c.grad = (task[n].double() * coef + coupled_fd).float()
+        if n in fd and decoupled_lr is not None:
+            with torch.no_grad():
+                c.copy_((c.double() - decoupled_lr * fd[n]).float())
         groups["fd" if n in fd else "wd" if n in decayed else "none"].append(c)
     # |task| + |FD| per entry: what the gradient's roundings scale with when it is held in fp16
-    sizes = {n: (task[n].double().abs() * coef + (fd[n].abs() if n in fd else 0.0)).float() for n in kept}
+    sizes = {n: (task[n].double().abs() * coef + (fd[n].abs() if n in fd and decoupled_lr is None else 0.0)).float()
+             for n in kept}
     opt = make_opt([{"params": groups[k], "weight_decay": WD if k == "wd" else 0.0} for k in groups if groups[k]])
     opt.step()
     return {n: c.detach() for n, c in clones.items()}, sizes
@@ -162,14 +182,18 @@ def _factor_names(model: nn.Module) -> set[str]:
 
 def _torch_cell(front: str, name: str, impl: str, scaler: bool, clip: bool, ddp: bool = False) -> None:
     torch.manual_seed(0)
-    kind = name if front.endswith("core") else TIMM_KIND[name]
+    core = front.startswith(("core", "ddp-core"))
+    kind = name if core else TIMM_KIND[name]
     cls, hyper = KINDS[kind]
-    if front.endswith("core"):
+    decoupled = name in ADAM_FAMILY and not front.endswith("coupled")
+    if core:
         model = _Tiny()
         factors = _factor_names(model)
         fd_names, coef = factors, COEF
         decayed = {n for n, _ in model.named_parameters()} - factors  # fnl.param_groups: every non-factor
-        opt = fnl.FrobeniusDecay(cls(fnl.param_groups(model, WD), **hyper, **IMPLS[impl]), model, COEF)
+        # the default: decoupled for torch's Adam / AdamW, coupled otherwise
+        opt = fnl.FrobeniusDecay(cls(fnl.param_groups(model, WD), **hyper, **IMPLS[impl]), model, COEF,
+                                 **({"decoupled": False} if front.endswith("coupled") else {}))
         x = torch.randn(2, 1, 6, 6)
         drop = [model.fc, model.head.bias]
     else:
@@ -185,6 +209,8 @@ def _torch_cell(front: str, name: str, impl: str, scaler: bool, clip: bool, ddp:
         impl_kwargs = dict(IMPLS[impl])
         if "eps" in hyper:
             impl_kwargs["eps"] = hyper["eps"]
+        if front.endswith("coupled"):
+            impl_kwargs["fd_decoupled"] = False
         opt = create_optimizer_v2(model, name, lr=hyper["lr"], weight_decay=WD, momentum=MOMENTUM,
                                   foreach=impl_kwargs.pop("foreach", None), **impl_kwargs)
         x = torch.randn(2, 3, 16, 16)
@@ -211,13 +237,14 @@ def _torch_cell(front: str, name: str, impl: str, scaler: bool, clip: bool, ddp:
         if clip:
             nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         opt.step()
-    expected, _ = _reference(before, task, fd, decayed, dropped, clip, lambda groups: cls(groups, **hyper, foreach=False))
+    expected, _ = _reference(before, task, fd, decayed, dropped, clip, lambda groups: cls(groups, **hyper, foreach=False),
+                             decoupled_lr=hyper["lr"] if decoupled and not front.endswith("stock") else None)
     _check({n: p.detach() for n, p in names.items()}, expected)
     assert all(torch.equal(names[n], before[n]) and names[n].grad is None for n in dropped)
 
 
 # --- fairseq: fd_nag / fd_adam / fd_sgd under fairseq's precision wrappers ---------------------------
-def _fairseq_model(name: str):
+def _fairseq_model(name: str, coupled: bool = False):
     from types import SimpleNamespace
 
     import fnl_fairseq
@@ -231,7 +258,7 @@ def _fairseq_model(name: str):
             "--encoder-attention-heads", "2", "--decoder-attention-heads", "2", "--encoder-learned-pos",
             "--max-source-positions", "8", "--max-target-positions", "8", "--share-all-embeddings",
             "--rank-scale", "0.5", "--weight-decay", str(WD), "--fp16-init-scale", str(int(SCALE)),
-            "--wd2fd", "--wd2fd-quekey", "--wd2fd-outval"] + extra
+            "--wd2fd", "--wd2fd-quekey", "--wd2fd-outval"] + extra + (["--fd-coupled"] if coupled else [])
     args = options.parse_args_and_arch(options.get_training_parser(), input_args=argv)
     d = Dictionary()
     for i in range(12):
@@ -250,11 +277,11 @@ def _fairseq_reference_optimizer(name: str):
     return lambda groups: torch.optim.SGD(groups, lr=LR_SGD, momentum=MOMENTUM, foreach=False)
 
 
-def _fairseq_cell(name: str, mode: str, ddp: bool = False) -> None:
+def _fairseq_cell(name: str, mode: str, ddp: bool = False, coupled: bool = False) -> None:
     from fairseq import optim
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
     from fnl_fairseq.modules import attention_layers
-    model, args = _fairseq_model(name)
+    model, args = _fairseq_model(name, coupled)
     if mode in ("fp16-no-flatten-grads", "fp16-flat", "memory-efficient-fp16"):
         args.fp16 = True
         args.fp16_no_flatten_grads = mode == "fp16-no-flatten-grads"
@@ -311,8 +338,9 @@ def _fairseq_cell(name: str, mode: str, ddp: bool = False) -> None:
     opt.multiply_grads(1.0)  # fairseq's trainer: all-reduce, multiply, clip, step
     opt.clip_grad_norm(CLIP)
     opt.step()
+    decoupled_lr = LR_ADAM if name == "fd_adam" and not coupled else None
     expected, sizes = _reference(before, task, fd, set(names) - fd_names, dropped, True,
-                                 _fairseq_reference_optimizer(name))
+                                 _fairseq_reference_optimizer(name), decoupled_lr)
     if master:
         copies = dict(zip(names, opt.fp32_params))
         _check({n: c.detach() for n, c in copies.items()}, expected)
@@ -364,7 +392,7 @@ def test_one_step_is_the_closed_form(front, name, mode, scaler, clip):
         pytest.importorskip("fairseq")
     if front.startswith("ddp"):
         torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), front, name, mode), nprocs=2)
-    elif front == "fairseq":
-        _fairseq_cell(name, mode)
+    elif front.startswith("fairseq"):
+        _fairseq_cell(name, mode, coupled=front.endswith("coupled"))
     else:
         _torch_cell(front, name, mode, scaler == "scaler", clip == "clip")
