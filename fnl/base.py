@@ -9,13 +9,14 @@ forward pass runs.
 """
 from __future__ import annotations
 
+import abc
 import math
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FactorizedLayer", "add_factor_fd_grad_", "gram_frobenius_sq", "resolve_rank", "spectral_factors"]
+__all__ = ["FactorizedLayer", "LowRankLayer", "add_factor_fd_grad_", "gram_frobenius_sq", "resolve_rank", "spectral_factors"]
 
 InitFn = Callable[[Tensor], object]
 
@@ -96,13 +97,123 @@ def spectral_factors(weight: Tensor, rank: int, square: bool = False,
     return u.to(weight.dtype), sq, v.to(weight.dtype)
 
 
-class FactorizedLayer(nn.Module):
-    """Base of every factorized layer: factors ``U`` (m x r), optional ``S`` (r x r), ``V`` (n x r).
+class FactorizedLayer(nn.Module, metaclass=abc.ABCMeta):
+    """The protocol of every factorized layer: what the whole-model functions may rely on.
+
+    Implemented by the matrix-product layers (``LowRankLayer``: ``FactorizedLinear``,
+    ``FactorizedConv2d``, ``FactorizedEmbedding``, factors ``U``, ``S``, ``V``) and by the
+    tensor-format convs (``TTConv2d``, ``TuckerConv2d``, factors the cores). ``fnl.factorize`` /
+    ``collapse`` / ``summary`` / ``count_parameters``, ``fnl.to_inference_form`` /
+    ``select_fastest_paths`` and Frobenius decay use only these members:
+
+    * ``rank``: the layer's rank (an int, or the tuple of a tensor format's ranks), for reports;
+    * ``factor_parameters()``: the parameters Frobenius decay regularises instead of weight decay;
+    * ``factors()``: the factors of the product (``(U, S, V)``, ``S`` None unless square; the cores);
+    * ``dense_weight()``: the weight of the equivalent dense layer (differentiable), of shape
+      ``_dense_weight_shape()``;
+    * ``frobenius_norm_sq()``: the squared Frobenius norm of the regularised matrix, never formed;
+    * ``add_frobenius_grad_(coef)``: add the gradient of ``(coef/2) frobenius_norm_sq()`` to ``.grad``;
+    * ``scale_matrix_(factor)``: multiply that matrix by ``factor`` > 0 (the normalisation experiment);
+    * ``to_dense()`` / ``from_dense(layer, ...)``: the equivalent dense layer / the best approximation
+      of a dense layer;
+    * ``inference_form()``: the same function in plain torch layers (no fnl classes), when the
+      layer has one (``has_inference_form``); else it raises ``ValueError`` saying why;
+    * ``num_parameters()`` / ``dense_num_parameters()``, ``macs(input_shape)`` /
+      ``dense_macs(input_shape)``: counts of this layer and of the dense layer it replaces.
+    """
+
+    rank: Union[int, tuple[int, ...]]
+    #: whether ``inference_form()`` gives a plain-torch equivalent
+    has_inference_form: bool = True
+
+    # --- factors -------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def factor_parameters(self) -> list[nn.Parameter]:
+        """The factor parameters (those that Frobenius decay replaces weight decay on)."""
+
+    @abc.abstractmethod
+    def factors(self) -> tuple[Optional[Tensor], ...]:
+        """The factors of the product: ``(U, S, V)`` for a matrix product (``S`` may be None)."""
+
+    @abc.abstractmethod
+    def dense_weight(self) -> Tensor:
+        """The weight of the equivalent dense layer, in its layout (differentiable)."""
+
+    @abc.abstractmethod
+    def _dense_weight_shape(self) -> Sequence[int]:
+        """Shape of the dense layer's weight."""
+
+    # --- Frobenius decay -----------------------------------------------------------------------
+    @abc.abstractmethod
+    def frobenius_norm_sq(self) -> Tensor:
+        """The squared Frobenius norm of the regularised matrix, in float32 (float64 kept)."""
+
+    @torch.no_grad()
+    def add_frobenius_grad_(self, coef: float) -> None:
+        """Add the gradient of ``(coef/2) ||U S Vᵀ||_F²`` to the factors' ``.grad``.
+
+        This default reads ``factors()`` as ``(U, S, V)`` of one product:
+        ``dU = coef U (S VᵀV Sᵀ)``, ``dS = coef UᵀU S VᵀV``, ``dV = coef V (Sᵀ UᵀU S)``; O((m+n) r²).
+        Layers whose factors are not one product (the tensor formats) override it.
+        """
+        u, s, v = self.factors()
+        add_factor_fd_grad_(u, v, coef, s)
+
+    @abc.abstractmethod
+    def scale_matrix_(self, factor: Union[float, Tensor]) -> None:
+        """Multiply the regularised matrix by ``factor`` (> 0), in place."""
+
+    # --- conversions ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    def to_dense(self) -> nn.Module:
+        """The dense torch layer computing the same function."""
+
+    @classmethod
+    @abc.abstractmethod
+    def from_dense(cls, layer: nn.Module, **kwargs: object) -> "FactorizedLayer":
+        """The factorized layer closest to a (trained) dense layer at the given rank."""
+
+    @abc.abstractmethod
+    def inference_form(self) -> nn.Module:
+        """The same function as plain torch layers (``nn.Sequential`` of two), factorization kept."""
+
+    # --- counts --------------------------------------------------------------------------------
+    def num_parameters(self) -> int:
+        """Parameters of this layer (factors, bias and any other parameter)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def dense_num_parameters(self) -> int:
+        """Parameters of the dense layer this one replaces."""
+        bias = getattr(self, "bias", None)
+        return math.prod(self._dense_weight_shape()) + 0 * (bias.numel() if bias is not None else 0)
+
+    @abc.abstractmethod
+    def macs(self, input_shape: Sequence[int]) -> int:
+        """Multiply-adds of one sample (``input_shape`` without the batch dim) through this layer."""
+
+    @abc.abstractmethod
+    def dense_macs(self, input_shape: Sequence[int]) -> int:
+        """Multiply-adds of the dense layer for the same input."""
+
+    # --- shared helpers ------------------------------------------------------------------------
+    def _reset_bias(self) -> None:
+        bias = getattr(self, "bias", None)
+        if bias is not None:
+            fan_in = self._dense_fan_in()
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            nn.init.uniform_(bias, -bound, bound)
+
+    def _dense_fan_in(self) -> int:
+        raise NotImplementedError
+
+
+class LowRankLayer(FactorizedLayer):
+    """Base of the matrix-product layers: factors ``U`` (m x r), optional ``S`` (r x r), ``V`` (n x r).
 
     Subclasses set ``self.rank``, ``self.square``, create the parameters with ``_create_factors``,
     and implement ``_matrix_from_weight`` / ``_weight_from_matrix`` (the dense layer's weight layout
-    <-> the (m x n) matrix), ``forward``, ``to_dense``, ``from_dense``, ``_default_init_`` and the
-    counts.
+    <-> the (m x n) matrix), ``forward``, ``to_dense``, ``from_dense``, ``inference_form``,
+    ``_default_init_`` and the counts.
     """
 
     def _create_factors(self, m: int, n: int, rank: int, square: bool, factory_kwargs: dict) -> None:
@@ -168,26 +279,11 @@ class FactorizedLayer(nn.Module):
         else:
             self._torch_default_init_(weight)
 
-    def _reset_bias(self) -> None:
-        bias = getattr(self, "bias", None)
-        if bias is not None:
-            fan_in = self._dense_fan_in()
-            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
-            nn.init.uniform_(bias, -bound, bound)
-
     # --- Frobenius decay -----------------------------------------------------------------------
     def frobenius_norm_sq(self) -> Tensor:
         """``||U S Vᵀ||_F²`` through r x r Gram matrices, in float32 (or float64 for float64 factors)."""
         u, s, v = _promoted(self.factors())
         return gram_frobenius_sq(u, v, s)
-
-    @torch.no_grad()
-    def add_frobenius_grad_(self, coef: float) -> None:
-        """Add the gradient of ``(coef/2) ||U S Vᵀ||_F²`` to the factors' ``.grad``.
-
-        ``dU = coef U (S VᵀV Sᵀ)``, ``dS = coef UᵀU S VᵀV``, ``dV = coef V (Sᵀ UᵀU S)``; O((m+n) r²).
-        """
-        add_factor_fd_grad_(self.U, self.V, coef, self.S)
 
     @torch.no_grad()
     def scale_matrix_(self, factor: Union[float, Tensor]) -> None:
@@ -196,20 +292,7 @@ class FactorizedLayer(nn.Module):
         self.U.mul_(root.to(self.U.dtype))
         self.V.mul_(root.to(self.V.dtype))
 
-    # --- counts --------------------------------------------------------------------------------
-    def num_parameters(self) -> int:
-        """Parameters of this layer (factors and bias)."""
-        return sum(p.numel() for p in self.parameters())
-
-    def dense_num_parameters(self) -> int:
-        """Parameters of the dense layer this one replaces."""
-        bias = getattr(self, "bias", None)
-        return math.prod(self._dense_weight_shape()) + (bias.numel() if bias is not None else 0)
-
     # --- subclass hooks ------------------------------------------------------------------------
-    def _dense_weight_shape(self) -> Sequence[int]:
-        raise NotImplementedError
-
     def _matrix_from_weight(self, weight: Tensor) -> Tensor:
         raise NotImplementedError
 
@@ -220,12 +303,6 @@ class FactorizedLayer(nn.Module):
         raise NotImplementedError
 
     def _torch_default_init_(self, weight: Tensor) -> None:
-        raise NotImplementedError
-
-    def _dense_fan_in(self) -> int:
-        raise NotImplementedError
-
-    def to_dense(self) -> nn.Module:
         raise NotImplementedError
 
     def _extra_repr_common(self) -> str:

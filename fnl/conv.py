@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import FactorizedLayer, InitFn, check_positive_int, resolve_rank
+from .base import InitFn, LowRankLayer, check_positive_int, resolve_rank
 
 __all__ = ["FactorizedConv2d"]
 
@@ -108,7 +108,7 @@ def conv_repr_options(layer: nn.Module) -> str:
     return s
 
 
-class FactorizedConv2d(FactorizedLayer):
+class FactorizedConv2d(LowRankLayer):
     """A 2-d convolution whose kernel, as an (out*kh) x (in*kw) matrix, is ``U Vᵀ``.
 
     Args:
@@ -279,6 +279,25 @@ class FactorizedConv2d(FactorizedLayer):
             if self.bias is not None:
                 dense.bias.copy_(self.bias)
         return dense
+
+    def inference_form(self) -> nn.Module:
+        """The two plain convs of the forward pass, (1 x kw) then (kh x 1), with contiguous weights;
+        the dense ``nn.Conv2d`` when forward takes the rebuilt-kernel path (``uses_dense_path``)."""
+        if self.uses_dense_path:
+            return self.to_dense().train(self.training)
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        r, dev, dtype = self.rank, self.U.device, self.U.dtype
+        first = nn.Conv2d(self.in_channels, r, (1, kw), (1, sw), (0, pw), (1, dw), bias=False, device=dev,
+                          dtype=dtype)
+        second = nn.Conv2d(r, self.out_channels, (kh, 1), (sh, 1), (ph, 0), (dh, 1), bias=self.bias is not None,
+                           device=dev, dtype=dtype)
+        with torch.no_grad():
+            w_a, w_b = self._factor_conv_weights()
+            first.weight.copy_(w_a)
+            second.weight.copy_(w_b)
+            if self.bias is not None:
+                second.bias.copy_(self.bias)
+        return nn.Sequential(first, second).train(self.training)
 
     # --- counts --------------------------------------------------------------------------------
     def macs(self, input_shape: Sequence[int]) -> int:

@@ -15,8 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import FactorizedLayer
-from .conv import FactorizedConv2d
-from .linear import FactorizedLinear
+from .embedding import FactorizedEmbedding
 from .model import _trace_input_shapes
 
 __all__ = ["fold_batchnorm", "measure_latency", "select_fastest_paths", "to_inference_form"]
@@ -77,47 +76,30 @@ def _timing_input(shape: tuple, batch_size: int, like: Tensor) -> Tensor:
     return torch.randn((batch_size, *shape), device=like.device, dtype=like.dtype)
 
 
-def _pair(layer: FactorizedLayer) -> nn.Module:
-    """The factorized layer as two plain torch layers with contiguous weights (same function)."""
-    u = layer.U if layer.S is None else layer.U @ layer.S
-    r = layer.rank
-    dev, dtype = layer.U.device, layer.U.dtype
-    if isinstance(layer, FactorizedConv2d):
-        if layer.uses_dense_path:
-            return layer.to_dense()
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = layer.kernel_size, layer.stride, layer.padding, layer.dilation
-        first = nn.Conv2d(layer.in_channels, r, (1, kw), (1, sw), (0, pw), (1, dw), bias=False, device=dev, dtype=dtype)
-        second = nn.Conv2d(r, layer.out_channels, (kh, 1), (sh, 1), (ph, 0), (dh, 1), bias=layer.bias is not None,
-                           device=dev, dtype=dtype)
-        w_a = layer.V.view(layer.in_channels, kw, r).permute(2, 0, 1).unsqueeze(2)  # (r, in, 1, kw)
-        w_b = u.view(layer.out_channels, kh, r).permute(0, 2, 1).unsqueeze(3)  # (out, r, kh, 1)
-    elif isinstance(layer, FactorizedLinear):
-        first = nn.Linear(layer.in_features, r, bias=False, device=dev, dtype=dtype)
-        second = nn.Linear(r, layer.out_features, bias=layer.bias is not None, device=dev, dtype=dtype)
-        w_a, w_b = layer.V.T, u
-    else:
-        return layer
-    with torch.no_grad():
-        first.weight.copy_(w_a)
-        second.weight.copy_(w_b)
-        if layer.bias is not None:
-            second.bias.copy_(layer.bias)
-    return nn.Sequential(first, second).train(layer.training)
-
-
 def to_inference_form(model: nn.Module) -> nn.Module:
-    """Replace every factorized Conv2d / Linear by ``nn.Sequential`` of its two plain layers (in place).
+    """Replace every factorized layer by its plain-torch ``inference_form()``, in place.
 
-    Same function, same parameter count; the weights are stored contiguous instead of being
-    re-laid out from ``U``/``V`` on every call, and the model needs only torch to load and run
-    (no ``fnl`` classes), which every exporter and runtime understands. Fine-tune (Frobenius
-    decay needs the factors) before converting.
+    Same function, same parameter count: ``FactorizedLinear`` / ``FactorizedConv2d`` become
+    ``nn.Sequential`` of their two plain layers (a conv on its rebuilt-kernel path its dense conv),
+    ``FactorizedEmbedding`` an ``nn.Embedding`` of rank r then an ``nn.Linear``. The weights are
+    stored contiguous instead of being re-laid out from ``U``/``V`` on every call, and the model
+    needs only torch to load and run (no ``fnl`` classes), which every exporter and runtime
+    understands. Fine-tune (Frobenius decay needs the factors) before converting.
+
+    Raises:
+        ValueError: the model holds a layer without a plain-torch form (the tensor-format convs),
+            naming every such layer; the model is then left unchanged.
     """
     if isinstance(model, FactorizedLayer):
-        return _pair(model)
-    for name, module in list(model.named_modules()):
-        if isinstance(module, (FactorizedConv2d, FactorizedLinear)):
-            _replace(model, module, _pair(module))
+        return model.inference_form()
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, FactorizedLayer)]
+    refused = [f"{name} ({type(m).__name__})" for name, m in layers if not m.has_inference_form]
+    if refused:
+        raise ValueError(f"to_inference_form: {', '.join(refused)} have no plain-torch form that keeps their "
+                         "factorization (tensor-format cores); convert them first with fnl.collapse (dense convs) "
+                         "or leave the model as it is; the model is unchanged")
+    for _, module in layers:
+        _replace(model, module, module.inference_form())
     return model
 
 
@@ -154,9 +136,10 @@ def select_fastest_paths(model: nn.Module, example_input: Tensor, batch_size: in
     """Per factorized layer, keep the low-rank form or collapse it to dense, whichever is measured faster.
 
     For use after fine-tuning: at the user's batch size and the model's device, each factorized
-    layer (as its two-layer inference form with ``inference``, see :func:`to_inference_form`) is
-    timed against the dense layer with its product as weight, interleaved; the faster replaces it
-    (same function either way). Returns ``{name: {'factored_ms', 'dense_ms', 'kept'}}``.
+    layer (as its plain-torch inference form with ``inference``, see :func:`to_inference_form`;
+    the tensor-format convs, which have none, as themselves) is timed against the dense layer
+    with its product as weight, interleaved; the faster replaces it (same function either way).
+    Returns ``{name: {'factored_ms', 'dense_ms', 'kept'}}``.
     """
     shapes, _ = _trace(model, example_input)
     like = example_input if example_input.is_floating_point() else torch.zeros(())
@@ -165,11 +148,11 @@ def select_fastest_paths(model: nn.Module, example_input: Tensor, batch_size: in
         if not isinstance(module, FactorizedLayer) or name not in shapes:
             continue
         was = module.training
-        low = (_pair(module) if inference else module).eval()
+        low = (module.inference_form() if inference and module.has_inference_form else module).eval()
         dense = module.to_dense().eval()
-        x = _timing_input(shapes[name], batch_size, like.to(module.U.device))
+        x = _layer_input(module, shapes[name], batch_size, like)
         f_ms, d_ms = measure_latency([lambda: low(x), lambda: dense(x)], x.device, repeats=repeats)
-        keep = f_ms < d_ms
+        keep = _keeps_factorized(f_ms, d_ms)
         out[name] = {"factored_ms": f_ms, "dense_ms": d_ms, "kept": keep}
         chosen = low if keep else dense
         if chosen is not module:
@@ -177,3 +160,16 @@ def select_fastest_paths(model: nn.Module, example_input: Tensor, batch_size: in
         else:
             module.train(was)
     return out
+
+
+def _keeps_factorized(factored_ms: float, dense_ms: float) -> bool:
+    """The decision of ``select_fastest_paths``: the factorized form only when strictly faster."""
+    return factored_ms < dense_ms
+
+
+def _layer_input(module: FactorizedLayer, shape: tuple, batch_size: int, like: Tensor) -> Tensor:
+    """A random batch of the layer's traced input shape on its device: indices for an embedding."""
+    device = module.factor_parameters()[0].device
+    if isinstance(module, FactorizedEmbedding):
+        return torch.randint(0, module.num_embeddings, (batch_size, *shape), device=device)
+    return _timing_input(shape, batch_size, like.to(device))

@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import FactorizedLayer, InitFn, check_positive_int, resolve_rank
+from .base import InitFn, LowRankLayer, check_positive_int, resolve_rank
 
 __all__ = ["FactorizedEmbedding"]
 
 
-class FactorizedEmbedding(FactorizedLayer):
+class FactorizedEmbedding(LowRankLayer):
     """An embedding table ``E = U Vᵀ`` (num_embeddings x embedding_dim) of rank r.
 
     Args:
@@ -129,6 +129,17 @@ class FactorizedEmbedding(FactorizedLayer):
         with torch.no_grad():
             dense.weight.copy_(self.dense_weight())
         return dense
+
+    def inference_form(self) -> nn.Sequential:
+        """``nn.Sequential(nn.Embedding(vocab, r), nn.Linear(r, dim, bias=False))`` with weights ``U`` and ``V Sᵀ``."""
+        v = self.V if self.S is None else self.V @ self.S.T
+        dev, dtype = self.U.device, self.U.dtype
+        lookup = nn.Embedding(self.num_embeddings, self.rank, self.padding_idx, device=dev, dtype=dtype)
+        project = nn.Linear(self.rank, self.embedding_dim, bias=False, device=dev, dtype=dtype)
+        with torch.no_grad():
+            lookup.weight.copy_(self.U)
+            project.weight.copy_(v)
+        return nn.Sequential(lookup, project).train(self.training)
 
     # --- counts --------------------------------------------------------------------------------
     def macs(self, input_shape: Sequence[int]) -> int:

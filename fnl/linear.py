@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import FactorizedLayer, InitFn, check_positive_int, resolve_rank
+from .base import InitFn, LowRankLayer, check_positive_int, resolve_rank
 
 __all__ = ["FactorizedLinear"]
 
 
-class FactorizedLinear(FactorizedLayer):
+class FactorizedLinear(LowRankLayer):
     """A linear layer with weight ``U Vᵀ`` (out x in), rank ``r``.
 
     Args:
@@ -116,6 +116,19 @@ class FactorizedLinear(FactorizedLayer):
             if self.bias is not None:
                 dense.bias.copy_(self.bias)
         return dense
+
+    def inference_form(self) -> nn.Sequential:
+        """``nn.Sequential(nn.Linear(in, r, bias=False), nn.Linear(r, out))`` with weights ``Vᵀ`` and ``U S``."""
+        u = self.U if self.S is None else self.U @ self.S
+        dev, dtype = self.U.device, self.U.dtype
+        first = nn.Linear(self.in_features, self.rank, bias=False, device=dev, dtype=dtype)
+        second = nn.Linear(self.rank, self.out_features, bias=self.bias is not None, device=dev, dtype=dtype)
+        with torch.no_grad():
+            first.weight.copy_(self.V.T)
+            second.weight.copy_(u)
+            if self.bias is not None:
+                second.bias.copy_(self.bias)
+        return nn.Sequential(first, second).train(self.training)
 
     # --- counts --------------------------------------------------------------------------------
     def macs(self, input_shape: Sequence[int]) -> int:

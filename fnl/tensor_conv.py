@@ -91,6 +91,7 @@ class TensorConv2d(FactorizedLayer):
 
     tensor_format = ""
     ranks: tuple[int, ...]
+    has_inference_form = False
 
     def __init__(
             self,
@@ -379,6 +380,16 @@ class TensorConv2d(FactorizedLayer):
             if self.bias is not None:
                 dense.bias.copy_(self.bias)
         return dense
+
+    def inference_form(self) -> nn.Module:
+        """Refused: no plain-torch layers hold the cores (their contraction is reshapes and batched matmuls).
+
+        Raises:
+            ValueError: always, naming the alternatives.
+        """
+        raise ValueError(f"{type(self).__name__} has no plain-torch inference form that keeps its "
+                         f"{self.tensor_format} cores; keep the layer (it runs in eager, TorchScript and export), "
+                         "or convert it to its dense conv with fnl.collapse / to_dense()")
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

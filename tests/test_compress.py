@@ -6,6 +6,7 @@ independent counters, FD fine-tuning recovers the accuracy, exports reproduce th
 bad inputs fail with clear errors and leave the input file's bytes unchanged.
 """
 import hashlib
+import importlib
 import json
 import os
 
@@ -165,34 +166,102 @@ def test_keep_dense_reasons():
         fnl.compress(torch.jit.script(nn.Sequential(nn.Linear(4, 4))), energy=0.5, input_size=(4,))
 
 
-def test_measured_layers_are_faster_or_dense(trained):
-    model = trained[0]
-    _, rep = fnl.compress(model, energy=0.6, input_size=INPUT, rank_multiple=4, measure=True, batch_size=16,
-                          repeats=3)
-    timed = [d for d in rep.layers if d.factored_ms is not None]
-    assert timed, 'measure=True timed no layer'
-    for d in timed:
-        if d.decision == 'factorized':
-            assert d.factored_ms < d.dense_ms, d
+def _small_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+
+
+@pytest.mark.parametrize('faster', [(), ('2',), ('2', '4'), ('8',)])
+def test_measured_decisions_follow_the_timings(monkeypatch, faster):
+    """compress(measure=True): a layer is factorized exactly when it is measured strictly faster.
+
+    The timings are injected (the clock is not under test): layers in ``faster`` are measured
+    faster factorized, layer '4' ties (not faster: kept dense) unless listed, the rest slower.
+    """
+    compress_module = importlib.import_module('fnl.compress')
+    seen = []
+
+    def timed(c, rank, batch_size, like, repeats):
+        seen.append((c.name, rank, batch_size))
+        if c.name in faster:
+            return 1.0, 2.0
+        return (2.0, 2.0) if c.name == '4' else (3.0, 2.0)
+
+    monkeypatch.setattr(compress_module, '_time_layer', timed)
+    _, rep = fnl.compress(_small_cnn(), energy=0.6, input_size=(3, 8, 8), rank_multiple=1, measure=True,
+                          batch_size=16, repeats=3)
+    assert {n for n, _, _ in seen} == {'2', '4', '8'} and all(b == 16 for _, _, b in seen), seen
+    decided = {d.name: d for d in rep.layers if d.name in ('2', '4', '8')}
+    assert {n for n, d in decided.items() if d.decision == 'factorized'} == set(faster)
+    for n, d in decided.items():
+        if n in faster:
+            assert (d.factored_ms, d.dense_ms) == (1.0, 2.0) and d.rank is not None, d
         else:
-            assert 'measured not faster at batch 16' in d.reason or 'would not save' in d.reason, d
+            assert d.reason.startswith('rank ') and 'measured not faster at batch 16' in d.reason, d
 
 
-def test_select_fastest_paths_keeps_outputs(trained):
-    model = trained[0]
-    out, _ = fnl.compress(model, target_ratio=0.5, input_size=INPUT, rank_multiple=4)
-    n_factorized = sum(isinstance(m, fnl.FactorizedLayer) for m in out.modules())
-    x = torch.randn(5, *INPUT)
+def _tensor_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), fnl.TTConv2d(8, 8, 3, padding=1, rank_scale=0.5), nn.ReLU(),
+                         fnl.TuckerConv2d(8, 8, 1, rank_scale=0.5), fnl.FactorizedConv2d(8, 8, 3, padding=1, rank=2),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), fnl.FactorizedLinear(8, 4, rank=2)).eval()
+
+
+def test_select_fastest_paths_follows_the_timings_on_every_layer_kind(monkeypatch):
+    """Each factorized layer (TT, Tucker, low-rank conv and linear) becomes the form measured faster.
+
+    Injected timings, in the order the layers are visited: (factored ms, dense ms).
+    """
+    timings = {'1': (1.0, 2.0), '3': (3.0, 2.0), '4': (1.0, 5.0), '7': (2.0, 2.0)}
+    order = iter(timings)
+    monkeypatch.setattr(importlib.import_module('fnl.deploy'), 'measure_latency',
+                        lambda fns, device, repeats: list(timings[next(order)]))
+    model = _tensor_model()
+    x = torch.randn(5, 3, 8, 8)
     with torch.no_grad():
-        before = out(x)
-        paths = fnl.select_fastest_paths(out, torch.zeros(1, *INPUT), batch_size=8, repeats=3)
-        after = out(x)
-    assert len(paths) == n_factorized and not any(isinstance(m, fnl.FactorizedLayer) for m in out.modules())
-    for name, p in paths.items():
-        layer = out.get_submodule(name)
-        # the faster form: two plain convs (low rank) or one collapsed conv
-        assert isinstance(layer, nn.Sequential) == p['kept'] == (p['factored_ms'] < p['dense_ms']), (name, p)
-        assert isinstance(layer, nn.Sequential) or type(layer) is nn.Conv2d
+        before = model(x)
+        paths = fnl.select_fastest_paths(model, torch.zeros(1, 3, 8, 8), batch_size=8, repeats=3)
+        after = model(x)
+    assert {n: (p['factored_ms'], p['dense_ms'], p['kept']) for n, p in paths.items()} == {
+        '1': (1.0, 2.0, True), '3': (3.0, 2.0, False), '4': (1.0, 5.0, True), '7': (2.0, 2.0, False)}
+    assert type(model[1]) is fnl.TTConv2d  # no plain-torch form: kept as it is
+    assert type(model[3]) is nn.Conv2d and type(model[7]) is nn.Linear  # collapsed
+    assert isinstance(model[4], nn.Sequential) and all(type(m) is nn.Conv2d for m in model[4])
+    assert torch.allclose(before, after, atol=1e-5), f'{(before - after).abs().max()}'
+
+
+def test_to_inference_form_refuses_tensor_formats_and_leaves_the_model():
+    model = _tensor_model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r'1 \(TTConv2d\), 3 \(TuckerConv2d\) have no plain-torch form'):
+        fnl.to_inference_form(model)
+    assert [type(m) for m in model] == [type(m) for m in _tensor_model()]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    # collapsing the tensor convs first is the documented way; then everything converts
+    for i in (1, 3):
+        model[i] = model[i].to_dense()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        before = model(x)
+        fnl.to_inference_form(model)
+        after = model(x)
+    assert not any(isinstance(m, fnl.FactorizedLayer) for m in model.modules())
+    assert torch.allclose(before, after, atol=1e-5), f'{(before - after).abs().max()}'
+
+
+def test_to_inference_form_converts_embeddings():
+    torch.manual_seed(0)
+    model = nn.Sequential(fnl.FactorizedEmbedding(11, 6, rank=3, padding_idx=0, square=True), nn.Flatten(),
+                          fnl.FactorizedLinear(18, 4, rank=2))
+    x = torch.randint(0, 11, (5, 3))
+    with torch.no_grad():
+        before = model(x)
+        fnl.to_inference_form(model)
+        after = model(x)
+    assert not any(isinstance(m, fnl.FactorizedLayer) for m in model.modules())
+    assert type(model[0][0]) is nn.Embedding and model[0][0].padding_idx == 0
     assert torch.allclose(before, after, atol=1e-5), f'{(before - after).abs().max()}'
 
 

@@ -342,3 +342,86 @@ def test_conv_trace_under_no_grad_reads_the_parameters():
         traced = torch.jit.trace(f, x)
         f.U.mul_(2.0)
         _close(traced(x), f(x), atol=1e-6)
+
+
+# --- one layer protocol (fnl.FactorizedLayer): every kind, every whole-model function ----------
+def _every_kind():
+    torch.manual_seed(0)
+    return [
+        ("linear", fnl.FactorizedLinear(6, 5, rank=3), (4, 6)),
+        ("linear_square", fnl.FactorizedLinear(6, 5, rank=3, square=True), (4, 6)),
+        ("conv", fnl.FactorizedConv2d(3, 4, 3, padding=1, rank=2, path="factored"), (2, 3, 6, 6)),
+        ("embedding", fnl.FactorizedEmbedding(7, 4, rank=2, padding_idx=0), (3, 5)),
+        ("tt", fnl.TTConv2d(8, 8, 3, padding=1, rank_scale=0.5), (2, 8, 5, 5)),
+        ("tucker", fnl.TuckerConv2d(8, 8, 1, rank_scale=0.5), (2, 8, 5, 5)),
+    ]
+
+
+def _input(layer, shape):
+    if isinstance(layer, fnl.FactorizedEmbedding):
+        return torch.randint(0, layer.num_embeddings, shape)
+    return torch.randn(shape)
+
+
+def test_factorized_layer_is_abstract():
+    with pytest.raises(TypeError, match="abstract"):
+        fnl.FactorizedLayer()
+
+    class Partial(fnl.FactorizedLayer):  # no inference_form, counts, ...
+        def factor_parameters(self):
+            return []
+
+    with pytest.raises(TypeError, match="inference_form"):
+        Partial()
+
+
+@pytest.mark.parametrize("kind", [k for k, _, _ in _every_kind()])
+def test_every_layer_kind_follows_the_protocol(kind):
+    name, layer, shape = next(c for c in _every_kind() if c[0] == kind)
+    x = _input(layer, shape)
+    params = {id(p) for p in layer.parameters()}
+    assert layer.factor_parameters() and all(id(p) in params for p in layer.factor_parameters())
+    assert tuple(layer.dense_weight().shape) == tuple(layer._dense_weight_shape())
+    # dense equivalent: same function, dense counts
+    dense = layer.to_dense()
+    _close(layer(x), dense(x))
+    assert layer.dense_num_parameters() == sum(p.numel() for p in dense.parameters())
+    assert layer.num_parameters() == sum(p.numel() for p in layer.parameters())
+    assert layer.macs(shape[1:]) > 0 and layer.dense_macs(shape[1:]) >= 0
+    # FD gradient = autograd of (coef/2) * frobenius_norm_sq, and the norm is that of the regularised matrix
+    coef = 0.3
+    for p in layer.factor_parameters():
+        p.grad = None
+    (0.5 * coef * layer.frobenius_norm_sq()).backward()
+    want = [p.grad.clone() for p in layer.factor_parameters()]
+    for p in layer.factor_parameters():
+        p.grad = None
+    layer.add_frobenius_grad_(coef)
+    for p, w in zip(layer.factor_parameters(), want):
+        _close(p.grad, w, atol=1e-6)
+    matrix = layer.matrix() if hasattr(layer, "matrix") else layer.dense_weight()
+    _close(layer.frobenius_norm_sq(), matrix.double().square().sum().float(), atol=1e-4)
+    before = layer.frobenius_norm_sq().detach()
+    layer.scale_matrix_(4.0)
+    _close(layer.frobenius_norm_sq().detach(), 16 * before, atol=1e-4)
+    # from_dense of its own dense layer reproduces it: at the same rank (the dense weight has that rank);
+    # the tensor formats at full ranks (docs/method.md#tensor-formats)
+    rank = {"rank": layer.rank} if not isinstance(layer.rank, tuple) else {"rank_scale": 1.0}
+    again = type(layer).from_dense(layer.to_dense(), **rank)
+    _close(again(x), layer(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", [k for k, _, _ in _every_kind()])
+def test_inference_form_same_function_or_clear_refusal(kind):
+    _, layer, shape = next(c for c in _every_kind() if c[0] == kind)
+    x = _input(layer, shape)
+    if not layer.has_inference_form:
+        with pytest.raises(ValueError, match="no plain-torch inference form.*collapse"):
+            layer.inference_form()
+        return
+    plain = layer.inference_form()
+    assert not any(isinstance(m, fnl.FactorizedLayer) for m in plain.modules())
+    folded = layer.S.numel() if layer.S is not None else 0  # S is multiplied into one of the two weights
+    assert sum(p.numel() for p in plain.parameters()) == layer.num_parameters() - folded
+    with torch.no_grad():
+        _close(plain(x), layer(x))
