@@ -185,7 +185,7 @@ class FactorizedLayer(nn.Module, metaclass=abc.ABCMeta):
     def dense_num_parameters(self) -> int:
         """Parameters of the dense layer this one replaces."""
         bias = getattr(self, "bias", None)
-        return math.prod(self._dense_weight_shape()) + 0 * (bias.numel() if bias is not None else 0)
+        return math.prod(self._dense_weight_shape()) + (bias.numel() if bias is not None else 0)
 
     @abc.abstractmethod
     def macs(self, input_shape: Sequence[int]) -> int:
