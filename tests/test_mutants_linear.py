@@ -51,3 +51,12 @@ def test_from_dense_square_is_passed_on():
 def test_from_dense_names_the_wrong_type():
     with pytest.raises(TypeError, match=r"^layer must be an nn\.Linear, got Conv2d$"):
         FactorizedLinear.from_dense(nn.Conv2d(2, 2, 1), rank=1)
+
+
+@pytest.mark.parametrize("args, message", [
+    ((0, 3), "in_features must be an int >= 1, got 0"),
+    ((3, 0), "out_features must be an int >= 1, got 0"),
+])
+def test_sizes_are_named(args, message):
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        FactorizedLinear(*args, rank=1)
