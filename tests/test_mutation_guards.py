@@ -194,12 +194,12 @@ def _step_scales(bases, top=1.0):
 
 def _targets(ratios):
     """Targets that demand the closest step: 30% and 70% of the way between consecutive reachable
-    ratios (the nearest is then unique), and each reachable ratio itself."""
+    ratios (the nearest is then unique), and each reachable ratio itself; target ratios are <= 1."""
     rs = sorted(set(ratios))
     out = list(rs)
     for a, b in zip(rs, rs[1:]):
         out += [a + 0.3 * (b - a), a + 0.7 * (b - a)]
-    return out
+    return sorted(t for t in out if t <= 1.0)
 
 
 @pytest.mark.parametrize("square", [False, True])
@@ -224,7 +224,8 @@ def test_solve_rank_scale_is_the_closest_reachable_by_brute_force(square, embedd
         assert abs(got - target) <= abs(best - target) + 1e-12, \
             f"target {target:.5f}: ratio {got:.5f} at scale {scale:.4f}, but {best:.5f} is reachable"
     # through factorize: the same solution is applied, with the same square / embeddings settings
-    target = _targets(reachable)[len(reachable) // 2]
+    targets = _targets(reachable)
+    target = targets[len(targets) // 2]
     m = fnl.factorize(copy.deepcopy(model), target_ratio=target, square=square, embeddings=embeddings)
     assert fnl.count_parameters(m) / dense == ratio_of(fnl.solve_rank_scale(model, target, square=square,
                                                                             embeddings=embeddings))
@@ -332,6 +333,25 @@ def test_conv_auto_path_uses_the_vertical_stride_only(stride, dense):
     y = layer(x)
     layer.path = "dense" if not dense else "factored"
     assert torch.allclose(layer(x), y, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel, dilation", [((3, 1), 1), ((1, 5), 1), ((3, 3), (2, 1)), ((5, 3), (1, 3))])
+def test_same_padding_is_per_dimension(kernel, dilation):
+    """``padding='same'`` pads each dimension by its own dilation * (k - 1) / 2, as ``nn.Conv2d`` does.
+    Bug: the two totals swapped (invisible with square kernels and equal dilations)."""
+    torch.manual_seed(11)
+    dense = nn.Conv2d(3, 4, kernel, padding="same", dilation=dilation, dtype=torch.float64)
+    x = torch.randn(2, 3, 9, 11, dtype=torch.float64)
+    for path in ("factored", "dense"):
+        layer = fnl.FactorizedConv2d.from_dense(dense, rank_scale=1.0, path=path)
+        y = layer(x)
+        assert y.shape == dense(x).shape == x.shape[:1] + (4,) + x.shape[2:]
+        assert torch.allclose(y, dense(x), atol=1e-10), path
+        assert layer.dense_macs((3, 9, 11)) == 4 * 3 * math.prod(_pair(kernel)) * 9 * 11  # output 9 x 11
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
 
 
 def test_conv_from_dense_keeps_the_path():

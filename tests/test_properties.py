@@ -213,11 +213,13 @@ class _Net(nn.Module):
         self.conv = nn.Conv2d(3, c, k, stride, padding, dilation)
         self.bn = nn.BatchNorm2d(c)
         self.conv2 = nn.Conv2d(c, c, 3, 1, 1, bias=False)
-        self.fc = nn.Linear(c, 5)
+        self.mix = nn.Linear(c, 6)  # applied at every pixel: MACs scale with the pixels
+        self.fc = nn.Linear(6, 5)
 
     def forward(self, x):
         x = self.conv2(torch.relu(self.bn(self.conv(x))))
-        return self.fc(x.mean((2, 3)))
+        x = self.mix(x.flatten(2).transpose(1, 2))  # (B, H*W, 6)
+        return self.fc(x.mean(1))
 
 
 @FAST
@@ -235,6 +237,7 @@ def test_summary_and_count_macs_match_flop_counter(c, kernel, stride, padding, d
     assert s.total_macs == fnl.count_macs(model, size) == _per_sample_macs(model, lambda b: torch.randn(b, *size))
     assert s.total_params == fnl.count_parameters(model) == sum(p.numel() for p in model.parameters())
     assert s.dense_macs == fnl.count_macs(model, size, dense=True)
+    assert s.macs_ratio == s.total_macs / s.dense_macs and s.param_ratio == s.total_params / s.dense_params
     dense = fnl.collapse(model)
     assert s.dense_macs == _per_sample_macs(dense, lambda b: torch.randn(b, *size))
     assert s.dense_params == fnl.count_parameters(dense) == sum(p.numel() for p in dense.parameters())
@@ -266,6 +269,22 @@ def test_conv_auto_path_rule(cin, cout, kh, kw, sh, sw, rank):
 
 # --- full-rank round trips -------------------------------------------------------------------------
 
+def _assert_balanced(layer, tol):
+    """Spectral factors split each singular value evenly: column i of U and of V both have norm
+    sqrt(s_i). Columns of numerically zero singular values and beyond min(m, n) are zero in V (and
+    small random values in U, so that they can train)."""
+    m, n = layer.U.shape[0], layer.V.shape[0]
+    k = min(m, n, layer.rank)
+    s = torch.linalg.svdvals(layer.matrix().detach().double())[:k]
+    live = s > 1e-5 * s.max()
+    u, v = layer.U.detach()[:, :k][:, live], layer.V.detach()[:, :k][:, live]
+    atol = tol * 10 * (1 + s.max().sqrt().item())
+    _close(u.norm(dim=0), s[live].sqrt(), atol)
+    _close(v.norm(dim=0), s[live].sqrt(), atol)
+    dead = torch.cat([layer.V.detach()[:, :k][:, ~live], layer.V.detach()[:, k:]], 1)
+    assert torch.equal(dead, torch.zeros_like(dead))
+
+
 @FAST
 @given(m=st.integers(1, 20), n=st.integers(1, 20), bias=st.booleans(), square=st.booleans(),
        dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2 ** 16))
@@ -275,6 +294,7 @@ def test_linear_full_rank_round_trip(m, n, bias, square, dtype, seed):
     layer = fnl.FactorizedLinear.from_dense(dense, rank_scale=1.0, square=square)
     tol = 1e-10 if dtype == torch.float64 else 1e-5
     assert layer.U.dtype == dtype
+    _assert_balanced(layer, tol)
     back = layer.to_dense()
     _close(back.weight, dense.weight, tol)
     if bias:
@@ -292,6 +312,7 @@ def test_embedding_full_rank_round_trip(vocab, dim, square, pad, dtype, seed):
     dense = nn.Embedding(vocab, dim, padding_idx, dtype=dtype)
     layer = fnl.FactorizedEmbedding.from_dense(dense, rank_scale=1.0, square=square)
     tol = 1e-10 if dtype == torch.float64 else 1e-5
+    _assert_balanced(layer, tol)
     back = layer.to_dense()
     assert back.padding_idx == dense.padding_idx
     _close(back.weight, dense.weight, tol)
@@ -312,6 +333,8 @@ def test_conv_full_rank_round_trip(geo, bias, square, path, dtype, seed):
     dense = nn.Conv2d(cin, cout, kernel, stride, padding, dilation, bias=bias, dtype=dtype)
     layer = fnl.FactorizedConv2d.from_dense(dense, rank_scale=1.0, square=square, path=path)
     tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert layer.path == path
+    _assert_balanced(layer, tol)
     back = layer.to_dense()
     assert (back.stride, back.dilation, back.kernel_size) == (dense.stride, dense.dilation, dense.kernel_size)
     _close(back.weight, dense.weight, tol)
