@@ -56,9 +56,10 @@ def _quiet_rebuild_warning():
         yield
 
 
-@pytest.mark.parametrize('load', ENTRY_POINTS, ids=lambda f: f.__name__.strip('_'))
-@pytest.mark.parametrize('src_kwargs', [dict(rank_scale=0.25), dict(rank_scale=0.25, square=True),
-                                        dict(rank_scale=0.5, spectral=True)], ids=['r0.25', 'square', 'r0.5'])
+@pytest.mark.parametrize('load, src_kwargs', [
+    *[(f, dict(rank_scale=0.25)) for f in ENTRY_POINTS],
+    (_create_model, dict(rank_scale=0.25, square=True)),
+], ids=['load_state_dict', 'load_checkpoint', 'create_model', 'square'])
 def test_factorized_checkpoint_into_default_model(tmp_path, load, src_kwargs):
     torch.manual_seed(0)
     src = timm.create_model('fnl_resnet20', **src_kwargs)
@@ -79,7 +80,7 @@ def test_factorized_checkpoint_into_default_model(tmp_path, load, src_kwargs):
 def test_other_rank_and_square_into_factorized_model(tmp_path):
     torch.manual_seed(0)
     src = timm.create_model('fnl_resnet20', rank_scale=1.0, square=True)
-    model = timm.create_model('fnl_resnet20', rank_scale=0.111, spectral=True)
+    model = timm.create_model('fnl_resnet20', rank_scale=0.111)
     old = model.layer2[0].conv1
     model.load_state_dict(src.state_dict())
     x = torch.randn(2, 3, 32, 32)
@@ -93,7 +94,7 @@ def test_dense_checkpoint_into_factorized_model(tmp_path):
     torch.manual_seed(0)
     src = timm.create_model('fnl_resnet20')
     path = _save(src, tmp_path / 'dense.pth.tar')
-    model = _create_model('fnl_resnet20', path, rank_scale=0.111, spectral=True)
+    model = _create_model('fnl_resnet20', path, rank_scale=0.111)
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(_out(model, x), _out(src, x))
     assert not any(isinstance(m, fnl.FactorizedLayer) for m in model.modules())
