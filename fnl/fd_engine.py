@@ -310,8 +310,8 @@ class FDEngine:
         torch._foreach_mul_(fds, mults)
         coupled = [fd for fd, d in zip(fds, decoupled) if not d]
         if grad_scale is not None and coupled:
-            torch._foreach_mul_(coupled, grad_scale.to(device=coupled[0].device, dtype=torch.float32))
+            torch._foreach_mul_(coupled, grad_scale.reshape(()).to(device=coupled[0].device, dtype=torch.float32))
         moved = [fd for fd, d in zip(fds, decoupled) if d]
         if found_inf is not None and moved:
-            torch._foreach_mul_(moved, 1 - found_inf.to(device=moved[0].device, dtype=torch.float32))
+            torch._foreach_mul_(moved, 1 - found_inf.reshape(()).to(device=moved[0].device, dtype=torch.float32))
         torch._foreach_add_(targets, fds)

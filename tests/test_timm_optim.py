@@ -130,37 +130,107 @@ def test_closure_and_momentum_state_roundtrip():
         assert torch.equal(a, b)
 
 
+def _fd_closed_form(model, coef):
+    """{id(factor): coef * (U VᵀV, V UᵀU)}: the FD gradient in closed form."""
+    fd = {}
+    for layer in fnl.factorized_layers(model):
+        u, v = layer.U.detach(), layer.V.detach()
+        fd[id(layer.U)] = coef * u @ (v.T @ v)
+        fd[id(layer.V)] = coef * v @ (u.T @ u)
+    return fd
+
+
 def test_grad_scaler_and_clipping():
-    """Under timm's NativeScaler the FD gradient is added after unscaling and clipping."""
+    """Under timm's NativeScaler the FD gradient is added after unscaling and clipping: one plain SGD
+    step by hand with the clipped task gradient, the closed-form FD and weight decay on >1-d non-factors."""
     from timm.utils import NativeScaler
     model = _model()
     ref = copy.deepcopy(model)
-    mark_factors(ref)
     opt = create_optimizer_v2(model, 'fdmomentum', lr=LR, momentum=0.0, weight_decay=WD)
-    opt_ref = create_optimizer_v2(ref, 'fdmomentum', lr=LR, momentum=0.0, weight_decay=WD)
     scaler = NativeScaler(device='cpu')
     scaler._scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 12)
     scaler(_loss(model), opt, clip_grad=0.5, parameters=model.parameters())
     _loss(ref).backward()
-    torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
-    opt_ref.step()
+    norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+    assert norm > 1.0, 'the task gradient must be long enough for clipping to act'
+    fd = _fd_closed_form(ref, WD)
+    factors = _factor_ids(ref)
+    with torch.no_grad():
+        for p in ref.parameters():
+            g = p.grad + (fd[id(p)] if id(p) in factors else (WD * p if p.ndim > 1 else 0))
+            p -= LR * g
     for (n, a), b in zip(model.named_parameters(), ref.parameters()):
         assert torch.allclose(a, b, atol=1e-6), f'{n}: {(a - b).abs().max()}'
-    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), _model().parameters()))
+    # the FD term is large enough here for a missing or unscaled one to show
+    assert min(float(LR * fd[i].abs().max()) for i in factors) > 1e-4
 
 
-def test_adamw_couples_fd_and_decouples_wd():
+@pytest.mark.parametrize('name', ['fdadam', 'fdadamw'])
+@pytest.mark.parametrize('decoupled', [True, False])
+def test_adam_family_fd_decoupled_by_default_or_coupled(name, decoupled):
+    """fdadam / fdadamw: FD decoupled by default (each factor moves by -lr * dFD/dp at its pre-step value,
+    where AdamW applies its decay; Adam sees the task gradient alone), coupled with fd_decoupled=False
+    (the FD gradient goes through Adam's normalisation); the non-factors keep the stock optimizer's own
+    weight decay (Adam: coupled L2, AdamW: decoupled). Checked against torch's Adam / AdamW on clones."""
+    lr, eps = 1e-2, 1e-3  # a large eps keeps Adam's first step proportional to the gradient
     model = _model()
-    opt = create_optimizer_v2(model, 'fdadamw', lr=1e-2, weight_decay=WD)
+    ref = copy.deepcopy(model)
+    kwargs = {} if decoupled else dict(fd_decoupled=False)
+    opt = create_optimizer_v2(model, name, lr=lr, weight_decay=WD, eps=eps, **kwargs)
     factors = _factor_ids(model)
     groups = {id(p): g for g in opt.param_groups for p in g['params']}
-    assert all(groups[i]['fd_coef'] == WD and groups[i]['weight_decay'] == 0.0 for i in factors)
-    before = [p.detach().clone() for p in model.parameters()]
+    assert all(groups[i]['fd_coef'] == WD and groups[i]['weight_decay'] == 0.0
+               and groups[i]['fd_decoupled'] is decoupled for i in factors)
     opt.zero_grad()
     _loss(model).backward()
     opt.step()
-    assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert sum(not torch.equal(a, b) for a, b in zip(before, model.parameters())) > 0
+
+    _loss(ref).backward()
+    fd = _fd_closed_form(ref, WD)
+    ref_factors = _factor_ids(ref)
+    with torch.no_grad():
+        for p in ref.parameters():
+            if id(p) in ref_factors:
+                if decoupled:
+                    p -= lr * fd[id(p)]
+                else:
+                    p.grad += fd[id(p)]
+    cls = torch.optim.AdamW if name == 'fdadamw' else torch.optim.Adam
+    decayed = [p for p in ref.parameters() if id(p) not in ref_factors and p.ndim > 1]
+    rest = [p for p in ref.parameters() if id(p) not in ref_factors and p.ndim <= 1]
+    cls([{'params': decayed, 'weight_decay': WD}, {'params': rest, 'weight_decay': 0.0},
+         {'params': [p for p in ref.parameters() if id(p) in ref_factors], 'weight_decay': 0.0}],
+        lr=lr, eps=eps, foreach=False).step()
+    for (n, a), b in zip(model.named_parameters(), ref.parameters()):
+        assert torch.allclose(a, b, atol=1e-7), f'{n}: {(a - b).abs().max()}'
+    # coupled and decoupled differ by far more than the tolerance on the factors
+    other = _model()
+    other_opt = create_optimizer_v2(other, name, lr=lr, weight_decay=WD, eps=eps, fd_decoupled=not decoupled)
+    _loss(other).backward()
+    other_opt.step()
+    diff = min(float((a - b).abs().max()) for (n, a), b in zip(model.named_parameters(), other.parameters())
+               if n.endswith(('.U', '.V')))
+    assert diff > 1e-5, diff
+
+
+def test_factor_groups_never_keep_plain_weight_decay():
+    """Parameter groups the factory did not build (one group, weight decay on everything): the factors
+    still get FD and no plain weight decay; every other parameter keeps the group's weight decay."""
+    model = _model()
+    ref = copy.deepcopy(model)
+    opt = FDSGD([{'params': list(model.parameters()), 'weight_decay': WD}], lr=LR, weight_decay=WD)
+    factors = _factor_ids(model)
+    assert all(g['weight_decay'] == 0.0 for g in opt.param_groups for p in g['params'] if id(p) in factors)
+    _loss(model).backward()
+    opt.step()
+    _loss(ref).backward()
+    fd = _fd_closed_form(ref, WD)
+    ref_factors = _factor_ids(ref)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p -= LR * (p.grad + (fd[id(p)] if id(p) in ref_factors else WD * p))
+    for (n, a), b in zip(model.named_parameters(), ref.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), f'{n}: {(a - b).abs().max()}'
 
 
 def test_factorize_any_model_then_mark():
