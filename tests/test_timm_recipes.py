@@ -82,16 +82,45 @@ def test_demo_quick(tmp_path):
     assert (tmp_path / 'demo.png').stat().st_size > 10_000
 
 
-def test_bench_smoke():
+def _resnet20_macs(ranks=None):
+    """Closed-form multiply-adds of ResNet-20 on one 32x32 image: the convs and the classifier (option-A
+    shortcuts, BN and pooling count none); with ``ranks`` (one per stage) the block convs are the paper's
+    spatial split: a (1 x 3) conv on every input row, then a (3 x 1) conv (docs/method.md#conv2d)."""
+    total, in_ch, hw = 3 * 16 * 9 * 32 * 32 + 64 * 10, 16, 32
+    for stage, width in enumerate((16, 32, 64)):
+        for block in range(3):
+            stride = 2 if stage and not block else 1
+            out = hw // stride
+            for c_in, h_in in ((in_ch, hw), (width, out)):  # conv1 (strided), conv2
+                if ranks is None:
+                    total += width * c_in * 9 * out * out
+                else:
+                    r = ranks[stage]
+                    total += r * c_in * 3 * h_in * out + width * r * 3 * out * out
+            in_ch, hw = width, out
+    return total
+
+
+def test_bench_smoke(capsys):
+    """The benchmark's table, not its timings (those are for bench/ to report): both rows, the counts
+    and the MAC ratio against the closed form."""
     bench_dir = os.path.join(os.path.dirname(RECIPES), 'bench')
     if bench_dir not in sys.path:
         sys.path.insert(0, bench_dir)
     bench = importlib.import_module('bench_timm')
     rows = bench.main(['--models', 'resnet20', '--batch-size', '4', '--iters', '1', '--warmup', '0'])
-    dense, fact = rows
-    assert (dense['params'], fact['params']) == (269_722, 63_850)
-    assert fact['mac_ratio'] == pytest.approx(dense['macs'] / fact['macs']) and fact['mac_ratio'] > 4
-    assert fact['train_speedup'] > 0 and fact['infer_speedup'] > 0
+    dense_macs, fact_macs = _resnet20_macs(), _resnet20_macs(ranks=(5, 11, 21))  # rank_scale 0.111
+    assert (dense_macs, fact_macs) == (40_551_040, 9_732_736)
+    assert [(r['model'], r['variant'], r['params'], r['macs']) for r in rows] == [
+        ('fnl_resnet20', 'dense', 269_722, dense_macs), ('fnl_resnet20', 'factorized', 63_850, fact_macs)]
+    table = [line.split() for line in capsys.readouterr().out.splitlines()]
+    body = [line for line in table if line[:1] == ['fnl_resnet20']]
+    assert [line[:4] for line in body] == [['fnl_resnet20', 'dense', '269,722', f'{dense_macs / 1e6:.1f}'],
+                                           ['fnl_resnet20', 'factorized', '63,850', f'{fact_macs / 1e6:.1f}']]
+    assert len(body[0]) == 6 and len(body[1]) == 9  # the factorized row adds train x, infer x, MAC x
+    assert body[1][8] == f'{dense_macs / fact_macs:.2f}' == '4.17'
+    assert float(body[1][6]) == pytest.approx(rows[1]['train_speedup'], abs=0.006)
+    assert float(body[1][7]) == pytest.approx(rows[1]['infer_speedup'], abs=0.006)
 
 
 def test_train_module_help():
