@@ -44,6 +44,13 @@ def worker_argv(train_args: Sequence[str], rank: int, local_rank: int, world_siz
     return argv
 
 
+# A worker's program. ``fairseq_cli.train`` gives fairseq-train its log format (``2026-01-01 12:00:00 |
+# INFO | fairseq_cli.train | ...``) with a ``logging.basicConfig`` when it is imported, which does nothing
+# once the root logger has a handler; importing this package imports fairseq modules that install
+# logging's default one (``INFO:fairseq...`` lines). So the worker imports ``fairseq_cli.train`` first.
+_WORKER_CODE = "import sys; import fairseq_cli.train; from fnl_fairseq.launch import main; sys.exit(main())"
+
+
 def _worker(train_args: list[str]) -> None:
     from fairseq_cli import train
 
@@ -83,12 +90,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         own, train_args = [], argv
     parser = build_parser()
     opts = parser.parse_args(own)
+    from fnl_fairseq import require_fairseq
+
+    require_fairseq(parser.prog)
     if opts.nproc_per_node < 1:
         parser.error(f"--nproc-per-node must be >= 1, got {opts.nproc_per_node}")
     if not train_args:
         parser.error("no fairseq-train arguments given (put them after '--')")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={opts.nproc_per_node}",
-           "-m", "fnl_fairseq.launch", _WORKER_FLAG] + train_args
+           "--no-python", sys.executable, "-u", "-c", _WORKER_CODE, _WORKER_FLAG] + train_args
     env = dict(os.environ)
     # make this package importable by the workers wherever it lives
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -22,12 +22,16 @@ and ``transformer`` shapes).
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
+import logging
 import math
+import os
 from typing import Any, Optional
 
 import fnl
+from fnl._validate import check_rank_scale
 import torch
 from fairseq.distributed import fsdp_wrap
 from fairseq.models import register_model, register_model_architecture
@@ -54,6 +58,11 @@ __all__ = [
 
 FD_OPTIMIZER_PREFIX = "fd_"
 
+# fairseq's hub reads a model folder's sentencepiece model under this name (``hub_utils.from_pretrained``)
+HUB_SENTENCEPIECE = "sentencepiece.bpe.model"
+
+logger = logging.getLogger(__name__)
+
 
 @dataclasses.dataclass(frozen=True)
 class FNLSettings:
@@ -73,12 +82,8 @@ class FNLSettings:
         for f in dataclasses.fields(cls):
             if f.name != "rank_scale":
                 values[f.name] = bool(values[f.name])
-        rank_scale = values["rank_scale"]
-        if rank_scale is not None:
-            if isinstance(rank_scale, bool) or not isinstance(rank_scale, (int, float)) \
-                    or not math.isfinite(rank_scale) or rank_scale <= 0:
-                raise ValueError(f"--rank-scale must be a finite number > 0, got {rank_scale!r}")
-            values["rank_scale"] = float(rank_scale)
+        if values["rank_scale"] is not None:  # the core's one rule (docs/method.md#rank-settings)
+            values["rank_scale"] = check_rank_scale(values["rank_scale"], "--rank-scale")
         return cls(**values)
 
     @property
@@ -256,6 +261,38 @@ class FNLTransformerModel(TransformerModel):
         group.add_argument("--wd2fd-outval", action="store_true", default=False,
                            help="Frobenius decay of each head's output-value form instead of weight decay on "
                                 "out_proj/v_proj weights (needs an fd_* optimizer)")
+
+    @classmethod
+    def from_pretrained(cls, model_name_or_path: str, checkpoint_file: str = "model.pt",
+                        data_name_or_path: str = ".", **kwargs: Any):
+        """fairseq's hub interface (``translate``, ``sample``, ``generate``) over a checkpoint folder.
+
+        As ``TransformerModel.from_pretrained``: the dictionaries are read from the folder (or
+        ``data_name_or_path``), and a ``sentencepiece.bpe.model`` there replaces the path the
+        checkpoint recorded (``--bpe sentencepiece --sentencepiece-model``, as the iwslt14 recipe
+        trains), so ``translate`` takes and returns plain text with only the folder at hand. A
+        checkpoint that records no BPE (trained without ``--bpe``) in a folder holding
+        ``sentencepiece.bpe.model`` gets that model as its BPE. Without any BPE, ``translate`` works on
+        text already split into the dictionary's tokens, and a warning says so.
+
+        Args:
+            model_name_or_path: the folder (or a name of ``hub_models``).
+            checkpoint_file: the checkpoint in it (the iwslt14 recipe writes ``checkpoint_best.pt``).
+            data_name_or_path: where the dictionaries are; ``.`` is the model folder.
+            **kwargs: fairseq settings to override (``bpe``, ``sentencepiece_model``, ``beam``, ...).
+        """
+        hub = super().from_pretrained(model_name_or_path, checkpoint_file, data_name_or_path, **kwargs)
+        spm_path = os.path.join(str(model_name_or_path), HUB_SENTENCEPIECE)
+        if hub.bpe is None and "bpe" not in kwargs and os.path.isfile(spm_path):
+            from fairseq.data import encoders
+            hub.bpe = encoders.build_bpe(argparse.Namespace(bpe="sentencepiece", sentencepiece_model=spm_path))
+            logger.info("%s records no BPE; using the folder's %s", checkpoint_file, spm_path)
+        if hub.bpe is None:
+            logger.warning("%s records no BPE and none was given: translate() takes and returns text in the "
+                           "dictionary's tokens (BPE pieces, if the data was BPE-encoded); for plain text pass "
+                           "bpe='sentencepiece', sentencepiece_model=PATH (or train with --bpe sentencepiece "
+                           "--sentencepiece-model PATH)", checkpoint_file)
+        return hub
 
     @classmethod
     def build_model(cls, args, task):

@@ -10,7 +10,11 @@ Steps, each a subcommand over one work folder (``all`` runs the three):
 - ``train``: ``fairseq-train`` with the paper's command (``fnl_transformer_small``, rank_scale 0.5,
   spectral + Frobenius decay on linears, QK and OV; NAG lr 0.25, clip-norm 0.1, dropout 0.2,
   label smoothing 0.1, a constant 0.25 for 4000 warm-up updates then inverse-sqrt decay,
-  max-tokens 4000, 100k updates), optionally over several processes (``--nproc``);
+  max-tokens 4000, 100k updates), optionally over several processes (``--nproc``), printing
+  fairseq's progress lines as they come (the full log goes to ``WORK/train.log``). The checkpoints
+  record the BPE, and ``WORK/checkpoints`` also gets the dictionaries and the sentencepiece model,
+  so that folder alone serves fairseq's hub (``FNLTransformerModel.from_pretrained``) and
+  ``fairseq-interactive``;
 - ``evaluate``: ``fairseq-generate`` with beam 5 and BPE removed; fairseq's BLEU and the
   detokenized sacrebleu score go to ``results.json``.
 
@@ -67,15 +71,32 @@ def _log(msg: str) -> None:
     print(f"[iwslt14] {msg}", flush=True)
 
 
-def _run(cmd: Sequence[str], log_path: str) -> str:
-    """Run a command with its output going to ``log_path`` as it runs; return that output."""
+# the lines of fairseq's log (--log-format simple) that show a run's progress: every --log-interval
+# updates, the end of each epoch, each validation and checkpoint, and errors
+PROGRESS = re.compile(r" \| (train_inner|train|valid) \| | \| ERROR \| |Saved checkpoint|done training")
+
+
+def _run(cmd: Sequence[str], log_path: str, show: Optional["re.Pattern[str]"] = None) -> str:
+    """Run a command with its output going to ``log_path`` as it runs; return that output.
+
+    The log's path is printed first; the output lines that match ``show`` are also printed as they come.
+    """
     cmd = [str(c) for c in cmd]
     _log(" ".join(cmd))
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    with open(log_path, "w") as f:
-        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-    with open(log_path) as f:
-        text = f.read()
+    _log(f"log: {log_path}")
+    # unbuffered: fairseq's lines reach the log (and the terminal) as they are written
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONUNBUFFERED="1")
+    lines = []
+    with open(log_path, "w") as f, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                                                    text=True, errors="replace") as proc:
+        for line in proc.stdout:
+            f.write(line)
+            f.flush()
+            lines.append(line)
+            if show is not None and show.search(line):
+                print(line, end="", flush=True)
+        rc = proc.wait()
+    text = "".join(lines)
     if rc != 0:
         raise SystemExit(f"command failed ({rc}): {' '.join(cmd)}\n{text[-3000:]}\n(full log: {log_path})")
     return text
@@ -235,11 +256,25 @@ def prepare(a: argparse.Namespace) -> None:
 
 
 # --- train -----------------------------------------------------------------------------------------
+# what fairseq's hub (from_pretrained) reads from a model folder besides the checkpoint: the
+# dictionaries (its default data folder is the model's) and the sentencepiece model under this name
+HUB_SPM = "sentencepiece.bpe.model"
+HUB_FILES = ("dict.src.txt", "dict.tgt.txt", HUB_SPM)
+
+
 def train_command(a: argparse.Namespace) -> List[str]:
-    """The fairseq-train arguments of the paper's run (or the smoke run)."""
+    """The fairseq-train arguments of the paper's run (or the smoke run).
+
+    The checkpoints record the language pair and the BPE (``--bpe sentencepiece`` with the model copied
+    into the checkpoint folder by :func:`copy_hub_files`), so the hub's ``translate`` takes and returns
+    plain text with only that folder.
+    """
     import fnl_fairseq
+    save_dir = os.path.join(a.work_dir, "checkpoints")
     args = [os.path.join(a.work_dir, "bin"), "--user-dir", fnl_fairseq.user_dir()] + PAPER_MODEL + PAPER_OPTIM + [
-        "--weight-decay", str(a.weight_decay), "--save-dir", os.path.join(a.work_dir, "checkpoints"),
+        "--weight-decay", str(a.weight_decay), "--save-dir", save_dir,
+        "--source-lang", "src", "--target-lang", "tgt",
+        "--bpe", "sentencepiece", "--sentencepiece-model", os.path.join(save_dir, HUB_SPM),
         "--seed", str(a.seed), "--log-format", "simple", "--log-interval", "50" if not a.smoke else "20",
         "--keep-last-epochs", "2"]
     if a.smoke:
@@ -249,14 +284,37 @@ def train_command(a: argparse.Namespace) -> List[str]:
     return args + list(a.extra)
 
 
+def copy_hub_files(work_dir: str) -> str:
+    """Copy the dictionaries and the sentencepiece model into ``WORK/checkpoints`` (returned), which
+    makes that folder a model for fairseq's hub and ``fairseq-interactive`` on its own."""
+    import shutil
+    save_dir = os.path.join(work_dir, "checkpoints")
+    os.makedirs(save_dir, exist_ok=True)
+    sources = {"dict.src.txt": os.path.join(work_dir, "bin", "dict.src.txt"),
+               "dict.tgt.txt": os.path.join(work_dir, "bin", "dict.tgt.txt"),
+               HUB_SPM: os.path.join(work_dir, "bpe", "spm.model")}
+    for name in HUB_FILES:
+        if not os.path.isfile(sources[name]):
+            raise SystemExit(f"{sources[name]} is missing: run the prepare step first")
+        shutil.copyfile(sources[name], os.path.join(save_dir, name))
+    return save_dir
+
+
 def train(a: argparse.Namespace) -> None:
     args = train_command(a)
+    save_dir = copy_hub_files(a.work_dir)
     log = os.path.join(a.work_dir, "train.log")
     if a.nproc > 1:
-        _run([sys.executable, "-m", "fnl_fairseq.launch", "--nproc-per-node", str(a.nproc), "--"] + args, log)
+        _run([sys.executable, "-m", "fnl_fairseq.launch", "--nproc-per-node", str(a.nproc), "--"] + args, log,
+             show=PROGRESS)
     else:
-        _run([sys.executable, "-m", "fairseq_cli.train"] + args, log)
-    _log(f"trained; log in {log}")
+        _run([sys.executable, "-m", "fairseq_cli.train"] + args, log, show=PROGRESS)
+    _log(f"trained; checkpoints, dictionaries and the BPE model in {save_dir} (log: {log}). Translate with\n"
+         f"    FNLTransformerModel.from_pretrained({save_dir!r}, checkpoint_file='checkpoint_best.pt')"
+         f".translate('...')\n"
+         f"  (from fnl_fairseq import FNLTransformerModel), or fairseq-interactive {save_dir} --path "
+         f"{os.path.join(save_dir, 'checkpoint_best.pt')} --user-dir $(python -m fnl_fairseq) --source-lang src "
+         f"--target-lang tgt --bpe sentencepiece --sentencepiece-model {os.path.join(save_dir, HUB_SPM)}")
 
 
 # --- evaluate --------------------------------------------------------------------------------------
