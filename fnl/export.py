@@ -9,10 +9,12 @@ input and on a second batch of another size, and its outputs must match the PyTo
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import logging
 import os
 import warnings
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +22,10 @@ from torch import Tensor, nn
 __all__ = ["EXPORT_FORMATS", "ExportMismatchError", "atomic_path", "export_model"]
 
 EXPORT_FORMATS = ("torchscript", "export", "onnx")
+
+# the loggers of the ONNX exporter's graph passes: at INFO they report every pass ("Replaced initializer
+# ...", "Removed 83 unused nodes", "Skipping constant folding ..."), which says nothing to the user
+_ONNX_PASS_LOGGERS = ("onnx_ir", "onnxscript", "torch.onnx")
 
 
 class ExportMismatchError(RuntimeError):
@@ -64,6 +70,22 @@ def _check(name: str, ref: Tensor, got: Tensor, atol: float, rtol: float) -> flo
         raise ExportMismatchError(f"{name}: exported outputs differ from the model's by up to {diff:.3g} "
                                   f"(atol={atol:g}, rtol={rtol:g})")
     return diff
+
+
+@contextlib.contextmanager
+def _quiet_onnx_passes() -> Iterator[None]:
+    """Raise the ONNX exporter's pass loggers to WARNING for the block (their warnings and errors still
+    show), then restore their levels; the caller's logging setup is not touched otherwise."""
+    loggers = [logging.getLogger(name) for name in _ONNX_PASS_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        if lg.getEffectiveLevel() < logging.WARNING:
+            lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 @torch.no_grad()
@@ -132,7 +154,7 @@ def export_model(
         else:
             if importlib.util.find_spec("onnx") is None:
                 raise ImportError("format='onnx' needs the onnx package (pip install onnx onnxscript)")
-            with atomic_path(path) as tmp:
+            with atomic_path(path) as tmp, _quiet_onnx_passes():
                 torch.onnx.export(model, (example_input,), tmp, input_names=["input"], output_names=["output"],
                                   dynamic_shapes=dynamic, external_data=False, verbose=False)
             import onnx

@@ -140,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help='CPU: keep freed memory in the process for reuse while timing (fnl.cache_cpu_allocations; '
                         "as jemalloc / tcmalloc do); glibc's default maps large activations afresh on every call")
     g.add_argument('--seed', type=int, default=0, help='random seed (fine-tuning order, timing inputs)')
+    g.add_argument('--no-progress', action='store_true',
+                   help='no progress bars: the fine-tuning logs a line every --log-interval steps instead (also '
+                        'when the output is not a terminal)')
+    g.add_argument('--log-interval', type=int, default=50,
+                   help='fine-tuning steps between progress updates (the loss is read from the device only then)')
 
     g = p.add_argument_group('outputs')
     g.add_argument('--output', required=True, help='output folder (created; input files are never written)')
@@ -160,7 +165,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         raise ValueError('give exactly one of --target-ratio, --target-macs or --energy'
                          + (f' (got {", ".join("--" + n.replace("_", "-") for n in given)})' if given else ''))
     for n in ('batch_size', 'rank_multiple', 'latency_repeats', 'finetune_batch_size', 'eval_batches',
-              'finetune_steps', 'num_classes'):
+              'finetune_steps', 'num_classes', 'log_interval'):
         _positive('--' + n.replace('_', '-'), getattr(args, n))
     if args.finetune_epochs < 0:
         raise ValueError(f'--finetune-epochs must be >= 0, got {args.finetune_epochs}')
@@ -187,7 +192,10 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     kwargs = dict(args.model_kwargs)
     input_size = args.input_size
     if args.dataset is not None:
+        _logger.info(f'data: {args.dataset}' + (f' from {args.data_dir}' if args.data_dir else '') + ' ...')
         train_ds, val_ds, info = fnl_data.create_datasets(args.dataset, args.data_dir, args.img_size)
+        _logger.info(f'data: {len(train_ds):,} training and {len(val_ds):,} validation images of '
+                     f'{"x".join(map(str, info.input_size))}, {info.num_classes} classes')
         kwargs.setdefault('num_classes', info.num_classes)
         input_size = input_size or info.input_size
         val_loader = DataLoader(val_ds, batch_size=256, shuffle=False, num_workers=0)
@@ -196,7 +204,10 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     if args.num_classes is not None:
         kwargs['num_classes'] = args.num_classes
     before = _fingerprints(inputs)
+    _logger.info(f'load: {args.model}' + (f' with {args.checkpoint}' if args.checkpoint else
+                                         ' (random weights)' if args.random_init else '') + ' ...')
     model, provenance = load_model(args.model, args.checkpoint, kwargs, args.random_init, args.trust_pickle)
+    _logger.info(f'load: {type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} parameters')
     if input_size is None:
         cfg = getattr(model, 'pretrained_cfg', None) or getattr(model, 'default_cfg', None) or {}
         if 'input_size' not in cfg:
@@ -220,9 +231,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         eval_batches=args.eval_batches, finetune_epochs=args.finetune_epochs, finetune_steps=args.finetune_steps,
         opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, finalize=args.finalize,
         latency=not args.no_latency and not args.fold_bn, latency_repeats=args.latency_repeats,
-        channels_last=args.channels_last)
+        channels_last=args.channels_last, progress=False if args.no_progress else None,
+        log_interval=args.log_interval)
     deploy = None
     if args.fold_bn:
+        _logger.info('fold-bn: folding each BatchNorm into the conv before it ...')
         try:
             deploy = fnl.fold_batchnorm(compressed)
             original = fnl.fold_batchnorm(model) if not args.no_latency else None

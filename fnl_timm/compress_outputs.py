@@ -2,8 +2,10 @@
 the exports, each file atomically, never over an input file.
 """
 import json
+import logging
 import math
 import os
+import time
 from typing import Any, Dict, Optional, Sequence
 
 import torch
@@ -13,6 +15,8 @@ import fnl
 from fnl.export import atomic_path, export_model
 
 __all__ = ['plot_report', 'write_outputs']
+
+_logger = logging.getLogger('fnl_compress')
 
 SUFFIX = {'torchscript': 'model.ts', 'export': 'model.pt2', 'onnx': 'model.onnx'}
 
@@ -76,6 +80,7 @@ def write_outputs(out_dir: str, compressed: nn.Module, report: fnl.CompressionRe
     paths = {k: os.path.join(out_dir, v) for k, v in targets.items()}
     _check_no_overwrite(out_dir, inputs, paths.values())
     os.makedirs(out_dir, exist_ok=True)
+    _logger.info(f'write: the compressed model to {out_dir} ...')
     compressed = compressed.cpu().eval()
     deploy = compressed if deploy is None else deploy.cpu().eval()
     with atomic_path(paths['model']) as tmp:
@@ -90,7 +95,11 @@ def write_outputs(out_dir: str, compressed: nn.Module, report: fnl.CompressionRe
     example = torch.randn((export_batch, *input_size), generator=torch.Generator().manual_seed(0))
     export_results = {}
     for f in exports:
-        export_results[f] = export_model(deploy, example, paths[f'export_{f}'], f)
+        _logger.info(f'export: {f} to {paths[f"export_{f}"]} ...')
+        t = time.perf_counter()
+        r = export_results[f] = export_model(deploy, example, paths[f'export_{f}'], f)
+        diff = 'not compared' if r['max_abs_diff'] is None else f'max |diff| {r["max_abs_diff"]:.3g}'
+        _logger.info(f'export: {f} checked against the PyTorch model, {diff} ({time.perf_counter() - t:.1f} s)')
     report.extra['exports'] = export_results
     report.extra['provenance'] = provenance
     report.extra['outputs'] = paths
