@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 import fnl
 
@@ -378,6 +379,26 @@ def test_1x1_tensor_conv_pads_height_and_width_apart(cls, stride, padding):
         assert y.shape == ref.shape and torch.allclose(y, ref, atol=1e-12), path
     with pytest.raises(ValueError, match="padding"):
         cls(6, 4, 1, padding="same", rank=1)
+
+
+@pytest.mark.parametrize("cls", [fnl.TTConv2d, fnl.TuckerConv2d])
+def test_tensor_conv_auto_path_counts_the_batch(cls):
+    """Rebuilding the 1x1 matrix is paid once per call, the contraction once per pixel of the whole
+    batch: with 1 x 1 inputs, 32 -> 32 channels at scale 0.5, contracting is cheaper for one sample
+    and rebuilding for 16. 'auto' must take the cheaper path of each call (torch's own count, on
+    the meta device). Bug: the plan counting the pixels of one sample only."""
+    layer = cls(32, 32, 1, rank_scale=0.5).to("meta")
+
+    def flops(path, batch):
+        layer.path = path
+        with FlopCounterMode(display=False) as counter:
+            layer(torch.empty(batch, 32, 1, 1, device="meta"))
+        return counter.get_total_flops()
+
+    for batch, cheaper in ((1, "factored"), (16, "dense")):
+        costs = {p: flops(p, batch) for p in ("factored", "dense")}
+        assert min(costs, key=costs.get) == cheaper, (batch, costs)  # the case does exercise the choice
+        assert flops("auto", batch) == costs[cheaper], (batch, costs)
 
 
 # --- factors other than the identity: S and the tensor cores --------------------------------------
