@@ -335,6 +335,38 @@ def test_optimizer_state_round_trip_keeps_fd_state():
         _optimizer(wrong, wargs).load_state_dict(state)
 
 
+def test_optimizer_overrides_keep_weight_decay_off_the_fd_group():
+    """fairseq's --optimizer-overrides on resume (load_state_dict(state, {"weight_decay": ...})): the new
+    value is the FD coefficient and every other group's weight decay; the FD group keeps none. One SGD step
+    with zero task gradients then moves a factor by exactly the FD step and a plain weight by its decay."""
+    lr, wd = 0.5, 0.2
+    model, args = _build(["--rank-scale", "0.5", "--weight-decay", "0.01"] + ALL_FD, optimizer="fd_sgd")
+    args.lr = [lr]
+    opt = _optimizer(model, args)
+    state = opt.state_dict()
+    opt.load_state_dict(state, {"weight_decay": wd})
+    assert opt.coef == wd
+    assert sorted(g["weight_decay"] for g in opt.param_groups) == [0.0, wd]
+    fc1, norm = model.encoder.layers[0].fc1, model.encoder.layers[0].final_layer_norm.weight
+    u, v, w = fc1.U.detach().clone(), fc1.V.detach().clone(), norm.detach().clone()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    assert torch.allclose(fc1.U.detach(), u - lr * wd * u @ (v.T @ v), atol=1e-7)
+    assert torch.allclose(norm.detach(), w * (1 - lr * wd), atol=1e-7)
+
+
+@pytest.mark.parametrize("extra,decoupled", [([], True), (["--fd-coupled"], False)])
+def test_fd_adam_decoupled_by_default(extra, decoupled):
+    """fd_adam decouples FD like fairseq's adam decouples weight decay; --fd-coupled adds it to the
+    gradient. (Both steps are cells of tests/test_regularizer_matrix.py.)"""
+    model, args = _build(["--rank-scale", "0.5", "--weight-decay", "0.01", "--wd2fd"] + extra, optimizer="fd_adam")
+    assert _optimizer(model, args)._optimizer.decoupled is decoupled
+    assert args.fd_coupled is (not decoupled)
+    from fnl_fairseq.optim import FDAdamConfig
+    assert "instead of the default decoupled step" in FDAdamConfig.__dataclass_fields__["fd_coupled"].metadata["help"]
+
+
 def test_safe_globals_allow_fairseq_config_namespace():
     buf = io.BytesIO()
     torch.save({"cfg": {"model": argparse.Namespace(arch="fnl_transformer_small", rank_scale=0.5)}}, buf)
