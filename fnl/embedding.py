@@ -74,7 +74,7 @@ class FactorizedEmbedding(LowRankLayer):
 
     def forward(self, idx: Tensor) -> Tensor:
         h = F.embedding(idx, self.U, self.padding_idx)  # (..., r)
-        v = self.V if self.S is None else self.V @ self.S  # (dim, r)
+        v = self.V if self.S is None else self.V @ self.S.T  # (dim, r)
         return F.linear(h, v)  # (..., dim)
 
     # --- layout --------------------------------------------------------------------------------
