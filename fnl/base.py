@@ -16,6 +16,8 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from ._validate import check_rank_choice
+
 __all__ = ["FactorizedLayer", "LowRankLayer", "add_factor_fd_grad_", "gram_frobenius_sq", "resolve_rank", "spectral_factors"]
 
 InitFn = Callable[[Tensor], object]
@@ -31,24 +33,14 @@ def resolve_rank(rank: Optional[int], rank_scale: Optional[float], base: int) ->
 
     Args:
         rank: an explicit rank, an int >= 1.
-        rank_scale: a finite float > 0; the rank is ``max(1, round(rank_scale * base))``.
+        rank_scale: a finite float > 0 (docs/method.md#rank-settings); the rank is
+            ``max(1, round(rank_scale * base))``.
         base: what ``rank_scale`` multiplies (``min(m, n)`` for Linear/Embedding, ``out * kh`` for Conv2d).
     """
-    if (rank is None) == (rank_scale is None):
-        raise ValueError(
-            f"give exactly one of rank (an int >= 1) or rank_scale (a float > 0); got rank={rank!r}, "
-            f"rank_scale={rank_scale!r}")
+    check_rank_choice(rank, rank_scale, required=True, names=("rank", "rank_scale", "target_ratio"))
     if rank is not None:
-        if isinstance(rank, bool) or not isinstance(rank, int):
-            raise TypeError(f"rank must be an int >= 1, got {type(rank).__name__} {rank!r}")
-        if rank < 1:
-            raise ValueError(f"rank must be an int >= 1, got {rank}")
         return rank
-    if isinstance(rank_scale, bool) or not isinstance(rank_scale, (int, float)):
-        raise TypeError(f"rank_scale must be a finite float > 0, got {type(rank_scale).__name__} {rank_scale!r}")
-    if not math.isfinite(rank_scale) or rank_scale <= 0:
-        raise ValueError(f"rank_scale must be a finite float > 0, got {rank_scale!r}")
-    return max(1, round(rank_scale * base))
+    return max(1, round(float(rank_scale) * base))
 
 
 def spectral_factors(weight: Tensor, rank: int, square: bool = False,
@@ -122,7 +114,7 @@ class FactorizedLayer(nn.Module, metaclass=abc.ABCMeta):
       ``dense_macs(input_shape)``: counts of this layer and of the dense layer it replaces.
     """
 
-    rank: Union[int, tuple[int, ...]]
+    # (``rank`` is set by each layer; not annotated here: TorchScript would read the annotation as its type)
     #: whether ``inference_form()`` gives a plain-torch equivalent
     has_inference_form: bool = True
 

@@ -32,6 +32,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from ._validate import check_target_ratio
 from .base import FactorizedLayer
 from .conv import FactorizedConv2d, conv_output_hw
 from .deploy import _replace, _timing_input, _trace
@@ -341,7 +342,12 @@ def compress(
     if len(given) != 1:
         raise ValueError(f"give exactly one of target_ratio, target_macs or energy; got {given or 'none'}")
     (mode, target), = given.items()
-    _check_fraction(mode, target)
+    if mode == "target_ratio":
+        if check_target_ratio(target) > 1:
+            raise ValueError(f"target_ratio={target:g} cannot be reached: compression keeps at most the dense "
+                             "model's parameters (ratio 1)")
+    else:
+        _check_fraction(mode, target)
     if allocation not in _ALLOCATIONS:
         raise ValueError(f"allocation must be one of {_ALLOCATIONS}, got {allocation!r}")
     if isinstance(rank_multiple, bool) or not isinstance(rank_multiple, int) or rank_multiple < 1:

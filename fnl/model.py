@@ -15,7 +15,8 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .base import FactorizedLayer, InitFn, resolve_rank
+from ._validate import check_rank_choice, check_target_ratio
+from .base import FactorizedLayer, InitFn
 from .conv import FactorizedConv2d, conv_output_hw
 from .embedding import FactorizedEmbedding
 from .linear import FactorizedLinear
@@ -114,11 +115,11 @@ def solve_rank_scale(
 
     Args:
         model: the dense model (factorized layers already in it count as fixed, at their dense size).
-        target_ratio: the wanted ratio, reachable between all ranks 1 and rank_scale 1.
+        target_ratio: the wanted ratio, a finite float > 0, reachable between all ranks 1 and
+            rank_scale 1.
         include, exclude, square, embeddings: as in ``factorize``.
     """
-    if isinstance(target_ratio, bool) or not isinstance(target_ratio, (int, float)) or not math.isfinite(target_ratio):
-        raise TypeError(f"target_ratio must be a finite float in (0, 1], got {target_ratio!r}")
+    check_target_ratio(target_ratio)
     layers = [_rank_base(m) for _, m in _candidates(model, include, exclude, embeddings)]
     if not layers:
         raise ValueError("the model has no layer to factorize, so no target_ratio can be reached")
@@ -208,9 +209,10 @@ def factorize(
         model: any module; its ``nn.Linear`` and ``nn.Conv2d`` (groups 1, zero padding) submodules,
             and ``nn.Embedding`` ones with ``embeddings``, are candidates (exact types only, and not
             the projections inside ``nn.MultiheadAttention``).
-        rank: one rank for every layer (exactly one of rank / rank_scale / target_ratio).
-        rank_scale: the paper's per-layer rank rule (see the layer classes).
-        target_ratio: a whole-model parameter ratio; the rank_scale is solved by ``solve_rank_scale``.
+        rank: one rank for every layer, an int >= 1 (exactly one of rank / rank_scale / target_ratio;
+            the rule: docs/method.md#rank-settings).
+        rank_scale: the paper's per-layer rank rule (see the layer classes), a finite float > 0.
+        target_ratio: a whole-model parameter ratio (> 0); the rank_scale is solved by ``solve_rank_scale``.
         spectral: factorize the weights already in the layers by SVD (for a trained model, the best
             rank-r approximation); else the factors get ``init`` and only the biases are kept.
         square: add the (r x r) factor S.
@@ -225,16 +227,12 @@ def factorize(
             factorized (e.g. ``padding='same'`` with an even kernel); every layer is checked before
             any is replaced, so the model is then left exactly as it was.
     """
-    if sum(x is not None for x in (rank, rank_scale, target_ratio)) != 1:
-        raise ValueError(f"give exactly one of rank, rank_scale or target_ratio; got rank={rank!r}, "
-                         f"rank_scale={rank_scale!r}, target_ratio={target_ratio!r}")
+    check_rank_choice(rank, rank_scale, target_ratio, required=True)  # before touching the model
     if isinstance(model, FactorizedLayer) or type(model) in _FACTORIZED_OF:
         raise TypeError(f"model is a single {type(model).__name__}; use the layer's from_dense() instead")
     if target_ratio is not None:
         rank_scale = solve_rank_scale(model, target_ratio, include=include, exclude=exclude, square=square,
                                       embeddings=embeddings)
-    else:  # validate before touching the model
-        resolve_rank(rank, rank_scale, 1)
     # every layer is built (and so validated) before any is swapped in: an invalid layer raises with
     # the model exactly as it was
     built: dict[int, tuple[nn.Module, FactorizedLayer]] = {}

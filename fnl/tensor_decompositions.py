@@ -22,6 +22,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from ._validate import check_rank_scale
 from .base import check_positive_int
 
 __all__ = ["NUM_MODES", "RankArg", "hosvd", "tensor_modes", "tt_svd"]
@@ -75,11 +76,7 @@ def _check_modes(name: str, modes: Optional[Sequence[int]], channels: int) -> Op
 
 
 def _check_scale(rank_scale: object) -> float:
-    if isinstance(rank_scale, bool) or not isinstance(rank_scale, (int, float)):
-        raise TypeError(f"rank_scale must be a float in (0, 1], got {type(rank_scale).__name__} {rank_scale!r}")
-    if not math.isfinite(rank_scale) or not 0 < rank_scale <= 1:
-        raise ValueError(f"rank_scale must be a float in (0, 1], got {rank_scale!r}")
-    return float(rank_scale)
+    return check_rank_scale(rank_scale, at_most_one=True)
 
 
 def _tt_ranks_from_scale(n: Sequence[int], s: float) -> tuple[int, ...]:

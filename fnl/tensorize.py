@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ._validate import check_target_ratio
 from .base import InitFn
 from .model import Selector, _all_names, _candidates, _closest_scale, _replace, count_parameters
 from .tensor_conv import TensorConv2d, TTConv2d, TuckerConv2d
@@ -58,8 +59,7 @@ def solve_tensor_scale(model: nn.Module, target_ratio: float, tensor_format: str
     not modified), for the convs ``tensorize`` would replace with derived modes; s in (0, 1].
     """
     _format_class(tensor_format)
-    if isinstance(target_ratio, bool) or not isinstance(target_ratio, (int, float)) or not math.isfinite(target_ratio):
-        raise TypeError(f"target_ratio must be a finite float in (0, 1], got {target_ratio!r}")
+    check_target_ratio(target_ratio)
     convs = [m for _, m in _tensor_candidates(model, include, exclude)]
     if not convs:
         raise ValueError("the model has no nn.Conv2d to tensorize, so no target_ratio can be reached")
@@ -106,7 +106,7 @@ def tensorize(
         init, depthwise_init: as in ``TensorConv2d``.
     """
     cls = _format_class(tensor_format)
-    if sum(x is not None for x in (rank, rank_scale, target_ratio)) != 1:
+    if sum(x is not None for x in (rank, rank_scale, target_ratio)) != 1:  # rank may be one int per rank
         raise ValueError(f"give exactly one of rank, rank_scale or target_ratio; got rank={rank!r}, "
                          f"rank_scale={rank_scale!r}, target_ratio={target_ratio!r}")
     if spectral and from_dense:

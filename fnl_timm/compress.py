@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader
 from timm.utils import ParseKwargs
 
 import fnl
+from fnl._validate import check_target_ratio
 from fnl.export import EXPORT_FORMATS
 
 from . import data as fnl_data
@@ -164,6 +165,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     if len(given) != 1:
         raise ValueError('give exactly one of --target-ratio, --target-macs or --energy'
                          + (f' (got {", ".join("--" + n.replace("_", "-") for n in given)})' if given else ''))
+    if args.target_ratio is not None:  # the core's one rule (docs/method.md#rank-settings)
+        check_target_ratio(args.target_ratio, '--target-ratio')
     for n in ('batch_size', 'rank_multiple', 'latency_repeats', 'finetune_batch_size', 'eval_batches',
               'finetune_steps', 'num_classes', 'log_interval'):
         _positive('--' + n.replace('_', '-'), getattr(args, n))

@@ -1,12 +1,13 @@
 """``fnl-train``'s command line: the parser and the checks of its arguments."""
 import argparse
-import math
 import os
 from typing import Any, Optional
 
 import timm
 from timm.optim import list_optimizers
 from timm.utils import ParseKwargs
+
+from fnl._validate import check_rank_choice
 
 from . import data as fnl_data
 from ._serialization import check_input_file, load_checkpoint
@@ -165,13 +166,8 @@ def validate_args(args: argparse.Namespace) -> None:
     if not timm.is_model(args.model):
         raise ValueError(f'--model {args.model!r} is not a registered timm model '
                          f'(fnl models: {", ".join(timm.list_models("fnl_*"))})')
-    if args.rank_scale is not None and (not math.isfinite(args.rank_scale) or args.rank_scale < 0):
-        raise ValueError(f'--rank-scale must be a finite float >= 0, got {args.rank_scale}')
-    if args.target_ratio is not None:
-        if not 0.0 < args.target_ratio < 1.0:
-            raise ValueError(f'--target-ratio must be in (0, 1), got {args.target_ratio}')
-        if args.rank_scale:
-            raise ValueError('give --rank-scale or --target-ratio, not both')
+    # the core's one rule (docs/method.md#rank-settings)
+    check_rank_choice(None, args.rank_scale, args.target_ratio, names=('--rank', '--rank-scale', '--target-ratio'))
     factorized = (bool(args.rank_scale) or args.target_ratio is not None
                   or bool(args.model_kwargs.get('rank_scale')) or args.model_kwargs.get('target_ratio') is not None
                   or (compressed and initial.get('form', 'factorized') == 'factorized' and bool(initial['ranks'])))

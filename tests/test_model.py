@@ -172,7 +172,7 @@ def test_target_ratio_through_factorize_and_unreachable():
         fnl.factorize(model, target_ratio=0.001)
     with pytest.raises(ValueError, match="cannot be reached"):
         fnl.solve_rank_scale(model, 5.0)
-    with pytest.raises(TypeError, match="target_ratio must be a finite float"):
+    with pytest.raises(ValueError, match=r"target_ratio must be a finite float > 0, got nan"):
         fnl.solve_rank_scale(model, float("nan"))
     assert fnl.count_parameters(model) == dense, "a failed factorize must leave the model untouched"
 

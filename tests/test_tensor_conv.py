@@ -51,7 +51,7 @@ def test_modes_and_ranks_of_spec6():
 
 @pytest.mark.parametrize('kwargs,exc,match', [
     (dict(rank_scale=0.0), ValueError, 'rank_scale'),
-    (dict(rank_scale=1.5), ValueError, r'rank_scale must be a float in \(0, 1\]'),
+    (dict(rank_scale=1.5), ValueError, r'rank_scale must be a finite float in \(0, 1\]'),
     (dict(rank_scale='0.5'), TypeError, 'rank_scale'),
     (dict(), ValueError, 'exactly one'),
     (dict(rank=2, rank_scale=0.5), ValueError, 'exactly one'),

@@ -151,7 +151,7 @@ def test_spectral_full_rank_reproduces_dense():
 @pytest.mark.parametrize('kwargs,match', [
     (dict(rank_scale=-1.0), 'rank_scale'),
     (dict(rank_scale=0.1, target_ratio=0.1), 'target_ratio'),
-    (dict(target_ratio=1.5), 'target_ratio'),
+    (dict(target_ratio=0.0), 'target_ratio must be a finite float > 0'),
     (dict(spectral=True), 'rank_scale'),
     (dict(depth=21), 'depth'),
 ])

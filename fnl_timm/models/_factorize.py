@@ -1,7 +1,6 @@
 """Shared model-building step: factorize the paper's layers (docs/method.md#which-layers-are-factorized)
 after the dense init."""
 from typing import Callable, Optional, Sequence, Union
-import math
 
 import torch
 from torch import nn
@@ -9,6 +8,7 @@ from torch import nn
 from timm.layers import create_classifier
 
 import fnl
+from fnl._validate import check_rank_choice
 
 from ..optim import mark_factors
 
@@ -30,18 +30,10 @@ def kaiming_linear_fan_in_(weight: torch.Tensor) -> torch.Tensor:
 
 
 def check_rank_args(rank_scale: Optional[float], target_ratio: Optional[float]) -> None:
-    """Validate the ``rank_scale`` / ``target_ratio`` model kwargs."""
-    if rank_scale is not None:
-        if isinstance(rank_scale, bool) or not isinstance(rank_scale, (int, float)) \
-                or not math.isfinite(rank_scale) or rank_scale < 0:
-            raise ValueError(f'rank_scale must be a finite float >= 0 (0 or None = dense), got {rank_scale!r}')
-    if target_ratio is not None:
-        if isinstance(target_ratio, bool) or not isinstance(target_ratio, (int, float)) \
-                or not 0.0 < target_ratio < 1.0:
-            raise ValueError(f'target_ratio must be a float in (0, 1), got {target_ratio!r}')
-        if rank_scale:
-            raise ValueError('give either rank_scale or target_ratio, not both '
-                             f'(got rank_scale={rank_scale!r}, target_ratio={target_ratio!r})')
+    """Validate the ``rank_scale`` / ``target_ratio`` model kwargs: the core's one rule
+    (docs/method.md#rank-settings: rank_scale a finite float > 0, target_ratio in (0, 1], at most
+    one; both unset = dense)."""
+    check_rank_choice(None, rank_scale, target_ratio)
 
 
 def factorize_model(

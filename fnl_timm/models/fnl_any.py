@@ -21,7 +21,6 @@ The factors are registered for the ``fd*`` optimizers (``fnl_timm.mark_factors``
 is built.
 """
 import fnmatch
-import math
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Union
 
 from torch import nn
@@ -30,6 +29,7 @@ import timm
 from timm.models import generate_default_cfgs, register_model
 
 # the core by name: this module's entrypoint is called ``fnl``
+from fnl._validate import check_rank_choice
 from fnl import adopt_on_load, factorize, solve_rank_scale
 
 from ..optim import mark_factors
@@ -44,20 +44,9 @@ _LAYER_TYPES = (nn.Linear, nn.Conv2d)
 
 def _check_rank_args(rank: Optional[int], rank_scale: Optional[float],
                      target_ratio: Optional[float]) -> Optional[str]:
-    """Validate the rank arguments; return which one is given (None: dense)."""
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise ValueError(f'rank must be an int >= 1, got {rank!r}')
-    if rank_scale is not None and (isinstance(rank_scale, bool) or not isinstance(rank_scale, (int, float))
-                                   or not math.isfinite(rank_scale) or rank_scale < 0):
-        raise ValueError(f'rank_scale must be a finite float >= 0 (0 or None = dense), got {rank_scale!r}')
-    if target_ratio is not None and (isinstance(target_ratio, bool) or not isinstance(target_ratio, (int, float))
-                                     or not 0.0 < target_ratio < 1.0):
-        raise ValueError(f'target_ratio must be a float in (0, 1), got {target_ratio!r}')
-    given = [n for n, v in (('rank', rank), ('rank_scale', rank_scale or None), ('target_ratio', target_ratio))
-             if v is not None]
-    if len(given) > 1:
-        raise ValueError(f'give at most one of rank, rank_scale or target_ratio, got {", ".join(given)}')
-    return given[0] if given else None
+    """Validate the rank arguments by the core's one rule (docs/method.md#rank-settings); return
+    which one is given (None: dense)."""
+    return check_rank_choice(rank, rank_scale, target_ratio)
 
 
 def _check_flag(name: str, value: Any) -> bool:
@@ -134,7 +123,7 @@ def factorize_timm_model(
         model: a timm model (or a ``features_only`` wrapper of one) with a ``pretrained_cfg``.
         rank: one rank for every layer (at most one of rank / rank_scale / target_ratio; none = dense).
         rank_scale: the paper's per-layer rank rule (``fnl.FactorizedLinear`` / ``fnl.FactorizedConv2d``).
-        target_ratio: a whole-model parameter ratio in (0, 1); the rank_scale is solved.
+        target_ratio: a whole-model parameter ratio (> 0); the rank_scale is solved.
         spectral: factorize the weights in the layers by SVD; else the factors get torch's default init.
         square: add the (r x r) factor S (deep distillation).
         include: fnmatch patterns (or one comma-separated string) of the layers to factorize.
@@ -273,7 +262,7 @@ def fnl(
         pretrained: load the base's pretrained weights (timm's loading: ``pretrained_cfg_overlay=
             dict(file=...)`` for a local file), then factorize them by SVD.
         base: the timm model to factorize (any registered name, with a pretrained tag if wanted).
-        rank, rank_scale, target_ratio: at most one; none (or rank_scale 0) = the dense base model.
+        rank, rank_scale, target_ratio: at most one (docs/method.md#rank-settings); none = the dense base model.
         spectral: spectral init (SVD of the dense init, or of the pretrained weights); default: pretrained.
         square, include, exclude, factorize_stem, factorize_classifier, attention, spectral_quekey,
             spectral_outval: see :func:`factorize_timm_model`.

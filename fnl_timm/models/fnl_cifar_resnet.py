@@ -90,8 +90,9 @@ class CifarResNet(ClassifierMixin, nn.Module):
         in_chans: input channels.
         drop_rate: dropout before the classifier.
         global_pool: timm pool type ('avg', 'max', 'avgmax', '' = none).
-        rank_scale: rank = round(rank_scale * out * kh) per block conv; 0 or None = dense.
-        target_ratio: solve one rank_scale so that params / dense params is closest to this.
+        rank_scale: rank = round(rank_scale * out * kh) per block conv, a finite float > 0; None = dense
+            (docs/method.md#rank-settings).
+        target_ratio: solve one rank_scale so that params / dense params is closest to this (> 0).
         spectral: spectral init of the factors from the dense Kaiming init (paper section 3.1).
         square: ``W = U S Vᵀ`` with S = I (deep distillation).
     """

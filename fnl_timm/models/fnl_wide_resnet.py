@@ -157,14 +157,14 @@ def _tensorize(model: nn.Module, include, conv: str, rank_scale: Optional[float]
                spectral: bool, square: bool) -> float:
     """Replace the block convs by ``fnl.TTConv2d`` / ``fnl.TuckerConv2d``; returns the scale s."""
     import fnl
+    from fnl._validate import check_rank_choice
+
     from ..optim import mark_factors
     if square:
         raise ValueError(f'square=True is for conv=\'lowrank\' only, got conv={conv!r}')
-    if not rank_scale and target_ratio is None:
+    if rank_scale is None and target_ratio is None:
         raise ValueError(f'conv={conv!r} needs rank_scale (the tensor scale s, a float in (0, 1]) or target_ratio')
-    if rank_scale and target_ratio is not None:
-        raise ValueError(f'give either rank_scale or target_ratio, not both (got rank_scale={rank_scale!r}, '
-                         f'target_ratio={target_ratio!r})')
+    check_rank_choice(None, rank_scale, target_ratio, at_most_one=True)  # docs/method.md#rank-settings
     if target_ratio is not None:
         rank_scale = fnl.solve_tensor_scale(model, target_ratio, conv, include=include)
     fnl.adopt_on_load(model, after=mark_factors)  # a checkpoint's ranks and format are adopted on load
