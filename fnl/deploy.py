@@ -38,8 +38,26 @@ def _replace(model: nn.Module, module: nn.Module, new: nn.Module) -> None:
 
 # --- timing --------------------------------------------------------------------------------------
 def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    """Wait for the work queued on ``device`` (a no-op on the CPU, whose calls return when done).
+
+    Accelerators run kernels asynchronously: the clock is read only after this returns. The current
+    accelerator (``torch.accelerator``) is synchronised through it; another device type through its
+    torch module (``torch.cuda``, ``torch.xpu``, ``torch.mps``, ...).
+    """
+    if device.type in ("cpu", "meta"):
+        return
+    current = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
+    if current is not None and current.type == device.type:
+        torch.accelerator.synchronize(device)
+        return
+    sync = getattr(getattr(torch, device.type, None), "synchronize", None)
+    if sync is None:
+        raise ValueError(f"measure_latency cannot synchronise device {device}: torch.{device.type} has no "
+                         "synchronize(), so its asynchronous work could not be timed")
+    if device.type == "mps":
+        sync()  # torch.mps.synchronize takes no device
+    else:
+        sync(device)
 
 
 def measure_latency(fns: Sequence[Callable[[], object]], device: Union[str, torch.device] = "cpu",
@@ -51,7 +69,8 @@ def measure_latency(fns: Sequence[Callable[[], object]], device: Union[str, torc
 
     Args:
         fns: zero-argument callables to time.
-        device: synchronised around each call on CUDA.
+        device: the device the calls run on: synchronised before the clock is read at the start and
+            at the end of each timed round (any accelerator; nothing to wait for on the CPU).
         repeats: timed rounds (the median is taken over them).
         warmup: untimed rounds first.
         inner: calls per timed round (for very short calls).
@@ -67,8 +86,9 @@ def measure_latency(fns: Sequence[Callable[[], object]], device: Union[str, torc
                 for _ in range(inner):
                     fn()
                 _sync(device)
+                end = time.perf_counter()  # after the device finished the round's work
                 if i >= warmup:
-                    times[j].append((time.perf_counter() - start) * 1e3 / inner)
+                    times[j].append((end - start) * 1e3 / inner)
     return [statistics.median(t) for t in times]
 
 

@@ -549,3 +549,26 @@ def test_measure_latency_grad_mode():
     fnl.measure_latency([lambda: seen.append(torch.is_grad_enabled())], repeats=2, warmup=1, grad=True)
     assert seen == [True] * 3  # training steps keep autograd
     assert torch.is_grad_enabled()  # the caller's mode is restored
+
+
+@pytest.mark.parametrize('device', ['xpu', 'mps'])
+def test_measure_latency_synchronises_the_device_before_each_clock_read(monkeypatch, device):
+    """Kernels run asynchronously on an accelerator: each round is sync, clock, calls, sync, clock."""
+    deploy = importlib.import_module('fnl.deploy')
+    events = []
+    clock = iter(range(1000))
+    monkeypatch.setattr(getattr(torch, device), 'synchronize', lambda *a: events.append('sync'))
+    monkeypatch.setattr(deploy.time, 'perf_counter', lambda: events.append('clock') or next(clock) / 1e3)
+    ms = fnl.measure_latency([lambda: events.append('a'), lambda: events.append('b')], device, repeats=3, warmup=1,
+                             inner=2)
+    round_ = ['sync', 'clock', 'a', 'a', 'sync', 'clock', 'sync', 'clock', 'b', 'b', 'sync', 'clock']
+    assert events == round_ * 4
+    assert ms == pytest.approx([0.5, 0.5])  # 1 ms between the two clock reads of a round, over inner=2 calls
+
+
+def test_measure_latency_does_not_synchronise_the_cpu(monkeypatch):
+    def fail(*a):
+        raise AssertionError('synchronised a CPU measurement')
+    monkeypatch.setattr(torch.cuda, 'synchronize', fail)
+    monkeypatch.setattr(torch.accelerator, 'synchronize', fail)
+    assert len(fnl.measure_latency([lambda: None], 'cpu', repeats=2, warmup=0)) == 1
