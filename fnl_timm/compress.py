@@ -21,9 +21,14 @@ tensors, strings and numbers, so it loads weights-only; :func:`load_compressed` 
 ``fnl-train --initial-checkpoint compressed.pth --wd2fd`` fine-tunes it further with Frobenius
 decay), ``model.pt`` (the whole compressed module, pickled: loading it runs code from the file, so
 it needs ``--trust-pickle`` / ``trust_pickle=True`` and is for your own use, not for handing on),
-``report.json``, ``report.txt``, ``report.png`` and ``model.ts`` / ``model.pt2`` / ``model.onnx``
-for ``--export``. To hand a compressed model on, use ``compressed.pth`` or the ``torch.export`` /
-ONNX files. The input files are only read; nothing is written next to them.
+``report.json``, ``report.txt``, ``report.png``, ``model.ts`` / ``model.pt2`` / ``model.onnx``
+for ``--export``, and ``hf/``: timm's own folder of the model with its arguments (``config.json``
+and ``model.safetensors``, as ``timm.models.save_for_hf`` writes), which timm's scripts load with
+``--model local-dir:OUTPUT/hf``, written when timm's loader rebuilds the compressed model from it
+(``--finalize factorized`` or ``collapse`` of an ``fnl_*`` model, whose layers adopt the ranks
+of the weights; the pairs of plain layers of ``fastest`` / ``inference`` have no model argument;
+the report says why a folder is missing). To hand a compressed model on, use ``compressed.pth``,
+``hf/`` or the ``torch.export`` / ONNX files. The input files are only read; nothing is written next to them.
 
 Every input file is read weights-only (``fnl_timm._serialization.load_file``): a file that holds
 Python objects (a pickled module, a pickle payload) or a TorchScript program is refused with an
@@ -249,8 +254,12 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             report.extra['latency'] = latency_report(original, deploy, report, input_size, args.batch_size,
                                                      torch.device(args.device), args.latency_repeats,
                                                      args.channels_last, batchnorm_folded=True)
+    data_config = None
+    if args.dataset is not None:  # the preprocessing the accuracy was measured with, for timm's scripts
+        data_config = dict(input_size=tuple(info.input_size), mean=tuple(info.mean), std=tuple(info.std),
+                           crop_pct=1.0)
     write_outputs(args.output, compressed, report, provenance, input_size, args.export, inputs=inputs,
-                  deploy=deploy)
+                  deploy=deploy, data_config=data_config)
     if _fingerprints(inputs) != before:  # a guard: nothing here writes the inputs
         raise RuntimeError(f'an input file changed during the run: {inputs}')
     _logger.info('%s', _text_report(report))

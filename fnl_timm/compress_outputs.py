@@ -14,6 +14,8 @@ from torch import nn
 import fnl
 from fnl.export import atomic_path, export_model
 
+from ._hf import save_timm_folder
+
 __all__ = ['plot_report', 'write_outputs']
 
 _logger = logging.getLogger('fnl_compress')
@@ -69,11 +71,18 @@ def _write_text(path: str, text: str) -> None:
 
 def write_outputs(out_dir: str, compressed: nn.Module, report: fnl.CompressionReport, provenance: Dict[str, Any],
                   input_size: Sequence[int], exports: Sequence[str] = (), export_batch: int = 2,
-                  inputs: Sequence[Optional[str]] = (), deploy: Optional[nn.Module] = None) -> Dict[str, Any]:
+                  inputs: Sequence[Optional[str]] = (), deploy: Optional[nn.Module] = None,
+                  data_config: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Write the model, the report and the exports into ``out_dir`` (each file atomically).
 
     ``deploy`` (e.g. with BatchNorm folded) replaces ``compressed`` in ``model.pt`` and the exports;
-    ``compressed.pth`` always holds ``compressed``'s layers, which ``load_compressed`` rebuilds."""
+    ``compressed.pth`` always holds ``compressed``'s layers, which ``load_compressed`` rebuilds.
+
+    For a timm model, ``hf/`` is timm's own folder of the model with its arguments
+    (``timm.create_model('local-dir:OUT/hf', pretrained=True)``, ``--model local-dir:OUT/hf`` in timm's
+    scripts; :mod:`fnl_timm._hf`), with ``data_config``'s preprocessing, when timm's loader rebuilds
+    the compressed model from it: the architecture must take the weights' layer shapes (the ``fnl_*``
+    models adopt a checkpoint's ranks). Otherwise the report's ``hf_note`` says why there is none."""
     targets = {'model': 'model.pt', 'report_json': 'report.json', 'report_txt': 'report.txt', 'plot': 'report.png',
                **({'checkpoint': 'compressed.pth'} if provenance.get('arch') else {}),
                **{f'export_{f}': SUFFIX[f] for f in exports}}
@@ -92,6 +101,20 @@ def write_outputs(out_dir: str, compressed: nn.Module, report: fnl.CompressionRe
                 'source': provenance.get('source')}
         with atomic_path(paths['checkpoint']) as tmp:
             torch.save(ckpt, tmp)
+        note = save_timm_folder(compressed, os.path.join(out_dir, 'hf'), input_size, data_config=data_config)
+        if note is not None and report.extra.get('form') == 'inference':
+            note = ('its low-rank layers are pairs of plain layers (--finalize fastest / inference), which no timm '
+                    'model argument describes; --finalize factorized keeps fnl layers, whose ranks the weights\' '
+                    f'shapes carry ({note})')
+    else:
+        note = 'the input was a saved module, not a timm model name with arguments'
+    report.extra['hf'] = None if note is not None else os.path.join(out_dir, 'hf')
+    if note is None:
+        _logger.info(f"write: {report.extra['hf']}: timm's folder of the model and its arguments "
+                     f"(--model local-dir:{report.extra['hf']} in timm's scripts)")
+    else:
+        report.extra['hf_note'] = note
+        _logger.info(f'write: no hf/ folder for timm: {note}')
     example = torch.randn((export_batch, *input_size), generator=torch.Generator().manual_seed(0))
     export_results = {}
     for f in exports:
@@ -116,7 +139,8 @@ def _check_no_overwrite(out_dir: str, inputs: Sequence[Optional[str]], outputs: 
             raise ValueError(f'--output {out_dir!r} would overwrite the input file {p!r}; choose another folder')
 
 
-ALL_OUTPUTS = ('model.pt', 'compressed.pth', 'report.json', 'report.txt', 'report.png', *SUFFIX.values())
+ALL_OUTPUTS = ('model.pt', 'compressed.pth', 'report.json', 'report.txt', 'report.png', *SUFFIX.values(),
+               os.path.join('hf', 'config.json'), os.path.join('hf', 'model.safetensors'))
 
 
 def _jsonable(x: Any) -> Any:
@@ -156,6 +180,11 @@ def _text_report(report: fnl.CompressionReport) -> str:
                      f'{lat["original_ms"]:.3f} ms, compressed {lat["compressed_ms"]:.3f} ms, speedup '
                      f'x{lat["speedup"]:.2f} (multiply-add speedup x{lat["mac_speedup"]:.2f}; load average '
                      f'{lat["load_avg"]})')
+    if report.extra.get('hf'):
+        lines.append(f"timm folder: {report.extra['hf']} (timm.create_model('local-dir:{report.extra['hf']}', "
+                     "pretrained=True); --model local-dir:... in timm's scripts)")
+    elif report.extra.get('hf_note'):
+        lines.append(f"no timm folder (hf/): {report.extra['hf_note']}")
     for f, r in (report.extra.get('exports') or {}).items():
         diff = '-' if r['max_abs_diff'] is None else f'{r["max_abs_diff"]:.3g}'
         lines.append(f'export {f}: {r["path"]} (max |diff| {diff} on batches {r["checked_batches"]}) {r["note"]}')

@@ -13,10 +13,13 @@ Examples::
     torchrun --nproc-per-node 2 -m fnl_timm.train --device cpu --epochs 2
 
 Outputs in ``--output/<experiment>``: ``summary.csv``, TensorBoard events, ``results.json``,
-checkpoints (``last.pth.tar``, best ones), ``frobnorms.pt`` (``--dump-frobnorms``) and
-``model_collapsed.pth`` (``--collapse``: a state dict for the dense model). Every file is written
-through a temporary file and a rename; ``--resume`` continues in the checkpoint's own folder; a stop
-signal writes a checkpoint that continues at the step it stopped at (see ``fnl-train --help``).
+checkpoints (``last.pth.tar``, best ones), ``hf/`` (the best model as timm's own folder of a model
+with its arguments, ``config.json`` + ``model.safetensors``: ``--model local-dir:RUN/hf`` in timm's
+scripts, ``timm.create_model('local-dir:RUN/hf', pretrained=True)``), ``frobnorms.pt``
+(``--dump-frobnorms``) and ``model_collapsed.pth`` (``--collapse``: a state dict for the dense
+model). Every file is written through a temporary file and a rename; ``--resume`` continues in the
+checkpoint's own folder; a stop signal writes a checkpoint that continues at the step it stopped at
+(see ``fnl-train --help``).
 """
 import argparse
 import json
@@ -47,8 +50,8 @@ from .optim import FD_OPTIMIZERS, mark_factors
 from .train_args import _experiment_name, _initial_checkpoint, build_parser, validate_args
 from .train_checkpoint import (
     Saver, TrainingStopped, atomic_torch_save, check_resume_args, check_writable, load_resume_checkpoint,
-    new_run_dir, remove_stale_tmp, restore_training_state, resume_position, strict_json, update_summary,
-    write_results,
+    new_run_dir, remove_stale_tmp, restore_training_state, resume_position, save_best_for_timm, strict_json,
+    update_summary, write_results,
 )
 from .train_loop import (
     Diverged, StopSignal, _collapse, _create_loader, _is_main, _max_diff_across_ranks, all_finite, train_one_epoch,
@@ -325,6 +328,12 @@ def _train(args: argparse.Namespace, device: torch.device, stop: StopSignal) -> 
 
     if args.distributed:
         results['ddp_max_weight_diff'] = _max_diff_across_ranks(model)
+    if saver is not None:  # the best model as timm's local-dir folder (before --collapse changes the model)
+        results.update(save_best_for_timm(model, out_dir, info))
+        if results['hf']:
+            _logger.info(f"best model for timm: {results['hf']} (--model local-dir:{results['hf']} in timm's scripts)")
+        else:
+            _logger.warning(f"no timm folder for the best model: {results['hf_note']}")
     if recorder is not None and _is_main(args) and len(recorder):
         path = os.path.join(out_dir, 'frobnorms.pt')
         norms = recorder.norms(steps_per_epoch)

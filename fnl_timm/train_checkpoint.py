@@ -19,7 +19,8 @@ from torch import nn
 from timm.models import clean_state_dict
 from timm.utils import CheckpointSaver, get_state_dict
 
-from ._serialization import WEIGHTS_ONLY_HINT, load_file, state_dict_mismatch
+from ._hf import save_timm_folder
+from ._serialization import WEIGHTS_ONLY_HINT, load_file, state_dict_mismatch, state_dict_of
 
 # flags that define the model, its data and the regulariser: a resumed run must give the values the
 # checkpoint was trained with (the optimizer state restores momentum, weight decay and FD coefficients,
@@ -296,3 +297,25 @@ class Saver(CheckpointSaver):
             best = os.path.join(self.checkpoint_dir, 'model_best' + self.extension)
             if not (os.path.exists(best) and os.path.samefile(best, source)):
                 self._duplicate(source, best)
+
+
+def save_best_for_timm(model: nn.Module, out_dir: str, info: Any) -> Dict[str, Any]:
+    """The best epoch's model as timm's ``local-dir`` folder ``out_dir/hf`` (:mod:`fnl_timm._hf`):
+    ``timm.create_model('local-dir:RUN/hf', pretrained=True)`` and ``--model local-dir:RUN/hf`` in timm's
+    scripts rebuild it with its arguments and the run's preprocessing (``info``: the dataset's
+    input size, mean and std).
+
+    Returns:
+        ``{'hf': folder}``, or ``{'hf': None, 'hf_note': why not}``.
+    """
+    best = os.path.join(out_dir, 'model_best.pth.tar')
+    if not os.path.isfile(best):
+        return {'hf': None, 'hf_note': 'no model_best.pth.tar in the run folder'}
+    state = state_dict_of(load_file(best, 'model_best.pth.tar'), best, 'model_best.pth.tar')
+    folder = os.path.join(out_dir, 'hf')
+    data_config = dict(input_size=tuple(info.input_size), mean=tuple(info.mean), std=tuple(info.std), crop_pct=1.0)
+    try:
+        reason = save_timm_folder(model, folder, info.input_size, state_dict=state, data_config=data_config)
+    except OSError as e:
+        raise _write_failed(folder, e) from None
+    return {'hf': folder} if reason is None else {'hf': None, 'hf_note': reason}

@@ -47,7 +47,8 @@ def test_stage_lines_appear_in_order_as_each_stage_runs(tmp_path, monkeypatch):
     old_level = log.level
     log.addHandler(handler)
     log.setLevel(logging.INFO)
-    for owner, name in ((cli.fnl_data, 'create_datasets'), (cli, 'load_model'), (fnl, 'compress'), (compress_pipeline, 'finetune'), (fnl, 'select_fastest_paths'),
+    for owner, name in ((cli.fnl_data, 'create_datasets'), (cli, 'load_model'), (fnl, 'compress'),
+                        (compress_pipeline, 'finetune'), (fnl, 'select_fastest_paths'),
                         (compress_pipeline, 'measure_models'), (compress_outputs, 'export_model')):
         _marked(monkeypatch, events, owner, name)
     try:
