@@ -56,10 +56,16 @@ def _per_sample_macs(module, make_input):
     of weights made once (eager inference). Counted on a meta-device copy.
     """
     module = _on_meta(module)
-    module(make_input(1).to("meta"))
+    dtype = next(module.parameters()).dtype
+
+    def meta_input(batch):
+        x = make_input(batch)
+        return x.to("meta", dtype) if x.is_floating_point() else x.to("meta")
+
+    module(meta_input(1))
     flops = []
     for batch in (1, 2):
-        x = make_input(batch).to("meta")
+        x = meta_input(batch)
         with FlopCounterMode(display=False) as counter:
             module(x)
         flops.append(counter.get_total_flops())
@@ -386,6 +392,47 @@ def test_linear_and_embedding_random_square_factors_match_the_dense_layer(m, n, 
     idx = torch.randint(0, m, (3, 5), generator=g)
     _close(emb(idx), emb.to_dense()(idx), 1e-10)
     _close(emb(idx), (emb.U @ emb.S @ emb.V.T)[idx], 1e-10)
+
+
+@FAST
+@given(geo=conv_geometry(), rank=st.integers(1, 10), square=st.booleans(), bias=st.booleans(),
+       path=st.sampled_from(["auto", "factored", "dense"]), seed=st.integers(0, 2 ** 16))
+def test_conv_inference_form_is_the_same_function_in_plain_layers(geo, rank, square, bias, path, seed):
+    """``inference_form()``: plain torch layers (no fnl class), same outputs, the MACs and parameters
+    of the path the layer takes (``U S`` stored as one factor)."""
+    cin, cout, kernel, stride, padding, dilation, (h, w) = geo
+    g = torch.Generator().manual_seed(seed)
+    layer = fnl.FactorizedConv2d(cin, cout, kernel, stride, padding, dilation, bias=bias, rank=rank,
+                                 square=square, path=path, dtype=torch.float64)
+    _randomize_(layer, g)
+    plain = layer.inference_form()
+    assert not any(type(m).__module__.startswith("fnl") for m in plain.modules())
+    x = torch.randn(2, cin, h, w, generator=g, dtype=torch.float64)
+    _close(plain(x), layer(x), 1e-10)
+    shape = (cin, h, w)
+    assert _per_sample_macs(plain, lambda b: torch.randn(b, *shape)) == layer.macs(shape)
+    kh, kw = _pair(kernel)
+    expected = cout * cin * kh * kw if layer.uses_dense_path else rank * (cout * kh + cin * kw)
+    assert sum(p.numel() for p in plain.parameters()) == expected + (cout if bias else 0)
+
+
+@FAST
+@given(m=st.integers(1, 12), n=st.integers(1, 12), rank=st.integers(1, 8), square=st.booleans(),
+       bias=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_linear_and_embedding_inference_forms(m, n, rank, square, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    lin = fnl.FactorizedLinear(n, m, bias, rank=rank, square=square, dtype=torch.float64)
+    emb = fnl.FactorizedEmbedding(m, n, padding_idx=0, rank=rank, square=square, dtype=torch.float64)
+    for layer in (lin, emb):
+        _randomize_(layer, g)
+    x = torch.randn(3, 2, n, generator=g, dtype=torch.float64)
+    idx = torch.randint(0, m, (3, 4), generator=g)
+    for layer, inp, extra in ((lin, x, m if bias else 0), (emb, idx, 0)):
+        plain = layer.inference_form()
+        assert not any(type(mod).__module__.startswith("fnl") for mod in plain.modules())
+        _close(plain(inp), layer(inp), 1e-10)
+        assert sum(p.numel() for p in plain.parameters()) == rank * (m + n) + extra
+        assert _per_sample_macs(plain, lambda b: inp[:1].expand(b, *inp.shape[1:])) == layer.macs(tuple(inp.shape[1:]))
 
 
 @FAST
