@@ -712,3 +712,46 @@ def test_tensor_conv_fd_step_of_bf16_cores_is_computed_in_float32(cls, cin, cout
     for p, e in zip(layer.factor_parameters(), expected):
         assert p.grad.dtype == torch.bfloat16
         _assert_bf16_correctly_rounded(p.grad, e)
+
+
+# --- the normalisation experiment ----------------------------------------------------------------------
+
+@FAST
+@given(square=st.booleans(), scales=st.lists(st.floats(0.1, 10.0), min_size=2, max_size=6),
+       steps_per_epoch=st.sampled_from([1, 2]), seed=st.integers(0, 2 ** 16))
+def test_recorder_and_normalizer_follow_the_product_norms(square, scales, steps_per_epoch, seed):
+    """``FrobeniusNormRecorder`` records ``||U S Vᵀ||_F`` of every layer (tensor cores included) in
+    ``modules()`` order, epoch-major; ``FrobeniusNormalizer`` brings each layer back to the recorded
+    norm of each step, scaling U and V alike (cores alike) so the product's direction is kept."""
+    scales = scales[:len(scales) // steps_per_epoch * steps_per_epoch]
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(fnl.FactorizedLinear(6, 5, rank=3, square=square, dtype=torch.float64),
+                          fnl.FactorizedConv2d(2, 3, (3, 2), rank=4, square=square, dtype=torch.float64),
+                          fnl.TTConv2d(4, 6, 3, rank=2, dtype=torch.float64),
+                          fnl.FactorizedEmbedding(7, 4, rank=2, square=square, dtype=torch.float64))
+    layers = list(model)
+    for layer in layers:
+        _randomize_(layer, g)
+    recorder = fnl.FrobeniusNormRecorder(model)
+    expected = []
+    for c in scales:  # each "step" multiplies every product by c
+        for layer in layers:
+            layer.scale_matrix_(c)
+        recorder.record()
+        expected.append([layer.matrix().detach().norm().item() for layer in layers])
+    norms = recorder.norms(steps_per_epoch)
+    assert norms.shape == (len(scales) // steps_per_epoch, steps_per_epoch, len(layers))
+    _close(norms.reshape(-1, len(layers)), torch.tensor(expected), 1e-5 * max(map(max, expected)))
+    # replay: perturb the norms, then the normaliser restores the recorded ones
+    normalizer = fnl.FrobeniusNormalizer(model, norms)
+    for step in range(len(scales)):
+        before = [layer.matrix().detach().clone() for layer in layers]
+        ratios = [layer.factor_parameters()[0].norm().item() / layer.factor_parameters()[-1].norm().item()
+                  for layer in layers]
+        normalizer.step()
+        for layer, b, r, want in zip(layers, before, ratios, norms.reshape(-1, len(layers))[step]):
+            w = layer.matrix().detach()
+            assert w.norm().item() == pytest.approx(want.item(), rel=1e-5)
+            _close(w / w.norm(), b / b.norm(), 1e-6)  # same direction
+            fs = layer.factor_parameters()
+            assert fs[0].norm().item() / fs[-1].norm().item() == pytest.approx(r, rel=1e-5)  # scaled alike
