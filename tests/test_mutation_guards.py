@@ -6,6 +6,7 @@ and tolerances far below the size of the bug they guard against (a wrong fan-in 
 a factor of sqrt(fan-in ratio), >= 1.7x here; the tolerance is 3%).
 """
 import copy
+import fnmatch
 import math
 
 import pytest
@@ -173,9 +174,11 @@ class Mixed(nn.Module):
         self.norm = nn.LayerNorm(9)
 
 
-def _bases(model, embeddings):
+def _bases(model, embeddings, include=None):
     out = []
-    for m in model.modules():
+    for name, m in model.named_modules():
+        if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
+            continue
         if type(m) is nn.Conv2d and m.groups == 1:
             out.append(m.out_channels * m.kernel_size[0])
         elif type(m) is nn.Linear:
@@ -203,9 +206,11 @@ def _targets(ratios):
     return sorted(t for t in out if t <= 1.0)
 
 
-@pytest.mark.parametrize("square", [False, True])
-@pytest.mark.parametrize("embeddings", [False, True])
-def test_solve_rank_scale_is_the_closest_reachable_by_brute_force(square, embeddings):
+@pytest.mark.parametrize("square, embeddings, include", [
+    (False, False, None), (True, False, None), (False, True, None), (True, True, None),
+    (True, True, ["emb", "conv*"]),
+])
+def test_solve_rank_scale_is_the_closest_reachable_by_brute_force(square, embeddings, include):
     """Against the ratios of actually factorized copies at one rank_scale in every step: the solved
     scale's ratio is the closest to every target (square layers count their r x r S; embeddings
     count only when asked; biases and unfactorized layers count as fixed). Bugs: S ignored, the
@@ -214,12 +219,13 @@ def test_solve_rank_scale_is_the_closest_reachable_by_brute_force(square, embedd
     dense = fnl.count_parameters(model)
 
     def ratio_of(scale):
-        m = fnl.factorize(copy.deepcopy(model), rank_scale=scale, square=square, embeddings=embeddings)
+        m = fnl.factorize(copy.deepcopy(model), rank_scale=scale, square=square, embeddings=embeddings,
+                          include=include)
         return fnl.count_parameters(m) / dense
 
-    reachable = [ratio_of(s) for s in _step_scales(_bases(model, embeddings))]
+    reachable = [ratio_of(s) for s in _step_scales(_bases(model, embeddings, include))]
     for target in _targets(reachable):
-        scale = fnl.solve_rank_scale(model, target, square=square, embeddings=embeddings)
+        scale = fnl.solve_rank_scale(model, target, square=square, embeddings=embeddings, include=include)
         got = ratio_of(scale)
         best = min(reachable, key=lambda r: abs(r - target))
         assert abs(got - target) <= abs(best - target) + 1e-12, \
@@ -227,9 +233,10 @@ def test_solve_rank_scale_is_the_closest_reachable_by_brute_force(square, embedd
     # through factorize: the same solution is applied, with the same square / embeddings settings
     targets = _targets(reachable)
     target = targets[len(targets) // 2]
-    m = fnl.factorize(copy.deepcopy(model), target_ratio=target, square=square, embeddings=embeddings)
+    m = fnl.factorize(copy.deepcopy(model), target_ratio=target, square=square, embeddings=embeddings,
+                      include=include)
     assert fnl.count_parameters(m) / dense == ratio_of(fnl.solve_rank_scale(model, target, square=square,
-                                                                            embeddings=embeddings))
+                                                                            embeddings=embeddings, include=include))
 
 
 def test_solve_rank_scale_square_target_of_the_issue():
@@ -254,29 +261,31 @@ class ConvNet(nn.Module):
         self.head = nn.Linear(18, 5)
 
 
-def _tensor_bases(model, fmt):
+def _tensor_bases(model, fmt, exclude=()):
     bases = []
-    for m in model.modules():
-        if type(m) is nn.Conv2d:
+    for name, m in model.named_modules():
+        if type(m) is nn.Conv2d and name not in exclude:
             o, i = fnl.tensor_modes(m.out_channels, m.in_channels)
             n = [a * b for a, b in zip(o, i)]
             bases += [min(n[0], n[1]), min(n[1], n[2])] if fmt == "tt" else n
     return bases
 
 
+@pytest.mark.parametrize("exclude", [None, ["a"]])
 @pytest.mark.parametrize("fmt", ["tt", "tucker"])
-def test_solve_tensor_scale_is_the_closest_reachable_by_brute_force(fmt):
+def test_solve_tensor_scale_is_the_closest_reachable_by_brute_force(fmt, exclude):
     """The tensor counterpart: against tensorized copies (depthwise filters of k x k convs, biases,
-    the dense head all count)."""
+    the dense head and excluded convs all count)."""
     model = ConvNet()
     dense = fnl.count_parameters(model)
 
     def ratio_of(scale):
-        return fnl.count_parameters(fnl.tensorize(copy.deepcopy(model), tensor_format=fmt, rank_scale=scale)) / dense
+        m = fnl.tensorize(copy.deepcopy(model), tensor_format=fmt, rank_scale=scale, exclude=exclude)
+        return fnl.count_parameters(m) / dense
 
-    reachable = [ratio_of(s) for s in _step_scales(_tensor_bases(model, fmt))]
+    reachable = [ratio_of(s) for s in _step_scales(_tensor_bases(model, fmt, exclude or ()))]
     for target in _targets(reachable)[::2]:
-        scale = fnl.solve_tensor_scale(model, target, fmt)
+        scale = fnl.solve_tensor_scale(model, target, fmt, exclude=exclude)
         got = ratio_of(scale)
         best = min(reachable, key=lambda r: abs(r - target))
         assert abs(got - target) <= abs(best - target) + 1e-12, \
