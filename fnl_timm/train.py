@@ -79,7 +79,7 @@ def _create_model(args: argparse.Namespace, model_kwargs: Dict[str, Any], info: 
         state = _state_dict_of(initial, args.initial_checkpoint, '--initial-checkpoint')
         try:
             model.load_state_dict(state, strict=True)
-        except RuntimeError as e:
+        except (RuntimeError, ValueError) as e:  # torch's mismatch, or fnl.CheckpointMismatchError (adoption)
             raise ValueError(f'--initial-checkpoint {args.initial_checkpoint!r} does not fit --model {args.model!r} '
                              f'with {model_kwargs}: {str(e).splitlines()[0]}') from None
     return model
@@ -168,6 +168,8 @@ def _train(args: argparse.Namespace, device: torch.device, stop: StopSignal) -> 
     opt_name = args.opt.lower().split('_')[-1]
     if opt_name in FD_OPTIMIZERS:
         extra = dict(wd2fd=args.wd2fd)
+        if args.wd2fd_quekey or args.wd2fd_outval:  # FD on timm attention's per-head forms
+            extra.update(wd2fd_quekey=args.wd2fd_quekey, wd2fd_outval=args.wd2fd_outval)
         if args.no_frob:
             extra['fd_coef'] = 0.0
         optimizer = create_optimizer_v2(model, args.opt, lr=args.lr, weight_decay=args.weight_decay,
