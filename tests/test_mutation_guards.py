@@ -99,6 +99,20 @@ def test_embedding_default_init():
     assert torch.equal(h.U[7].detach(), torch.zeros(24)) and torch.equal(h.S.detach(), torch.eye(24))
 
 
+@pytest.mark.parametrize("spectral", [False, True])
+def test_embedding_padding_row_stays_zero_and_untrained(spectral):
+    """As ``nn.Embedding``: the padding row of the table is zero and gets no gradient (so no optimizer
+    step moves it), whichever init."""
+    torch.manual_seed(12)
+    layer = fnl.FactorizedEmbedding(10, 6, padding_idx=3, rank=4, square=True, spectral=spectral)
+    assert torch.equal(layer.dense_weight()[3].detach(), torch.zeros(6))
+    idx = torch.tensor([[3, 1, 3, 5], [0, 3, 9, 3]])
+    (layer(idx) * torch.randn(2, 4, 6)).sum().backward()  # non-zero output gradients at the padding rows too
+    assert torch.equal(layer.U.grad[3], torch.zeros(4)), layer.U.grad[3]
+    assert layer.U.grad[1].abs().sum() > 0
+    assert torch.equal(layer(torch.tensor([3])).detach(), torch.zeros(1, 6))
+
+
 def test_bias_init_uses_the_dense_fan_in():
     """Biases as the dense layer's: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with the dense fan-in
     (in, in*kh*kw). Bugs: the rank, the factor's fan-in, or in*kh for a conv."""
