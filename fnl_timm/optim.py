@@ -38,6 +38,11 @@ Extra keyword arguments understood by every FD optimizer (pass them through timm
   ordinary weight decay and no FD (the paper's baseline).
 * ``fd_decoupled``: ``True`` = decoupled FD (default of ``fdadam`` / ``fdadamw``), ``False`` =
   coupled (default of ``fdsgd`` / ``fdmomentum``).
+* ``wd2fd_quekey`` / ``wd2fd_outval``: FD on the per-head query-key / output-value forms of every
+  timm ``Attention`` registered by ``fnl_timm.models.mark_attention`` (``timm.create_model('fnl',
+  base=..., attention='heads')`` does it), batched over heads on slices of the fused ``qkv`` weight
+  (paper section 3.2); ``qkv.weight`` (and with ``wd2fd_outval`` ``proj.weight``) then gets no plain
+  weight decay. A requested form on a model without a registered attention is an error.
 """
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
@@ -51,14 +56,26 @@ __all__ = [
 ]
 
 
+def _attention_weights(p: torch.Tensor, quekey: bool, outval: bool) -> bool:
+    """Whether ``p`` is a timm attention weight that the requested forms regularise: ``qkv.weight`` for
+    either form (the fused weight holds W_Q, W_K and W_V), ``proj.weight`` (W_O) for the output-value form."""
+    if not (quekey or outval):
+        return False
+    from .models._timm_attention import attention_owner
+    attn = attention_owner(p)
+    return attn is not None and (p is attn.qkv.weight or (outval and p is attn.proj.weight))
+
+
 def _split_factor_groups(
         params: Any,
         weight_decay: float,
         fd_coef: Optional[float],
         wd2fd: bool,
         fd_decoupled: bool = False,
+        quekey: bool = False,
+        outval: bool = False,
 ) -> Tuple[List[Dict[str, Any]], float, float]:
-    """Split every group into its factor and non-factor parameters.
+    """Split every group into its factor, attention-form and other parameters.
 
     Returns (groups, wd, coef) where wd is the weight decay used for factors when not wd2fd.
     """
@@ -76,25 +93,36 @@ def _split_factor_groups(
         coef = float(fd_coef)
         if not coef >= 0.0 or coef != coef or coef == float('inf'):
             raise ValueError(f'fd_coef must be a finite float >= 0, got {fd_coef!r}')
-        if coef > 0 and not wd2fd:
+        if coef > 0 and not (wd2fd or quekey or outval):
             raise ValueError(f'fd_coef={fd_coef!r} with wd2fd=False: the factors get weight decay, not '
                              'Frobenius decay; drop fd_coef or set wd2fd=True')
     out = []
-    n_factors = 0
+    n_factors = n_forms = 0
     for g in groups:
         ps = g['params']
         ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
         rest = {k: v for k, v in g.items() if k != 'params'}
         factors = [p for p in ps if factor_owner(p) is not None]
-        others = [p for p in ps if factor_owner(p) is None]
+        forms = [p for p in ps if factor_owner(p) is None and _attention_weights(p, quekey, outval)]
+        form_ids = {id(p) for p in forms}
+        others = [p for p in ps if factor_owner(p) is None and id(p) not in form_ids]
         if others:
             out.append(dict(rest, params=others, fd_coef=0.0))
+        if forms:  # Frobenius decay on the attention forms instead of weight decay on these weights
+            out.append(dict(rest, params=forms, weight_decay=0.0, fd_coef=coef, fd_decoupled=fd_decoupled))
+            n_forms += len(forms)
         n_factors += len(factors)
         if factors:
             if wd2fd:
                 out.append(dict(rest, params=factors, weight_decay=0.0, fd_coef=coef, fd_decoupled=fd_decoupled))
             else:
                 out.append(dict(rest, params=factors, weight_decay=wd, fd_coef=0.0))
+    if (quekey or outval) and n_forms == 0:
+        asked = ' and '.join(n for n, on in (('wd2fd_quekey', quekey), ('wd2fd_outval', outval)) if on)
+        raise ValueError(f'{asked}: no registered timm attention among the parameters, so Frobenius decay on the '
+                         'attention forms would do nothing; use a ViT-style model built by fnl '
+                         "(timm.create_model('fnl', base=..., attention='heads'), which calls "
+                         'fnl_timm.models.mark_attention) or drop the flag')
     if wd2fd and n_factors == 0:
         raise ValueError('Frobenius-decay optimizer with wd2fd=True: no registered factor among the parameters, so '
                          'Frobenius decay would do nothing. Factorize the model (an fnl_* model with rank_scale > 0) '
@@ -112,14 +140,19 @@ class _FrobeniusDecayMixin:
     right before the parent optimizer's update, through the core's FD engine (``fnl.fd_engine``)."""
 
     def _init_fd(self, params: Iterable, lr: float, weight_decay: float, fd_coef: Optional[float], wd2fd: bool,
-                 fd_decoupled: bool, **optimizer_kwargs: Any) -> None:
+                 fd_decoupled: bool, wd2fd_quekey: bool = False, wd2fd_outval: bool = False,
+                 **optimizer_kwargs: Any) -> None:
         """Check the arguments, split the factors into their own groups and build the torch optimizer."""
         _check_common(lr, weight_decay)
-        if not isinstance(fd_decoupled, bool):
-            raise TypeError(f'fd_decoupled must be True or False, got {fd_decoupled!r}')
-        groups, _, _ = _split_factor_groups(params, weight_decay, fd_coef, bool(wd2fd), fd_decoupled)
+        for name, value in (('fd_decoupled', fd_decoupled), ('wd2fd_quekey', wd2fd_quekey),
+                            ('wd2fd_outval', wd2fd_outval)):
+            if not isinstance(value, bool):
+                raise TypeError(f'{name} must be True or False, got {value!r}')
+        groups, _, _ = _split_factor_groups(params, weight_decay, fd_coef, bool(wd2fd), fd_decoupled,
+                                            wd2fd_quekey, wd2fd_outval)
         super().__init__(groups, lr=lr, weight_decay=weight_decay, **optimizer_kwargs)
         self.wd2fd = bool(wd2fd)
+        self.wd2fd_quekey, self.wd2fd_outval = wd2fd_quekey, wd2fd_outval
 
     def _fd_terms(self) -> Tuple[FDEngine, List[Dict[str, Any]]]:
         """The FD engine over every factorized layer owning a factor, and each term's group; cached until
@@ -127,13 +160,21 @@ class _FrobeniusDecayMixin:
         key = tuple(id(g) for g in self.param_groups)
         cache = self.__dict__.get('_fd_cache')
         if cache is None or cache[0] != key:
-            seen: Dict[int, Tuple[FDTerm, Dict[str, Any]]] = {}
+            seen: Dict[int, List[Tuple[FDTerm, Dict[str, Any]]]] = {}
+            quekey, outval = getattr(self, 'wd2fd_quekey', False), getattr(self, 'wd2fd_outval', False)
             for g in self.param_groups:
+                if not g.get('fd_coef', 0.0) and 'fd_decoupled' not in g:
+                    continue  # neither a factor nor an attention-form group
                 for p in g['params']:
                     layer = factor_owner(p)
                     if layer is not None and id(layer) not in seen:
-                        seen[id(layer)] = (layer_term(layer), g)
-            terms = list(seen.values())
+                        seen[id(layer)] = [(layer_term(layer), g)]
+                    elif layer is None and (quekey or outval):
+                        from .models._timm_attention import attention_fd_terms, attention_owner
+                        attn = attention_owner(p)
+                        if attn is not None and id(attn) not in seen:
+                            seen[id(attn)] = [(t, g) for t in attention_fd_terms(attn, quekey, outval)]
+            terms = [t for ts in seen.values() for t in ts]
             cache = (key, FDEngine([t for t, _ in terms]), [g for _, g in terms])
             self._fd_cache = cache
         return cache[1], cache[2]
@@ -185,6 +226,11 @@ class FDSGD(_FrobeniusDecayMixin, torch.optim.SGD):
         fd_coef: FD coefficient; None = the largest weight decay among the groups.
         wd2fd: True = factors get FD and no weight decay; False = weight decay and no FD.
         fd_decoupled: True = decoupled FD (``p -= lr * coef * dFD/dp``); False (default here) = coupled.
+        wd2fd_quekey: FD on each timm attention's per-head query-key forms ``W_Q^hᵀ W_K^h`` (paper
+            section 3.2), on slices of the fused ``qkv`` weight; ``qkv.weight`` then gets no plain
+            weight decay.
+        wd2fd_outval: FD on the per-head output-value forms ``W_O^h W_V^h``; ``qkv.weight`` and
+            ``proj.weight`` then get no plain weight decay.
         **kwargs: passed on to ``torch.optim.SGD`` (dampening, foreach, ...).
     """
 
@@ -199,10 +245,12 @@ class FDSGD(_FrobeniusDecayMixin, torch.optim.SGD):
             fd_coef: Optional[float] = None,
             wd2fd: bool = True,
             fd_decoupled: bool = False,
+            wd2fd_quekey: bool = False,
+            wd2fd_outval: bool = False,
             **kwargs: Any,
     ):
-        self._init_fd(params, lr, weight_decay, fd_coef, wd2fd, fd_decoupled, momentum=momentum, nesterov=nesterov,
-                      **kwargs)
+        self._init_fd(params, lr, weight_decay, fd_coef, wd2fd, fd_decoupled, wd2fd_quekey, wd2fd_outval,
+                      momentum=momentum, nesterov=nesterov, **kwargs)
 
 
 class FDAdamW(_FrobeniusDecayMixin, torch.optim.AdamW):
@@ -224,9 +272,12 @@ class FDAdamW(_FrobeniusDecayMixin, torch.optim.AdamW):
             fd_coef: Optional[float] = None,
             wd2fd: bool = True,
             fd_decoupled: bool = True,
+            wd2fd_quekey: bool = False,
+            wd2fd_outval: bool = False,
             **kwargs: Any,
     ):
-        self._init_fd(params, lr, weight_decay, fd_coef, wd2fd, fd_decoupled, betas=betas, eps=eps, **kwargs)
+        self._init_fd(params, lr, weight_decay, fd_coef, wd2fd, fd_decoupled, wd2fd_quekey, wd2fd_outval,
+                      betas=betas, eps=eps, **kwargs)
 
 
 class FDAdam(_FrobeniusDecayMixin, torch.optim.Adam):
@@ -244,9 +295,12 @@ class FDAdam(_FrobeniusDecayMixin, torch.optim.Adam):
             fd_coef: Optional[float] = None,
             wd2fd: bool = True,
             fd_decoupled: bool = True,
+            wd2fd_quekey: bool = False,
+            wd2fd_outval: bool = False,
             **kwargs: Any,
     ):
-        self._init_fd(params, lr, weight_decay, fd_coef, wd2fd, fd_decoupled, betas=betas, eps=eps, **kwargs)
+        self._init_fd(params, lr, weight_decay, fd_coef, wd2fd, fd_decoupled, wd2fd_quekey, wd2fd_outval,
+                      betas=betas, eps=eps, **kwargs)
 
 
 FD_OPTIMIZERS = ('fdsgd', 'fdmomentum', 'fdadam', 'fdadamw')

@@ -82,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--wd2fd', action='store_true',
                    help='factors get Frobenius decay with coefficient --weight-decay instead of weight decay '
                         '(paper section 3.2)')
+    g.add_argument('--wd2fd-quekey', action='store_true',
+                   help="Frobenius decay on each attention head's query-key form W_Q^T W_K (coefficient "
+                        "--weight-decay) instead of weight decay on qkv; timm attention of a model built with "
+                        "attention='heads' (paper section 3.2)")
+    g.add_argument('--wd2fd-outval', action='store_true',
+                   help="Frobenius decay on each attention head's output-value form W_O W_V instead of weight "
+                        "decay on qkv and proj; as --wd2fd-quekey")
     g.add_argument('--no-frob', action='store_true', help='Frobenius-decay coefficient 0')
     g.add_argument('--clip-grad', type=float, default=None, help='gradient clipping value; unset: no clipping')
     g.add_argument('--clip-mode', default='norm', choices=('norm', 'value', 'agc'),
@@ -188,6 +195,9 @@ def validate_args(args: argparse.Namespace) -> None:
     if (args.wd2fd or args.no_frob) and opt not in FD_OPTIMIZERS:
         raise ValueError(f'--wd2fd / --no-frob need a Frobenius-decay optimizer (--opt one of {FD_OPTIMIZERS}), '
                          f'got --opt {args.opt!r}')
+    if (args.wd2fd_quekey or args.wd2fd_outval) and opt not in FD_OPTIMIZERS:
+        raise ValueError(f'--wd2fd-quekey / --wd2fd-outval need a Frobenius-decay optimizer (--opt one of '
+                         f'{FD_OPTIMIZERS}), got --opt {args.opt!r}')
     if args.normalize is not None:
         if not args.no_frob:
             raise ValueError('--normalize replaces Frobenius decay: add --no-frob')

@@ -71,6 +71,8 @@ CELLS = (
         ["fdsgd", "fdmomentum", "fdadam", "fdadamw"], IMPLS, ["-", "scaler"], ["-", "clip"])]
     + [("timm-coupled", k, impl, scaler, clip) for k, impl, scaler, clip in itertools.product(
         ["fdadam", "fdadamw"], ["loop", "fused"], ["-", "scaler"], ["-", "clip"])]
+    + [("timm-vit", k, impl, scaler, "-") for k, impl, scaler in itertools.product(
+        ["fdmomentum", "fdadamw"], ["loop", "fused"], ["-", "scaler"])]
     + [("timm-stock", k, impl, scaler, "-") for k, impl, scaler in itertools.product(
         ["sgd", "momentum", "adamw"], ["loop", "fused"], ["-", "scaler"])]
     + [("fairseq", k, mode, "-", "clip") for k, mode in itertools.product(["fd_nag", "fd_adam", "fd_sgd"],
@@ -82,12 +84,20 @@ CELLS = (
 
 
 # --- the closed form -------------------------------------------------------------------------------
-def _fd_grads(model: nn.Module, coef: float, names: set[str], attention: bool = False) -> dict[str, torch.Tensor]:
+def _fd_grads(model: nn.Module, coef: float, names: set[str], attention: bool = False,
+              timm_attention: bool = False) -> dict[str, torch.Tensor]:
     """``{name: d/dp (coef/2) sum ||W||_F²}`` for the parameters in ``names``, by autograd on the dense
     products (factorized layers, tensor cores) and d x d per-head forms, in float64."""
     twin = copy.deepcopy(model).double()
     params = dict(twin.named_parameters())
     total = sum(layer.matrix().pow(2).sum() for layer in fnl.factorized_layers(twin))
+    if timm_attention:  # timm's fused qkv: the rows of W_Q, W_K, W_V one after the other; proj = W_O
+        from fnl_timm.models import timm_attentions
+        for _, a in timm_attentions(twin):
+            h, dh = a.num_heads, a.head_dim
+            q, k, v = a.qkv.weight.view(3, h, dh, -1).unbind(0)
+            o = a.proj.weight.T.reshape(h, dh, -1)
+            total = total + (q.transpose(1, 2) @ k).pow(2).sum() + (o.transpose(1, 2) @ v).pow(2).sum()
     if attention:
         from fnl_fairseq.modules import attention_layers
         for a in attention_layers(twin):
@@ -200,26 +210,38 @@ def _torch_cell(front: str, name: str, impl: str, scaler: bool, clip: bool, ddp:
         import timm
         import fnl_timm  # noqa: F401  (registers the models and the FD optimizers)
         from timm.optim import create_optimizer_v2
-        model = timm.create_model("fnl_test_resnet", rank_scale=0.3)
+        vit = front == "timm-vit"
+        if vit:  # factorized MLPs, heads shrunk; FD on the factors and on every head's QK and OV forms
+            model = timm.create_model("fnl", base="vit_tiny_patch16_224", img_size=16, patch_size=8, depth=2,
+                                      rank_scale=0.5, attention="heads", num_classes=3)
+        else:
+            model = timm.create_model("fnl_test_resnet", rank_scale=0.3)
         factors = _factor_names(model)
+        if vit:
+            factors |= {n for n in dict(model.named_parameters()) if n.endswith((".attn.qkv.weight", ".attn.proj.weight"))}
         stock = front == "timm-stock"
         fd_names, coef = (set(), 0.0) if stock else (factors, WD)
-        # timm's factory: no weight decay on 1-d parameters and biases; the factors keep it with a stock optimizer
-        decayed = {n for n, p in model.named_parameters() if p.ndim > 1 and not n.endswith(".bias")} - fd_names
+        # timm's factory: no weight decay on 1-d parameters, biases and the model's no_weight_decay() names;
+        # the factors keep it with a stock optimizer
+        skip = set(model.no_weight_decay())
+        decayed = {n for n, p in model.named_parameters()
+                   if p.ndim > 1 and not n.endswith(".bias") and n not in skip} - fd_names
         impl_kwargs = dict(IMPLS[impl])
         if "eps" in hyper:
             impl_kwargs["eps"] = hyper["eps"]
         if front.endswith("coupled"):
             impl_kwargs["fd_decoupled"] = False
+        if vit:
+            impl_kwargs.update(wd2fd_quekey=True, wd2fd_outval=True)
         opt = create_optimizer_v2(model, name, lr=hyper["lr"], weight_decay=WD, momentum=MOMENTUM,
                                   foreach=impl_kwargs.pop("foreach", None), **impl_kwargs)
         x = torch.randn(2, 3, 16, 16)
-        drop = [fnl.factorized_layers(model)[0], model.fc.bias]
+        drop = [fnl.factorized_layers(model)[0], model.get_classifier().bias]
     names = dict(model.named_parameters())
     dropped = set() if ddp else {n for n, p in names.items()
                                  if any(p is q for m in drop for q in ([m] if isinstance(m, torch.Tensor) else m.parameters()))}
     before = {n: p.detach().clone() for n, p in names.items()}
-    fd = _fd_grads(model, coef, fd_names - dropped) if fd_names else {}
+    fd = _fd_grads(model, coef, fd_names - dropped, timm_attention=front == "timm-vit") if fd_names else {}
     task = _task_gradients(names)
     net = nn.parallel.DistributedDataParallel(model) if ddp else model
     grad_scaler = torch.amp.GradScaler("cpu", init_scale=SCALE) if scaler else None

@@ -353,3 +353,62 @@ def test_fused_under_grad_scaler_adds_fd_to_unscaled_gradients():
     for (n, a), b in zip(models[0].named_parameters(), models[1].parameters()):
         assert torch.allclose(a, b, atol=1e-6), f'{n}: {(a - b).abs().max()}'
     assert not hasattr(opts[0], 'grad_scale')  # GradScaler removed what it set
+
+
+def _vit(**kwargs):
+    torch.manual_seed(0)
+    return timm.create_model('fnl', base='vit_tiny_patch16_224', img_size=16, patch_size=8, depth=2, num_classes=3,
+                             rank_scale=0.5, attention='heads', **kwargs)
+
+
+def test_attention_forms_get_fd_and_no_weight_decay():
+    """wd2fd_quekey / wd2fd_outval: qkv.weight (and with outval proj.weight) move to an FD group without
+    weight decay; the patch embedding's proj keeps its decay; a model without timm attention is refused.
+    (One step of each is a cell of tests/test_regularizer_matrix.py.)"""
+    model = _vit()
+    attn = model.blocks[0].attn
+    for quekey, outval in ((True, False), (False, True), (True, True)):
+        opt = create_optimizer_v2(model, 'fdmomentum', lr=LR, weight_decay=WD, wd2fd_quekey=quekey,
+                                  wd2fd_outval=outval)
+        groups = {id(p): g for g in opt.param_groups for p in g['params']}
+        assert groups[id(attn.qkv.weight)]['weight_decay'] == 0.0 and groups[id(attn.qkv.weight)]['fd_coef'] == WD
+        proj = groups[id(attn.proj.weight)]
+        assert (proj['weight_decay'], proj['fd_coef']) == ((0.0, WD) if outval else (WD, 0.0))
+        assert groups[id(model.patch_embed.proj.weight)]['weight_decay'] == WD
+        engine, _ = opt._fd_terms()
+        assert sum(t.name == 'quekey' for t in engine.terms) == (2 if quekey else 0)
+        assert sum(t.name == 'outval' for t in engine.terms) == (2 if outval else 0)
+    with pytest.raises(ValueError, match='wd2fd_quekey: no registered timm attention among the parameters'):
+        create_optimizer_v2(_model(), 'fdsgd', lr=LR, weight_decay=WD, wd2fd_quekey=True)
+
+
+def test_fnl_train_attention_flags(tmp_path):
+    """fnl-train --wd2fd-quekey --wd2fd-outval hands the forms to the FD optimizer; with a stock optimizer
+    they are refused, and on a model without timm attention the optimizer refuses them."""
+    from fnl_timm import train as fnl_train
+    base = ['--dataset', 'digits', '--img-size', '16', '--batch-size', '16', '--workers', '0', '--epochs', '1',
+            '--limit-train-batches', '2', '--limit-val-batches', '1', '--no-progress', '--no-tensorboard',
+            '--output', str(tmp_path), '--device', 'cpu']
+    vit = ['--model', 'fnl', '--model-kwargs', 'base=vit_tiny_patch16_224', 'img_size=16', 'patch_size=8', 'depth=2',
+           'attention=heads', 'rank_scale=0.5', '--wd2fd', '--wd2fd-quekey', '--wd2fd-outval']
+    seen = {}
+    real = create_optimizer_v2
+
+    class Built(Exception):
+        pass
+
+    def spy(*args, **kwargs):  # the optimizer fnl-train builds; the run stops there
+        opt = real(*args, **kwargs)
+        seen['terms'] = sorted(t.name for t in opt._fd_terms()[0].terms)
+        raise Built
+
+    import unittest.mock
+    with unittest.mock.patch('fnl_timm.train.create_optimizer_v2', spy), pytest.raises(Built):
+        fnl_train.run(base + vit + ['--experiment', 'vit'])
+    assert seen['terms'].count('quekey') == 2 and seen['terms'].count('outval') == 2
+    args = fnl_train.build_parser().parse_args([a for a in vit if a != '--wd2fd'] + ['--opt', 'sgd'])
+    with pytest.raises(ValueError, match='--wd2fd-quekey / --wd2fd-outval need a Frobenius-decay optimizer'):
+        fnl_train.validate_args(args)
+    with pytest.raises(ValueError, match='no registered timm attention'):
+        fnl_train.run(base + ['--model', 'fnl_test_resnet', '--rank-scale', '0.3', '--wd2fd-quekey',
+                              '--experiment', 'resnet'])

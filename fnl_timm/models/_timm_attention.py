@@ -15,10 +15,11 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from timm.layers import Attention
 
-from fnl import add_outval_fd_grad_, add_quekey_fd_grad_, balance_outval_, balance_quekey_
+from fnl import balance_outval_, balance_quekey_
+from fnl.fd_engine import FDEngine, FDTerm, form_term
 
 __all__ = [
-    'add_attention_fd_grad_', 'attention_forms', 'attention_owner', 'balance_attention_', 'mark_attention',
+    'add_attention_fd_grad_', 'attention_fd_terms', 'attention_forms', 'attention_owner', 'balance_attention_', 'mark_attention',
     'shrink_heads_', 'timm_attentions',
 ]
 
@@ -163,30 +164,25 @@ def attention_owner(param: Tensor) -> Optional[Attention]:
     return _ATTENTION_OWNER.get(param)
 
 
-def _grad_view(weight: Tensor, rows: slice) -> Optional[Tensor]:
-    """A leaf view of ``weight[rows]`` whose ``.grad`` is the same slice of ``weight.grad`` (no copies:
-    the core's in-place accumulation lands in the fused gradient)."""
-    if weight.grad is None:
-        return None
-    view = weight.detach()[rows]
-    view.grad = weight.grad[rows]
-    return view
+def attention_fd_terms(attn: Attention, quekey: bool = True, outval: bool = True) -> List[FDTerm]:
+    """The core FD terms (``fnl.fd_engine``) of the query-key and output-value forms of ``attn``: per-head
+    views of the fused ``qkv`` weight's query / key / value rows and of ``proj``'s columns (no copies)."""
+    _check_forms(attn, 'attn', quekey, outval, 'wd2fd_quekey' if quekey else 'wd2fd_outval')
+    width, heads, w = attn.attn_dim, attn.num_heads, attn.qkv.weight
+    terms = []
+    if quekey:
+        terms.append(form_term('quekey', w, w, heads, slice(0, width), slice(width, 2 * width)))
+    if outval:
+        terms.append(form_term('outval', attn.proj.weight, w, heads, right_rows=slice(2 * width, 3 * width)))
+    return terms
 
 
 @torch.no_grad()
 def add_attention_fd_grad_(attn: Attention, coef: float, quekey: bool = True, outval: bool = True) -> None:
     """Add the gradient of ``sum_h (coef/2) ||A_h||_F²`` (``quekey``) and ``sum_h (coef/2) ||B_h||_F²``
-    (``outval``) to ``qkv.weight.grad`` / ``proj.weight.grad``, batched over heads, in place.
+    (``outval``) to ``qkv.weight.grad`` / ``proj.weight.grad``, batched over heads, in place, through the
+    core's FD engine (the ``fd*`` optimizers use the same terms).
 
     Weights without a ``.grad`` this step get no FD (as torch's weight decay).
     """
-    _check_forms(attn, 'attn', quekey, outval, 'wd2fd_quekey' if quekey else 'wd2fd_outval')
-    width, heads, w = attn.attn_dim, attn.num_heads, attn.qkv.weight
-    if quekey:
-        q, k = _grad_view(w, slice(0, width)), _grad_view(w, slice(width, 2 * width))
-        if q is not None:
-            add_quekey_fd_grad_(q, k, heads, coef)
-    if outval and attn.proj.weight.grad is not None:
-        v = _grad_view(w, slice(2 * width, 3 * width))
-        if v is not None:
-            add_outval_fd_grad_(attn.proj.weight, v, heads, coef)
+    FDEngine(attention_fd_terms(attn, quekey, outval)).apply_(coef)
