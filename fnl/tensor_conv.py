@@ -38,7 +38,7 @@ It is exact for 1x1 convs and for kernels made by ``to_dense`` (at full ranks).
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -90,7 +90,7 @@ class TensorConv2d(FactorizedLayer):
     """
 
     tensor_format = ""
-    ranks: tuple[int, ...]
+    # ``ranks`` (a tuple of ints) is set in __init__; not annotated here: TorchScript would read the annotation
     has_inference_form = False
 
     def __init__(
@@ -144,11 +144,22 @@ class TensorConv2d(FactorizedLayer):
                 self.dilation = (1, 1)  # no effect on a 1x1 kernel
             self.register_parameter("depthwise", None)
         self._create_cores(factory_kwargs)
+        # the forward pass's plan reads these (fixed by the ranks and modes), computed once here
+        self._rtl_macs = self._contract_macs("rtl")
+        self._ltr_macs = self._contract_macs("ltr")
+        self._rebuild_macs = self.rebuild_macs()
         if bias:
             self.bias = nn.Parameter(torch.empty(out_channels, **factory_kwargs))
         else:
             self.register_parameter("bias", None)
         self.reset_parameters()
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if "_rtl_macs" not in self.__dict__:  # pickled before the plan's counts were cached
+            self._rtl_macs = self._contract_macs("rtl")
+            self._ltr_macs = self._contract_macs("ltr")
+            self._rebuild_macs = self.rebuild_macs()
 
     # --- subclass hooks ------------------------------------------------------------------------
     def _ranks(self, rank: RankArg, rank_scale: Optional[float]) -> tuple[int, ...]:
@@ -288,25 +299,27 @@ class TensorConv2d(FactorizedLayer):
 
     def _plan(self, pixels: int) -> tuple[bool, str]:
         """(use the dense path, contraction direction) for ``pixels`` = batch x output pixels."""
-        rtl, ltr = self._contract_macs("rtl"), self._contract_macs("ltr")
+        rtl, ltr = self._rtl_macs, self._ltr_macs
         direction = "rtl" if rtl <= ltr else "ltr"
         if self.path == "auto":
-            dense = self.rebuild_macs() + pixels * self.out_channels * self.in_channels
+            dense = self._rebuild_macs + pixels * self.out_channels * self.in_channels
             return pixels * min(rtl, ltr) >= dense, direction
         return self.path == "dense", direction
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.has_depthwise:
-            x = F.conv2d(x, self.depthwise, None, self.stride, self.padding, self.dilation, self.in_channels)
+        depthwise, bias = self.depthwise, self.bias  # locals: TorchScript refines Optional on them
+        if depthwise is not None:
+            x = F.conv2d(x, depthwise, None, self.stride, self.padding, self.dilation, self.in_channels)
         elif self.padding != (0, 0) or self.stride != (1, 1):
-            x = F.pad(x, (self.padding[1],) * 2 + (self.padding[0],) * 2)[..., ::self.stride[0], ::self.stride[1]]
-        b, _, h, w = x.shape  # (B, in, H_out, W_out)
+            (ph, pw), (sh, sw) = self.padding, self.stride
+            x = F.pad(x, [pw, pw, ph, ph])[:, :, ::sh, ::sw]
+        b, h, w = x.shape[0], x.shape[2], x.shape[3]  # x: (B, in, H_out, W_out)
         dense, direction = self._plan(b * h * w)
         if dense:
-            return F.conv2d(x, self.matrix()[:, :, None, None], self.bias)
+            return F.conv2d(x, self.matrix()[:, :, None, None], bias)
         y = _tt_contract(x.reshape(b, self.in_channels, h * w), self.tt_cores(), direction)  # (B, out, H*W)
         y = y.view(b, self.out_channels, h, w)
-        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
+        return y if bias is None else y + bias.view(1, -1, 1, 1)
 
     # --- Frobenius decay -----------------------------------------------------------------------
     def _promoted_cores(self) -> list[Tensor]:
@@ -501,9 +514,10 @@ class TuckerConv2d(TensorConv2d):
         return [self.core, self.factor1, self.factor2, self.factor3]
 
     def tt_cores(self) -> list[Tensor]:
-        (o1, o2, o3), (i1, i2, i3), (r1, _, r3) = self.out_modes, self.in_modes, self.ranks
+        o, i, r = self.out_modes, self.in_modes, self.ranks
         middle = torch.einsum("abc,nb->anc", self.core, self.factor2)  # (R_1, n_2, R_3)
-        return [self.factor1.view(1, o1, i1, r1), middle.reshape(r1, o2, i2, r3), self.factor3.T.reshape(r3, o3, i3, 1)]
+        return [self.factor1.view(1, o[0], i[0], r[0]), middle.reshape(r[0], o[1], i[1], r[2]),
+                self.factor3.T.reshape(r[2], o[2], i[2], 1)]
 
     def _set_tensor_(self, tensor: Tensor) -> None:
         core, factors, _ = hosvd(tensor, self.ranks)
@@ -541,26 +555,34 @@ def _left_env(left: Tensor, core: Tensor) -> Tensor:
     return torch.einsum("bnc,bnd->cd", torch.einsum("ab,anc->bnc", left, core), core)
 
 
-def _tt_contract(x: Tensor, cores: Sequence[Tensor], direction: str) -> Tensor:
+def _prod(values: List[int]) -> int:
+    """``math.prod`` for TorchScript."""
+    out = 1
+    for v in values:
+        out *= v
+    return out
+
+
+def _tt_contract(x: Tensor, cores: List[Tensor], direction: str) -> Tensor:
     """``W x`` for x (B, in, P) and TT cores (r_{k-1}, o_k, i_k, r_k): one batched matmul per core.
 
     Right-to-left the state is (B, I_{<=k}, r_k, O_{>k}, P); left-to-right (B, O_{<k}, r_{k-1},
     I_{>=k}, P). Each step contracts two adjacent dims, so the activations are never permuted.
     """
-    b, _, p = x.shape
+    b, p = x.shape[0], x.shape[2]
     o = [c.shape[1] for c in cores]
     i = [c.shape[2] for c in cores]
     t = x
     if direction == "rtl":
-        for k in reversed(range(len(cores))):
+        for k in range(len(cores) - 1, -1, -1):
             c = cores[k]
             mat = c.reshape(c.shape[0] * o[k], i[k] * c.shape[3])  # (r_{k-1} o_k, i_k r_k)
-            t = mat @ t.reshape(b * math.prod(i[:k]), i[k] * c.shape[3], -1)
+            t = mat @ t.reshape(b * _prod(i[:k]), i[k] * c.shape[3], -1)
     else:
         for k, c in enumerate(cores):
             mat = c.permute(1, 3, 0, 2).reshape(o[k] * c.shape[3], c.shape[0] * i[k])  # (o_k r_k, r_{k-1} i_k)
-            t = mat @ t.reshape(b * math.prod(o[:k]), c.shape[0] * i[k], -1)
-    return t.reshape(b, math.prod(o), p)
+            t = mat @ t.reshape(b * _prod(o[:k]), c.shape[0] * i[k], -1)
+    return t.reshape(b, _prod(o), p)
 
 
 def _torch_conv_init_(weight: Tensor) -> None:

@@ -17,7 +17,7 @@ n_{k+1})))`` for k = 1, 2; Tucker ranks ``R_k = max(1, round(s n_k))``; s in (0,
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -186,7 +186,7 @@ def _tucker_full(core: Tensor, factors: Sequence[Tensor]) -> Tensor:
     return t
 
 
-def _tt_full(cores: Sequence[Tensor]) -> Tensor:
+def _tt_full(cores: List[Tensor]) -> Tensor:
     """The tensor (n_1, ..., n_d) of 3-way cores (r_{k-1}, n_k, r_k)."""
     t = cores[0].reshape(-1, cores[0].shape[-1])
     for c in cores[1:]:
