@@ -283,6 +283,7 @@ class LayerRow:
     dense_params: int
     macs: Optional[int]
     dense_macs: Optional[int]
+    why_dense: Optional[str] = None  # for a dense Linear / Conv2d / Embedding: why it was not factorized
 
 
 @dataclass
@@ -305,22 +306,48 @@ class ModelSummary:
     def __str__(self) -> str:
         def num(x: Optional[int]) -> str:
             return "-" if x is None else f"{x:,}"
-        header = ("layer", "kind", "shape", "rank", "params", "dense params", "MACs", "dense MACs")
+        header = ("layer", "kind", "shape", "rank", "params", "dense params", "MACs", "dense MACs", "why dense")
         body = [(r.name, r.kind, r.shape, "-" if r.rank is None else str(r.rank), num(r.params), num(r.dense_params),
-                 num(r.macs), num(r.dense_macs)) for r in self.rows]
+                 num(r.macs), num(r.dense_macs), r.why_dense or "") for r in self.rows]
         ratio_macs = "-" if self.macs_ratio is None else f"{self.macs_ratio:.4f}"
         body.append(("total (whole model)", "", "", "", num(self.total_params), num(self.dense_params),
-                     num(self.total_macs), num(self.dense_macs)))
-        body.append(("ratio", "", "", "", f"{self.param_ratio:.4f}", "", ratio_macs, ""))
+                     num(self.total_macs), num(self.dense_macs), ""))
+        body.append(("ratio", "", "", "", f"{self.param_ratio:.4f}", "", ratio_macs, "", ""))
         widths = [max(len(str(row[i])) for row in [header, *body]) for i in range(len(header))]
-        lines = ["  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        left = {0, 1, 2, 3, len(header) - 1}
+        lines = ["  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
                  for row in [header, *body]]
-        lines.insert(1, "-" * len(lines[0]))
-        lines.insert(len(lines) - 2, "-" * len(lines[0]))
+        rule = "-" * max(len(x) for x in lines)
+        lines.insert(1, rule)
+        lines.insert(len(lines) - 2, rule)
         return "\n".join(lines)
 
 
 _COUNTED = (FactorizedLayer, nn.Linear, nn.Conv2d, nn.Embedding)
+
+
+def _why_dense(name: str, module: nn.Module, recorded: dict, inside_mha: set) -> str:
+    """Why a dense Linear / Conv2d / Embedding of a model was not factorized.
+
+    A reason the model recorded when it was factorized (``model.fnl_kept_dense``, written by the
+    timm plugin's ``fnl`` models: stem, classifier, excluded, depthwise, ...) comes first; else what
+    ``factorize`` itself would refuse; else it was not selected (``include`` / ``exclude``, the
+    model's own rules) or the model is dense.
+    """
+    if name in recorded:
+        return str(recorded[name])
+    if name in inside_mha:
+        return "inside nn.MultiheadAttention (it reads the weight directly)"
+    if type(module) not in _FACTORIZED_OF:
+        return f"{type(module).__name__} is a subclass of nn.{type(module).__mro__[1].__name__} (exact types only)"
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        kind = "depthwise" if module.groups == module.in_channels else "grouped"
+        return f"{kind} conv (groups={module.groups}): the factorized conv has one group"
+    if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+        return f"padding_mode={module.padding_mode!r}: the factorized conv pads with zeros"
+    if isinstance(module, nn.Embedding):
+        return "embedding (factorized only with embeddings=True)"
+    return "not selected (include / exclude, or the model's rules)"
 
 
 def _trace_input_shapes(model: nn.Module, example: Tensor) -> dict[str, tuple[int, ...]]:
@@ -362,11 +389,20 @@ def summary(model: nn.Module, input_size: Optional[Sequence[int]] = None,
         example_input: a batch of one sample to use instead of zeros (e.g. token ids).
 
     MACs are those of the Linear / Conv2d / Embedding layers and their factorized versions, per sample.
+    Every dense Linear / Conv2d / Embedding row says why it is dense (``why dense``): the reason the
+    model recorded in ``model.fnl_kept_dense`` when it was factorized (the timm plugin's ``fnl``
+    models: stem, classifier, excluded, depthwise, grouped, ...), else what ``factorize`` refuses
+    (grouped or depthwise convs, subclasses, layers inside ``nn.MultiheadAttention``), else "not selected".
     """
     if example_input is None and input_size is not None:
         example_input = _example(model, input_size)
     shapes = _trace_input_shapes(model, example_input) if example_input is not None else {}
     out = ModelSummary(total_params=count_parameters(model), dense_params=count_parameters(model, dense=True))
+    recorded = getattr(model, "fnl_kept_dense", None) or {}
+    inside_mha = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            inside_mha.update(f"{name}.{c}" if name else c for c, _ in module.named_modules() if c)
     total_macs = dense_macs = 0
     for name, module in model.named_modules():
         if not isinstance(module, _COUNTED):
@@ -380,7 +416,8 @@ def summary(model: nn.Module, input_size: Optional[Sequence[int]] = None,
         else:
             n = sum(p.numel() for p in module.parameters())
             macs = None if shape is None else _dense_macs(module, shape)
-            row = LayerRow(name, type(module).__name__, "x".join(map(str, module.weight.shape)), None, n, n, macs, macs)
+            row = LayerRow(name, type(module).__name__, "x".join(map(str, module.weight.shape)), None, n, n, macs, macs,
+                           _why_dense(name, module, recorded, inside_mha))
         out.rows.append(row)
         if row.macs is not None:
             total_macs += row.macs

@@ -253,3 +253,34 @@ def test_normalizer_handles_tensor_convs():
     norms = torch.stack([fnl.frobenius_norm(layer) for layer in fnl.factorized_layers(model)]).detach()
     assert torch.allclose(norms, targets[0, 0], rtol=1e-5), norms
     assert torch.equal(model[1].S.detach(), s_before), "the square factor is not rescaled"
+
+
+def test_summary_says_why_each_dense_layer_is_dense():
+    """fnl.summary's "why dense" column: the model's recorded reason first, else what factorize refuses."""
+    torch.manual_seed(0)
+
+    class Sub(nn.Linear):
+        pass
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1, groups=8),
+                          nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), Sub(8, 8),
+                          nn.Linear(8, 4))
+    fnl.factorize(model, rank=2, exclude=["0", "8"])
+    model.fnl_kept_dense = {"0": "stem (first layer)"}
+    rows = {r.name: r for r in fnl.summary(model, (3, 8, 8)).rows}
+    assert {n: r.why_dense for n, r in rows.items()} == {
+        "0": "stem (first layer)",
+        "1": "depthwise conv (groups=8): the factorized conv has one group",
+        "2": "grouped conv (groups=2): the factorized conv has one group",
+        "3": "padding_mode='reflect': the factorized conv pads with zeros",
+        "4": None,
+        "7": "Sub is a subclass of nn.Linear (exact types only)",
+        "8": "not selected (include / exclude, or the model's rules)",
+    }
+    text = str(fnl.summary(model, (3, 8, 8)))
+    assert text.splitlines()[0].endswith("why dense")
+    line = next(x for x in text.splitlines() if x.startswith("1 "))
+    assert line.endswith("depthwise conv (groups=8): the factorized conv has one group")
+    mha = nn.Sequential(nn.MultiheadAttention(8, 2))
+    assert fnl.summary(mha).rows[0].why_dense == "inside nn.MultiheadAttention (it reads the weight directly)"

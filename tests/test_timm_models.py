@@ -202,3 +202,17 @@ def test_every_registered_model_scripts(name, kwargs):
 
 def test_deeper_cifar_resnets_are_the_scripted_class():
     assert _SAME_CLASS_DEEPER <= set(timm.list_models(module='fnl_cifar_resnet'))  # built by CifarResNet
+
+
+def test_summary_shows_the_reasons_fnl_any_recorded():
+    model = timm.create_model('fnl', base='test_efficientnet', rank_scale=0.5)
+    rows = {r.name: r for r in fnl.summary(model, (3, 32, 32)).rows}
+    recorded = model.fnl_kept_dense
+    assert {'conv_stem', 'classifier', 'blocks.3.0.conv_dw'} <= set(recorded)
+    for name, row in rows.items():
+        if isinstance(model.get_submodule(name), fnl.FactorizedLayer):
+            assert row.why_dense is None, row
+        else:
+            assert row.why_dense == recorded[name], row
+    assert recorded['blocks.3.0.conv_dw'].startswith('depthwise conv (groups=128)')
+    assert recorded['conv_stem'].startswith('stem') and recorded['classifier'].startswith('classifier')
