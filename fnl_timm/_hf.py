@@ -62,7 +62,11 @@ def save_timm_folder(model: nn.Module, folder: str, input_size: Sequence[int],
     try:
         try:
             timm.models.save_for_hf(src, tmp, safe_serialization=True, data_config=data_config)
-        except (ValueError, RuntimeError) as e:  # an argument that JSON cannot hold, tensors that share memory
+        except ValueError as e:  # a model argument that JSON cannot hold
+            return f'timm.models.save_for_hf refused it: {str(e).splitlines()[0]}'
+        except RuntimeError as e:  # safetensors refuses tensors that share memory; other errors (a full disk) rise
+            if 'share memory' not in str(e):
+                raise
             return f'timm.models.save_for_hf refused it: {str(e).splitlines()[0]}'
         reason = _check(src, tmp, input_size, atol)
         if reason is not None:

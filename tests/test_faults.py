@@ -29,15 +29,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = ['--model', 'fnl_test_resnet', '--img-size', '8', '--batch-size', '16', '--workers', '0',
         '--limit-train-batches', '3', '--limit-val-batches', '1', '--no-progress', '--no-tensorboard',
         '--lr', '0.05', '--rank-scale', '0.3', '--wd2fd', '--checkpoint-hist', '1', '--epochs', '3']
-VOLATILE = ('train_seconds', 'start_epoch', 'experiment', 'frobnorms', 'collapsed_model')
+VOLATILE = ('train_seconds', 'start_epoch', 'experiment', 'frobnorms', 'collapsed_model', 'hf')
 
 
 def _argv(out, name, *extra):
     return BASE + ['--output', str(out), '--experiment', name, *extra]
 
 
-def _checksums(folder):
-    return {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in sorted(os.listdir(folder))}
+def _checksums(folder):  # every file, those in sub-folders (hf/) too
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob('*')) if p.is_file()}
 
 
 def _results(folder):
