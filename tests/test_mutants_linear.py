@@ -60,3 +60,21 @@ def test_from_dense_names_the_wrong_type():
 def test_sizes_are_named(args, message):
     with pytest.raises(ValueError, match=f"^{message}$"):
         FactorizedLinear(*args, rank=1)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+def test_inference_form_is_the_same_function_on_the_same_device(bias, training):
+    torch.manual_seed(0)
+    layer = FactorizedLinear(5, 7, bias=bias, rank=3, square=True, dtype=torch.float64).train(training)
+    with torch.no_grad():
+        layer.S.copy_(torch.randn(3, 3, dtype=torch.float64))  # a trained S, not the identity
+    with torch.device("meta"):
+        seq = layer.inference_form()
+    first, second = seq
+    assert seq.training is training and first.training is training and second.training is training
+    assert first.bias is None and (second.bias is not None) is bias
+    for p in seq.parameters():
+        assert p.dtype == torch.float64 and p.device.type == "cpu"
+    x = torch.randn(2, 4, 5, dtype=torch.float64)
+    torch.testing.assert_close(seq(x), layer(x), rtol=0, atol=1e-12)
