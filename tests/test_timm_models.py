@@ -216,3 +216,16 @@ def test_summary_shows_the_reasons_fnl_any_recorded():
             assert row.why_dense == recorded[name], row
     assert recorded['blocks.3.0.conv_dw'].startswith('depthwise conv (groups=128)')
     assert recorded['conv_stem'].startswith('stem') and recorded['classifier'].startswith('classifier')
+
+
+@pytest.mark.parametrize('name,kwargs,stem,head,reason', [
+    ('fnl_resnet20', dict(rank_scale=0.25), 'conv1', 'fc', 'the paper keeps it dense (stem or classifier'),
+    ('fnl_resnet20', dict(), 'conv1', 'fc', 'dense model: no rank_scale or target_ratio given'),
+    ('fnl_wrn28_10', dict(depth=10, width=1, conv='tt', rank_scale=0.5), 'conv1', 'fc',
+     'the paper keeps it dense (stem, classifier or 1x1 shortcut'),
+])
+def test_summary_says_why_the_zoo_keeps_layers_dense(name, kwargs, stem, head, reason):
+    model = timm.create_model(name, **kwargs)
+    rows = {r.name: r for r in fnl.summary(model).rows}
+    assert rows[stem].why_dense.startswith(reason) and rows[head].why_dense.startswith(reason)
+    assert all((r.why_dense is None) == isinstance(model.get_submodule(n), fnl.FactorizedLayer) for n, r in rows.items())

@@ -61,6 +61,7 @@ def factorize_model(
     if not rank_scale:
         if square or spectral:
             raise ValueError('spectral/square need a factorized model: set rank_scale > 0 or target_ratio')
+        record_kept_dense(model, 'dense model: no rank_scale or target_ratio given')
         return 0.0
     fnl.factorize(
         model,
@@ -71,7 +72,16 @@ def factorize_model(
         init=None if spectral else init,
     )
     mark_factors(model)
+    record_kept_dense(model, PAPER_KEEPS_DENSE)
     return float(rank_scale)
+
+
+PAPER_KEEPS_DENSE = "the paper keeps it dense (stem or classifier; docs/method.md#which-layers-are-factorized)"
+
+
+def record_kept_dense(model: nn.Module, reason: str) -> None:
+    """``model.fnl_kept_dense``: every Linear / Conv2d left dense, with ``reason`` (shown by ``fnl.summary``)."""
+    model.fnl_kept_dense = {name: reason for name, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)}
 
 
 class ClassifierMixin:

@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from timm.layers import create_classifier
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 
-from ._factorize import ClassifierMixin, factorize_model, kaiming_fan_out_, kaiming_linear_fan_in_
+from ._factorize import (
+    PAPER_KEEPS_DENSE, ClassifierMixin, factorize_model, kaiming_fan_out_, kaiming_linear_fan_in_, record_kept_dense,
+)
 from .fnl_cifar_resnet import CIFAR10_MEAN, CIFAR10_STD
 
 __all__ = ['WideResNet']
@@ -172,6 +174,7 @@ def _tensorize(model: nn.Module, include, conv: str, rank_scale: Optional[float]
         model, tensor_format=conv, rank_scale=rank_scale, spectral=bool(spectral), include=include,
         init=kaiming_fan_out_, depthwise_init=kaiming_linear_fan_in_)
     mark_factors(model)
+    record_kept_dense(model, PAPER_KEEPS_DENSE.replace('stem or classifier', 'stem, classifier or 1x1 shortcut'))
     return float(rank_scale)
 
 
