@@ -284,3 +284,24 @@ def test_summary_says_why_each_dense_layer_is_dense():
     assert line.endswith("depthwise conv (groups=8): the factorized conv has one group")
     mha = nn.Sequential(nn.MultiheadAttention(8, 2))
     assert fnl.summary(mha).rows[0].why_dense == "inside nn.MultiheadAttention (it reads the weight directly)"
+
+
+def test_whole_model_functions_on_every_layer_kind():
+    """collapse, count_parameters(dense=True) and summary treat U S Vᵀ layers and tensor convs alike."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), fnl.TTConv2d(8, 8, 3, padding=1, rank_scale=0.5),
+                          fnl.TuckerConv2d(8, 8, 1, rank_scale=0.5), fnl.FactorizedConv2d(8, 8, 3, padding=1, rank=2),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), fnl.FactorizedLinear(8, 4, rank=2, square=True)).eval()
+    x = torch.randn(2, 3, 6, 6)
+    s = fnl.summary(model, (3, 6, 6))
+    assert [r.rank for r in s.rows] == [None, (2, 2), (2, 2, 2), 2, 2]
+    assert s.total_params == fnl.count_parameters(model)
+    with torch.no_grad():
+        before = model(x)
+        dense_count = fnl.count_parameters(model, dense=True)
+        fnl.collapse(model)
+        after = model(x)
+    assert not fnl.factorized_layers(model)
+    assert [type(m) for m in model if isinstance(m, (nn.Conv2d, nn.Linear))] == [nn.Conv2d] * 4 + [nn.Linear]
+    assert fnl.count_parameters(model) == dense_count == s.dense_params
+    assert torch.allclose(before, after, atol=1e-5), f"{(before - after).abs().max()}"
