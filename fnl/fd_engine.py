@@ -223,6 +223,12 @@ class FDEngine:
             else:
                 groups.setdefault(key, []).append(i)
         self._groups = list(groups.values())
+        # per term, computed once: its distinct tensors, its batch, whether it is whole tensors (a layer's
+        # factors: stacked and unbound directly, no per-step views)
+        self._params = [t.params() for t in self.terms]
+        self._batch = [t.batch() for t in self.terms]
+        self._whole = [t.layer is None and all(f is _batch1 for f, x in zip(t.views, t.tensors) if x is not None)
+                       for t in self.terms]
 
     def __len__(self) -> int:
         return len(self.terms)
@@ -269,30 +275,34 @@ class FDEngine:
             decoupled.append(lrs[i] is not None)
 
         for members in self._groups:
-            active = [i for i in members if coefs[i] != 0 and any(p.grad is not None for p in self.terms[i].params())]
+            active = [i for i in members if coefs[i] != 0 and any(p.grad is not None for p in self._params[i])]
             if not active:
                 continue
             first = self.terms[active[0]]
-            slots = [j for j, t in enumerate(first.tensors) if t is not None]
+            whole = self._whole[active[0]]
             dtype = torch.float64 if first.tensors[0].dtype == torch.float64 else torch.float32
-            stacked = []
+            stacked: list = []
             for j in range(3):
-                if j not in slots:
+                if first.tensors[j] is None:
                     stacked.append(None)
-                    continue
-                parts = [self.terms[i].views[j](self.terms[i].tensors[j]) for i in active]
-                stacked.append((parts[0] if len(parts) == 1 else torch.cat(parts)).to(dtype))
+                elif whole:
+                    stacked.append(torch.stack([self.terms[i].tensors[j] for i in active]).to(dtype))
+                else:
+                    parts = [self.terms[i].views[j](self.terms[i].tensors[j]) for i in active]
+                    stacked.append((parts[0] if len(parts) == 1 else torch.cat(parts)).to(dtype))
             grads = _fd_grads(*stacked)
-            sizes = [self.terms[i].batch() for i in active]
-            for j in slots:
-                for i, fd in zip(active, grads[j].split(sizes)):
+            for j in range(3):
+                if first.tensors[j] is None:
+                    continue
+                chunks = grads[j].unbind(0) if whole else grads[j].split([self._batch[i] for i in active])
+                for i, fd in zip(active, chunks):
                     term = self.terms[i]
-                    emit(term.tensors[j], term.views[j], fd, i)
+                    emit(term.tensors[j], None if whole else term.views[j], fd, i)
         for i in self._layer_terms:
             if coefs[i] == 0:
                 continue
             term = self.terms[i]
-            params = term.params()
+            params = self._params[i]
             saved = [p.grad for p in params]
             if all(g is None for g in saved):
                 continue

@@ -326,6 +326,7 @@ def test_frobenius_decay_default_coupling_and_refusals():
         fnl.FrobeniusDecay(torch.optim.SGD(params, lr=0.1), model, 0.1, decoupled="yes")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("decoupled", [False, True])
 def test_frobenius_decay_under_torch_compile(decoupled):
     """``torch.compile`` of a step that calls ``FrobeniusDecay.step`` gives the eager step."""

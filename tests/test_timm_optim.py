@@ -412,3 +412,19 @@ def test_fnl_train_attention_flags(tmp_path):
     with pytest.raises(ValueError, match='no registered timm attention'):
         fnl_train.run(base + ['--model', 'fnl_test_resnet', '--rank-scale', '0.3', '--wd2fd-quekey',
                               '--experiment', 'resnet'])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', ['fdmomentum', 'fdadamw'])
+def test_fd_optimizers_under_torch_compile(name):
+    """``torch.compile`` of the fd* optimizers' step (dynamo, aot_eager backend) gives the eager step."""
+    models = [_model(), _model()]
+    opts = [create_optimizer_v2(m, name, lr=1e-2, weight_decay=WD, momentum=0.9) for m in models]
+    steps = [torch.compile(opts[0].step, backend='aot_eager'), opts[1].step]
+    for m, step in zip(models, steps):
+        for seed in (1, 2):
+            m.zero_grad()
+            _loss(m, seed).backward()
+            step()
+    for (n, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        assert torch.allclose(a, b, atol=1e-6), f'{n}: {(a - b).abs().max()}'

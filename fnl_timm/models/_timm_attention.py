@@ -19,8 +19,8 @@ from fnl import balance_outval_, balance_quekey_
 from fnl.fd_engine import FDEngine, FDTerm, form_term
 
 __all__ = [
-    'add_attention_fd_grad_', 'attention_fd_terms', 'attention_forms', 'attention_owner', 'balance_attention_', 'mark_attention',
-    'shrink_heads_', 'timm_attentions',
+    'add_attention_fd_grad_', 'attention_fd_terms', 'attention_forms', 'attention_owner', 'balance_attention_',
+    'mark_attention', 'shrink_heads_', 'timm_attentions',
 ]
 
 # qkv / proj weight -> the Attention whose forms it holds (for the fd* optimizers)
