@@ -419,6 +419,9 @@ def test_inference_form_same_function_or_clear_refusal(kind):
         with pytest.raises(ValueError, match="no plain-torch inference form.*collapse"):
             layer.inference_form()
         return
+    with torch.no_grad():  # a trained layer: no factor at its init (S = I would hide a dropped S)
+        for p in layer.factor_parameters():
+            p.add_(0.3 * torch.randn_like(p))
     plain = layer.inference_form()
     assert not any(isinstance(m, fnl.FactorizedLayer) for m in plain.modules())
     folded = layer.S.numel() if layer.S is not None else 0  # S is multiplied into one of the two weights
