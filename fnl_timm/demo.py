@@ -58,7 +58,8 @@ def plot(rows: Sequence[Dict[str, Any]], path: str) -> None:
     ax_curve.set_ylabel('validation top-1 (%)')
     ax_curve.set_ylim(0, 100)
     n = len(rows[0]['top1_seeds']) if rows else 0
-    ax_curve.set_title(f'fnl_resnet20 on digits (32x32): mean and range over {n} seed(s)')
+    ax_curve.set_title(f'fnl_resnet20, digits 32x32: mean and range, {n} seed(s)', fontsize=10)
+    ax_curve.xaxis.get_major_locator().set_params(integer=True)
     ax_curve.legend(fontsize=8)
     xs = range(len(rows))
     ax_bar.bar(xs, [r['top1'] for r in rows], yerr=[r['top1_std'] for r in rows], capsize=6,
@@ -67,7 +68,7 @@ def plot(rows: Sequence[Dict[str, Any]], path: str) -> None:
         ax_bar.plot([x] * len(r['top1_seeds']), r['top1_seeds'], 'k.', markersize=6)
     ax_bar.set_xticks(list(xs))
     ax_bar.set_xticklabels([f"{r['run']}\n{r['params']:,} params" for r in rows], fontsize=8)
-    ax_bar.set_ylabel(f'final validation top-1 (%), mean ± std, {n} seed(s)')
+    ax_bar.set_ylabel('final validation top-1 (%), mean ± std')
     ax_bar.set_ylim(0, 100)  # from 0, so the bars compare honestly
     fig.tight_layout()
     fig.savefig(path, dpi=120)
