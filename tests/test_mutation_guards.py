@@ -323,6 +323,9 @@ def test_count_parameters_dense_and_summary_of_square_and_embedding_layers():
     assert rows["conv1"].params == 8 * (15 + 3) + 64 + 5 and rows["conv1"].dense_params == 5 * 3 * 3 + 5
     assert rows["emb"].params == 3 * (20 + 6) + 9 and rows["emb"].dense_params == 120
     assert s.param_ratio == s.total_params / dense_total
+    # without an input there are no MACs to report: None everywhere (not 0)
+    assert s.total_macs is None and s.dense_macs is None and s.macs_ratio is None
+    assert all(r.macs is None and r.dense_macs is None for r in s.rows)
     assert fnl.count_parameters(fnl.collapse(model)) == dense_total
 
 
