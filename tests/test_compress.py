@@ -319,7 +319,8 @@ def test_cli_compress_finetune_report_export(trained, tmp_path):
     for f in ('torchscript', 'export'):
         assert rep['extra']['exports'][f]['max_abs_diff'] <= 1e-4
     names = sorted(os.listdir(out_dir))
-    assert names == ['compressed.pth', 'model.pt', 'model.pt2', 'model.ts', 'report.json', 'report.png',
+    # hf/: timm's save_for_hf folder, written for --finalize factorized of an fnl_* model
+    assert names == ['compressed.pth', 'hf', 'model.pt', 'model.pt2', 'model.ts', 'report.json', 'report.png',
                      'report.txt'], names
     with open(out_dir / 'report.png', 'rb') as f:
         assert f.read(8) == b'\x89PNG\r\n\x1a\n'
