@@ -204,7 +204,8 @@ def test_plain_weight_decay_on_factors_without_wd2fd():
     (["--wd2fd-quekey"], "adam", "--optimizer adam would silently ignore it"),
     (["--wd2fd"], "fd_nag", "--wd2fd acts on factorized layers; it needs --rank-scale"),
     (["--spectral"], "nag", "--spectral acts on factorized layers; it needs --rank-scale"),
-    (["--rank-scale", "0"], "nag", "--rank-scale must be a finite number > 0, got 0.0"),
+    (["--rank-scale", "0"], "nag",
+     "--rank-scale must be a finite float > 0 (leave it unset for the dense model), got 0.0"),  # fnl/_validate.py
     (["--rank-scale", "0.5", "--adaptive-softmax-cutoff", "10"], "nag",
      "--adaptive-softmax-cutoff is not supported together with --rank-scale"),
     (["--rank-scale", "0.001"], "nag", "--rank-scale must be >= 0.125"),
