@@ -3,6 +3,7 @@
 Implements "Initialization and Regularization of Factorized Neural Layers" (Khodak, Tenenholtz,
 Mackey, Fusi; ICLR 2022, arXiv 2105.01029). The core imports only torch.
 """
+from .adopt import CheckpointMismatchError, adopt_on_load, adopt_state_dict_shapes
 from .attention import (
     add_outval_fd_grad_, add_quekey_fd_grad_, balance_outval_, balance_quekey_, outval_norm_sq, quekey_norm_sq,
 )
@@ -28,9 +29,9 @@ from .tensor_conv import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "CompressionReport", "FactorizedConv2d", "FactorizedEmbedding", "FactorizedLayer", "FactorizedLinear",
+    "CheckpointMismatchError", "CompressionReport", "FactorizedConv2d", "FactorizedEmbedding", "FactorizedLayer", "FactorizedLinear",
     "FDEngine", "FDTerm", "FrobeniusDecay", "FrobeniusNormRecorder", "FrobeniusNormalizer", "LayerDecision", "ModelSummary",
-    "add_factor_fd_grad_", "add_outval_fd_grad_", "add_quekey_fd_grad_", "apply_ranks", "balance_outval_",
+    "adopt_on_load", "adopt_state_dict_shapes", "add_factor_fd_grad_", "add_outval_fd_grad_", "add_quekey_fd_grad_", "apply_ranks", "balance_outval_",
     "balance_quekey_", "cache_cpu_allocations", "collapse", "compress", "cpu_allocations_cached", "count_macs", "count_parameters", "factor_owner", "factor_parameter_names", "factorize",
     "form_term", "layer_term", "mark_factors",
     "fold_batchnorm",

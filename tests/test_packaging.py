@@ -28,7 +28,7 @@ EXTRAS = {
     'fairseq': {'fairseq==0.12.2; python_version < "3.11"', 'fairseq-fixed==0.12.3.1; python_version >= "3.11"',
                 'sacrebleu>=2.0', 'sentencepiece'},
     'onnx': {'onnx', 'onnxscript', 'onnxruntime'},
-    'dev': {'pytest', 'tensorly'},
+    'dev': {'pytest', 'tensorly', 'hypothesis', 'mutmut'},
 }
 SCRIPTS = {
     'fnl-train': 'fnl_timm.train:main',
