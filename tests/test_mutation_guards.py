@@ -326,6 +326,7 @@ def test_count_parameters_dense_and_summary_of_square_and_embedding_layers():
     # without an input there are no MACs to report: None everywhere (not 0)
     assert s.total_macs is None and s.dense_macs is None and s.macs_ratio is None
     assert all(r.macs is None and r.dense_macs is None for r in s.rows)
+    assert rows["grouped"].rank is None and rows["fc1"].rank == 4  # dense rows have no rank
     assert fnl.count_parameters(fnl.collapse(model)) == dense_total
 
 
