@@ -94,3 +94,14 @@ def test_from_dense_rejections_are_named():
 def test_sizes_are_named(args, message):
     with pytest.raises(ValueError, match=f"^{message}$"):
         FactorizedEmbedding(*args, rank=1)
+
+
+def test_spectral_init_factorizes_the_initialised_table():
+    table = torch.randn(6, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    layer = FactorizedEmbedding(6, 4, padding_idx=0, rank=4, spectral=True, init=lambda w: w.copy_(table),
+                                dtype=torch.float64)
+    assert layer.spectral is True
+    want = table.clone()
+    want[0] = 0.0  # the padding row, zeroed after the factorisation
+    torch.testing.assert_close(layer.dense_weight(), want, rtol=0, atol=1e-12)
+    assert FactorizedEmbedding(6, 4, rank=2).spectral is False
