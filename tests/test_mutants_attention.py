@@ -90,23 +90,24 @@ def test_bfloat16_weights_are_reduced_in_float32():
 
 
 def _fairseq_like_attention(x, q_proj, k_proj, v_proj, out_proj, bias_k, bias_v):
-    """Single-sequence attention with one extra key / value vector appended, as fairseq's add_bias_kv."""
+    """Single-sequence attention with extra key / value vectors appended, as fairseq's add_bias_kv."""
     t = x.shape[0]
-    k_all = torch.cat([k_proj(x), bias_k.reshape(1, -1)])
-    v_all = torch.cat([v_proj(x), bias_v.reshape(1, -1)])
+    k_all = torch.cat([k_proj(x), bias_k.reshape(-1, HEADS * DH)])
+    v_all = torch.cat([v_proj(x), bias_v.reshape(-1, HEADS * DH)])
     q = q_proj(x).view(t, HEADS, DH).transpose(0, 1)
-    k = k_all.view(t + 1, HEADS, DH).transpose(0, 1)
-    v = v_all.view(t + 1, HEADS, DH).transpose(0, 1)
+    k = k_all.view(k_all.shape[0], HEADS, DH).transpose(0, 1)
+    v = v_all.view(v_all.shape[0], HEADS, DH).transpose(0, 1)
     attn = torch.softmax(q @ k.transpose(1, 2), dim=-1)
     return out_proj((attn @ v).transpose(0, 1).reshape(t, HEADS * DH))
 
 
-def test_balancing_float32_projections_with_bias_kv_keeps_the_function():
+@pytest.mark.parametrize("vectors", [1, 2])
+def test_balancing_float32_projections_with_bias_kv_keeps_the_function(vectors):
     torch.manual_seed(3)
     q_proj, k_proj, v_proj = (nn.Linear(D, HEADS * DH) for _ in range(3))
     out_proj = nn.Linear(HEADS * DH, D)
-    bias_k = torch.randn(1, 1, HEADS * DH)
-    bias_v = torch.randn(1, 1, HEADS * DH)
+    bias_k = torch.randn(vectors, 1, HEADS * DH)
+    bias_v = torch.randn(vectors, 1, HEADS * DH)
     x = torch.randn(4, D)
     before = _fairseq_like_attention(x, q_proj, k_proj, v_proj, out_proj, bias_k, bias_v)
     q0, k0 = q_proj.weight.detach().clone(), k_proj.weight.detach().clone()
