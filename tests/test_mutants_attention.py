@@ -146,3 +146,16 @@ def test_balancing_argument_messages():
     with pytest.raises(ValueError, match=r"^out_proj\.weight\.T and v_proj\.weight must have the same heads"):
         fnl.balance_outval_(nn.Linear(4, D), lin, HEADS)
     assert att._check_extra("bias_k", None, 6, "k_proj") is None
+
+
+def test_float32_weights_get_float32_arithmetic():
+    """Float32 weights: the FD gradient is the float32 product (what a GPU computes fast), bit for bit, not a
+    float64 one rounded to float32."""
+    q, k, _, _ = _weights(torch.float32, seed=2)
+    fnl.add_quekey_fd_grad_(q, k, HEADS, 0.5)
+    qr, kr = q.reshape(HEADS, DH, D), k.reshape(HEADS, DH, D)
+    want_q = ((kr @ kr.transpose(1, 2)) @ qr).mul_(0.5).reshape(q.shape)
+    assert torch.equal(q.grad, want_q)
+    q64, k64 = qr.double(), kr.double()
+    in_float64 = ((k64 @ k64.transpose(1, 2)) @ q64).mul_(0.5).reshape(q.shape).float()
+    assert not torch.equal(in_float64, want_q)  # the check above can tell the two apart
