@@ -18,11 +18,11 @@ def _model():
 
 def test_param_groups_leave_out_frozen_and_skip_named():
     model = _model()
-    model[2].bias.requires_grad_(False)
+    model[0].bias.requires_grad_(False)  # a frozen parameter before others: those still get their groups
     groups = fnl.param_groups(model, 0.1, skip=["2.weight"])
     assert [g["weight_decay"] for g in groups] == [0.1, 0.0, 0.0]
     assert [len(g["params"]) for g in groups] == [1, 1, 2]
-    assert groups[0]["params"][0] is model[0].bias
+    assert groups[0]["params"][0] is model[2].bias
     assert groups[1]["params"][0] is model[2].weight
     assert groups[2]["params"] == [model[0].U, model[0].V] and groups[2]["factors"] is True
     assert "factors" not in groups[0] and "factors" not in groups[1]
@@ -112,3 +112,29 @@ def test_wrapper_messages():
                                          r"and 'frobenius_decay'\); for the wrapped optimizer's own state use "
                                          r"\.optimizer\.load_state_dict$"):
         fnl.FrobeniusDecay(sgd, model, 0.1).load_state_dict([])
+
+
+def test_decoupled_learning_rates_are_cached_until_the_groups_change():
+    model = _model()
+    layer = model[0]
+    inner = torch.optim.AdamW(fnl.param_groups(model, 0.0), lr=0.1, weight_decay=0.0)
+    opt = fnl.FrobeniusDecay(inner, model, 0.5)
+    assert opt.decoupled is True
+    assert opt._term_groups() is opt._term_groups()  # not rebuilt between steps
+    # new group dicts (same number): the next step must use their learning rate
+    inner.param_groups = [dict(g, lr=0.3) for g in inner.param_groups]
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # Adam moves nothing: only FD moves the factors
+    u, v = layer.U.detach().clone(), layer.V.detach().clone()
+    opt.step()
+    torch.testing.assert_close(layer.U.detach(), u - 0.3 * 0.5 * u @ (v.T @ v), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(layer.V.detach(), v - 0.3 * 0.5 * v @ (u.T @ u), rtol=1e-5, atol=1e-7)
+
+
+def test_decoupled_refusal_message():
+    model = _model()
+    outside = [model[0].V, model[0].bias, model[2].weight, model[2].bias]  # U is in no group
+    with pytest.raises(ValueError, match=r"^decoupled Frobenius decay: a .+ tensor is not in the optimizer's "
+                                         r"param_groups, so it has no learning rate; optimize it or use "
+                                         r"decoupled=False$"):
+        fnl.FrobeniusDecay(torch.optim.AdamW(outside, lr=0.1), model, 0.1)
