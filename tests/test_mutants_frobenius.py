@@ -138,3 +138,11 @@ def test_decoupled_refusal_message():
                                          r"param_groups, so it has no learning rate; optimize it or use "
                                          r"decoupled=False$"):
         fnl.FrobeniusDecay(torch.optim.AdamW(outside, lr=0.1), model, 0.1)
+
+
+def test_decoupled_extra_refusal_message():
+    model = _model()
+    with pytest.raises(ValueError, match=r"^decoupled=True applies FD through the optimizer's learning rates; extra "
+                                         r"callables can only add gradients \(coupled\): pass FDTerm objects as "
+                                         r"terms= instead$"):
+        fnl.FrobeniusDecay(torch.optim.AdamW(model.parameters(), lr=0.1), model, 0.1, extra=[lambda c: None])
