@@ -146,3 +146,21 @@ def test_decoupled_extra_refusal_message():
                                          r"callables can only add gradients \(coupled\): pass FDTerm objects as "
                                          r"terms= instead$"):
         fnl.FrobeniusDecay(torch.optim.AdamW(model.parameters(), lr=0.1), model, 0.1, extra=[lambda c: None])
+
+
+def test_optimizer_hooks_can_be_registered_and_step_hooks_run():
+    model = _model()
+    opt = fnl.FrobeniusDecay(torch.optim.SGD(model.parameters(), lr=0.1), model, 0.1)
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
+    for register in (opt.register_state_dict_pre_hook, opt.register_load_state_dict_pre_hook):
+        register(lambda *a: None)
+    for register in (opt.register_state_dict_post_hook, opt.register_load_state_dict_post_hook):
+        register(lambda *a: None)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    assert calls == ["pre", "post"]
+    assert [len(getattr(opt, f"_optimizer_{n}_hooks")) for n in
+            ("step_pre", "step_post", "state_dict_pre", "state_dict_post", "load_state_dict_pre",
+             "load_state_dict_post")] == [1, 1, 1, 1, 1, 1]
