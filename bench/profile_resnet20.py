@@ -26,7 +26,6 @@ import argparse
 import copy
 import os
 import signal
-import statistics
 import sys
 import time
 from typing import Callable, Optional, Sequence
@@ -100,25 +99,26 @@ def _train_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, forward: Optio
 
 
 def profile_ops(fn: Callable[[], object], steps: int, grad: bool) -> dict:
-    """Self CPU microseconds and call count per aten op: the median over ``steps`` calls, each
-    profiled on its own (after one warm-up), so a call slowed by other processes does not dominate."""
-    from torch.profiler import ProfilerActivity, profile
-    per_step = []
+    """Self CPU microseconds and calls per aten op, averaged over ``steps`` profiled calls.
+
+    One untimed call first, then one profiler session whose first call is its warm-up (the
+    profiler's own start-up cost lands there and is discarded: ``torch.profiler.schedule``).
+    """
+    from torch.profiler import ProfilerActivity, profile, schedule
     with torch.set_grad_enabled(grad):
         fn()
-        for _ in range(steps):
-            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True,
+                     schedule=schedule(wait=0, warmup=1, active=steps)) as prof:
+            for i in range(steps + 1):
                 fn()
-            ops = {e.key: (e.self_cpu_time_total, e.count) for e in prof.key_averages()
-                   if e.key.startswith('aten::') or e.key.startswith('mkldnn')}
-            ops['__total__'] = (sum(e.self_cpu_time_total for e in prof.key_averages()), 0)
-            shapes = {(e.key, str(e.input_shapes[:2])): e.self_cpu_time_total
-                      for e in prof.key_averages(group_by_input_shape=True) if 'convolution' in e.key}
-            per_step.append((ops, shapes))
-    out: dict = {}
-    for k in per_step[0][0]:
-        out[k] = (statistics.median(s[0].get(k, (0.0, 0))[0] for s in per_step), per_step[0][0][k][1])
-    out['__conv_shapes__'] = {k: statistics.median(s[1].get(k, 0.0) for s in per_step) for k in per_step[0][1]}
+                if i < steps:  # a step() after the last call would end the cycle and drop its events
+                    prof.step()
+    events = prof.key_averages()
+    out: dict = {e.key: (e.self_cpu_time_total / steps, e.count // steps) for e in events
+                 if e.key.startswith('aten::') or e.key.startswith('mkldnn')}
+    out['__total__'] = (sum(e.self_cpu_time_total for e in events) / steps, 0)
+    out['__conv_shapes__'] = {(e.key, str(e.input_shapes[:2])): e.self_cpu_time_total / steps
+                              for e in prof.key_averages(group_by_input_shape=True) if 'convolution' in e.key}
     return out
 
 
@@ -232,7 +232,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--infer-batch', type=int, default=256, help='inference batch size (default: 256)')
     p.add_argument('--train-batch', type=int, default=128, help='training batch size (default: 128)')
-    p.add_argument('--profile-steps', type=int, default=3, help='calls profiled one by one per model and mode; the median per op is shown (default: 3)')
+    p.add_argument('--profile-steps', type=int, default=3, help='profiled calls per model and mode, after one profiler warm-up call (default: 3)')
     p.add_argument('--rounds', type=int, default=5, help='timed interleaved rounds per variant (default: 5)')
     p.add_argument('--top', type=int, default=10, help='rows of the per-op and per-shape tables (default: 10)')
     p.add_argument('--threads', type=int, default=None,
