@@ -128,6 +128,9 @@ def wrap_checkpoint_loading() -> None:
 
     @functools.wraps(original)
     def load_checkpoint_to_cpu(path, *args: Any, **kwargs: Any):
+        # registered again on every load: torch's ``safe_globals`` context (timm's ``load_checkpoint``
+        # uses one) removes its globals on exit, the plugin's registration at import included
+        register_safe_globals()
         try:
             state = original(path, *args, **kwargs)
         except Exception as e:  # noqa: BLE001 - explained below, or re-raised as it was

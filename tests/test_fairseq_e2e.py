@@ -5,7 +5,6 @@ A tiny synthetic parallel corpus is binarized with ``fairseq-preprocess``; model
 and the hub (``from_pretrained``); the iwslt14 recipe's smoke pipeline runs once, narrowed. About
 three minutes on two CPU cores.
 """
-import argparse
 import json
 import os
 import re
@@ -140,8 +139,8 @@ def test_train_generate_interactive_from_pretrained(tmp_path):
     assert results["test_sentences"] == 200
 
     ckpt_dir = work / "checkpoints"
-    with torch.serialization.safe_globals([argparse.Namespace]):  # what a fairseq checkpoint holds besides tensors
-        state = torch.load(ckpt_dir / "checkpoint_best.pt", map_location="cpu", weights_only=True)
+    fnl_fairseq.checkpoint.register_safe_globals()  # argparse.Namespace, which a fairseq checkpoint holds
+    state = torch.load(ckpt_dir / "checkpoint_best.pt", map_location="cpu", weights_only=True)
     assert state["cfg"]["bpe"]["_name"] == "sentencepiece"
     assert (state["cfg"]["task"]["source_lang"], state["cfg"]["task"]["target_lang"]) == ("src", "tgt")
     # only the checkpoint folder: moved elsewhere, the work folder's copy gone

@@ -369,6 +369,7 @@ def test_fd_adam_decoupled_by_default(extra, decoupled):
 
 
 def test_safe_globals_allow_fairseq_config_namespace():
+    fnl_fairseq.checkpoint.register_safe_globals()  # done at import; a torch safe_globals context may have undone it
     buf = io.BytesIO()
     torch.save({"cfg": {"model": argparse.Namespace(arch="fnl_transformer_small", rank_scale=0.5)}}, buf)
     buf.seek(0)
@@ -520,3 +521,21 @@ def test_recipe_download_and_split(tmp_path):
         rec.download_iwslt14(str(tmp_path / "t3"), archive=str(bad))
     with pytest.raises(SystemExit, match="could not download"):
         rec.download_iwslt14(str(tmp_path / "t4"), urls=[(tmp_path / "missing.tgz").as_uri()])
+
+
+def test_checkpoint_loads_after_a_safe_globals_context_removed_the_registration(tmp_path):
+    """timm's load_checkpoint loads inside ``torch.serialization.safe_globals([argparse.Namespace])``,
+    whose exit removes argparse.Namespace from the registry; a fairseq checkpoint loaded afterwards in
+    the same process must still load (weights only, no unpickling of other types)."""
+    from fairseq import checkpoint_utils
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"cfg": {"model": argparse.Namespace(arch="fnl_transformer_small", rank_scale=0.5)},
+                "model": {"w": torch.ones(2)}, "optimizer_history": [
+                    {"criterion_name": "CrossEntropyCriterion", "optimizer_name": "FairseqFDNAG",
+                     "lr_scheduler_state": {"best": 1.0}, "num_updates": 0}],
+                "extra_state": {"epoch": 1}}, path)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        pass
+    assert argparse.Namespace not in torch.serialization.get_safe_globals()  # what timm's loader leaves
+    state = checkpoint_utils.load_checkpoint_to_cpu(str(path))
+    assert state["cfg"]["model"].rank_scale == 0.5
