@@ -52,6 +52,10 @@ def save_timm_folder(model: nn.Module, folder: str, input_size: Sequence[int],
     arch = cfg.get('architecture')
     if not arch or not timm.is_model(arch) or not hasattr(model, '_model_args'):
         return 'the model was not made by timm.create_model from a registered name (no architecture to record)'
+    if 'base' in model._model_args:
+        return ("a model made by timm.create_model('fnl', base=...) records its base's architecture, which "
+                "takes none of fnl's arguments; reload it with timm.create_model('fnl', base=..., "
+                "checkpoint_path=...) (the checkpoint's ranks are adopted)")
     src = copy.deepcopy(model).cpu().eval()  # the caller's model stays where and as it is
     if state_dict is not None:
         src.load_state_dict(state_dict)
@@ -95,7 +99,7 @@ def _check(model: nn.Module, folder: str, input_size: Sequence[int], atol: float
         with warnings.catch_warnings():  # adoption's note on rebuilt layers is for optimizers made before loading
             warnings.simplefilter('ignore')
             loaded = timm.create_model('local-dir:' + folder, pretrained=True).eval()
-    except (RuntimeError, ValueError, KeyError) as e:
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:  # TypeError: an argument the class does not take
         return f"timm's loader cannot rebuild it from its architecture and arguments: {str(e).splitlines()[0]}"
     finally:
         timm_logger.setLevel(level)

@@ -77,3 +77,15 @@ def test_fnl_compress_says_why_pairs_of_plain_layers_get_no_folder(tmp_path):
     assert rep['extra']['hf_note'].startswith('its low-rank layers are pairs of plain layers')
     assert 'no timm folder (hf/): its low-rank layers' in (out / 'report.txt').read_text()
     assert _no_temporaries(out) == []
+
+
+def test_generic_fnl_model_gets_a_reason_not_a_folder(tmp_path):
+    """timm.create_model('fnl', base=...) carries its base's architecture, which takes none of fnl's
+    arguments: no folder is written, and the reason says how to reload the model instead."""
+    import timm
+    from fnl_timm._hf import save_timm_folder
+    model = timm.create_model('fnl', base='test_resnet', rank_scale=0.5, num_classes=3)
+    reason = save_timm_folder(model, str(tmp_path / 'hf'), (3, 32, 32))
+    assert reason is not None and "create_model('fnl', base=..., checkpoint_path=...)" in reason
+    assert not (tmp_path / 'hf').exists()
+    assert [p.name for p in tmp_path.iterdir()] == []  # no temporary folder left either
