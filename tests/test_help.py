@@ -25,7 +25,7 @@ BUILT = {
 }
 RECIPE_FILES = sorted(p for p in RECIPES.glob('*.py') if not p.name.startswith('_'))
 RECIPE_FILES.append(RECIPES / 'iwslt14' / 'iwslt14.py')
-BENCH_FILES = sorted((ROOT / 'bench').glob('bench_*.py'))
+BENCH_FILES = sorted(p for p in (ROOT / 'bench').glob('*.py') if p.name.startswith(('bench_', 'profile_')))
 
 DEFAULT_SHOWN = re.compile(r'\(default\b|\bdefault:', re.IGNORECASE)
 
