@@ -20,13 +20,7 @@ import fnl
 REL = 0.03  # statistical tolerance on a std estimated from >= 10,000 draws (standard error < 0.7%)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: one intra-op thread (several threads on a busy machine make each op 100x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 
 
 def _std(t):

@@ -27,13 +27,7 @@ SCALES = st.one_of(st.sampled_from([0.1, 0.25, 0.5, 1 / 3, 0.75, 1.0, 1.5, 2.0])
                    st.floats(0.01, 2.0, allow_nan=False, allow_infinity=False))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: one intra-op thread (several threads on a busy machine make each op 100x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 
 
 def _close(a, b, atol, rtol=0.0):
@@ -673,6 +667,13 @@ def test_tensor_conv_macs_match_flop_counter(cls, cin, cout, k, stride, scale):
     assert layer.dense_macs(shape) == _per_sample_macs(dense, lambda b: torch.randn(b, *shape))
 
 
+def _core_tensor(cls, cores):
+    """The full (in, out, kernel) tensor a TT or Tucker conv's cores stand for, built by einsum."""
+    if cls is fnl.TTConv2d:
+        return torch.einsum("xia,ajb,bky->ijk", *(c.reshape(c.shape[0], -1, c.shape[-1]) for c in cores))
+    return torch.einsum("abc,ia,jb,kc->ijk", *cores)
+
+
 @FAST
 @given(cls=TENSOR_CLASSES, cin=CHANNELS, cout=CHANNELS, scale=st.floats(0.1, 1.0),
        dtype=st.sampled_from([torch.float32, torch.float64]), coef=st.floats(1e-2, 5.0),
@@ -682,10 +683,7 @@ def test_tensor_conv_fd_step_equals_autograd_of_the_penalty(cls, cin, cout, scal
     layer = cls(cin, cout, 3, rank_scale=scale, dtype=dtype)
     _randomize_(layer, g, scale=0.5)
     cores = [p.detach().double().requires_grad_() for p in layer.factor_parameters()]
-    if cls is fnl.TTConv2d:
-        t = torch.einsum("xia,ajb,bky->ijk", *(c.reshape(c.shape[0], -1, c.shape[-1]) for c in cores))
-    else:
-        t = torch.einsum("abc,ia,jb,kc->ijk", *cores)
+    t = _core_tensor(cls, cores)
     penalty = 0.5 * coef * t.square().sum()
     expected = torch.autograd.grad(penalty, cores)
     layer.add_frobenius_grad_(coef)
@@ -704,10 +702,7 @@ def test_tensor_conv_fd_step_of_bf16_cores_is_computed_in_float32(cls, cin, cout
     layer = cls(cin, cout, 1, rank_scale=1.0, dtype=torch.bfloat16)
     _randomize_(layer, g, scale=0.5)
     cores = [p.detach().double().requires_grad_() for p in layer.factor_parameters()]
-    if cls is fnl.TTConv2d:
-        t = torch.einsum("xia,ajb,bky->ijk", *(c.reshape(c.shape[0], -1, c.shape[-1]) for c in cores))
-    else:
-        t = torch.einsum("abc,ia,jb,kc->ijk", *cores)
+    t = _core_tensor(cls, cores)
     expected = torch.autograd.grad(0.5 * t.square().sum(), cores)
     layer.add_frobenius_grad_(1.0)
     for p, e in zip(layer.factor_parameters(), expected):

@@ -28,13 +28,7 @@ NAMES = sorted(MODELS)
 CLASSES = 10
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    """Small matrices on a shared machine: one thread each is faster than oversubscribed cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 
 
 def _dense(name, seed=0, **extra):
