@@ -111,6 +111,20 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
             dist.destroy_process_group()
 
 
+def use_channels_last(requested: Optional[bool], model: nn.Module, device: torch.device) -> bool:
+    """Whether ``fnl-train`` runs the model and its inputs in the channels-last memory format.
+
+    ``requested`` is ``--channels-last`` (True) / ``--no-channels-last`` (False); unset (None) it is on
+    for a model with factorized convs on the CPU, where oneDNN runs their small (1 x k) / (k x 1) convs
+    far faster channels-last (``fnl_resnet20`` @0.111: training and inference steps 1.3-1.6x faster,
+    bench/README.md), and off elsewhere (not measured on GPUs). The memory format changes neither what
+    the model computes nor its checkpoints' values.
+    """
+    if requested is not None:
+        return requested
+    return device.type == 'cpu' and any(isinstance(m, fnl.FactorizedConv2d) for m in model.modules())
+
+
 def _amp(args: argparse.Namespace, device: torch.device) -> Tuple[Any, Optional[NativeScaler]]:
     """(autocast context, loss scaler) of ``--amp``: bfloat16 on the CPU, float16 with timm's GradScaler on CUDA."""
     if not args.amp:
@@ -158,6 +172,7 @@ def _train(args: argparse.Namespace, device: torch.device, stop: StopSignal) -> 
                          '(use an fnl_* model)')
     stats = fnl.summary(model, info.input_size)
     model.to(device)
+    args.channels_last = use_channels_last(args.channels_last, model, device)  # resolved: recorded in checkpoints
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     if args.sync_bn and args.distributed:  # as timm's train.py: before the optimizer and the DDP wrapper
@@ -263,7 +278,8 @@ def _train(args: argparse.Namespace, device: torch.device, stop: StopSignal) -> 
             except ImportError:
                 _logger.warning('tensorboard is not installed: no TensorBoard log (pip install tensorboard)')
         _logger.info(f'{args.model}: {stats.total_params:,} params ({stats.param_ratio:.4f} of dense '
-                     f'{stats.dense_params:,}), rank_scale {getattr(model, "rank_scale", 0.0):.6g}')
+                     f'{stats.dense_params:,}), rank_scale {getattr(model, "rank_scale", 0.0):.6g}, '
+                     f'{"channels-last" if args.channels_last else "contiguous (NCHW)"} memory format')
         if resumed is not None:
             _logger.info(f'resuming at epoch {start_epoch}' + (f', step {start_step}' if start_step else '')
                          + f' of {num_epochs}')
@@ -326,7 +342,8 @@ def _train(args: argparse.Namespace, device: torch.device, stop: StopSignal) -> 
         top1=eval_metrics.get('top1'), top5=eval_metrics.get('top5'), eval_loss=eval_metrics.get('loss'),
         best_top1=best_top1, params=stats.total_params, dense_params=stats.dense_params,
         compression_ratio=stats.param_ratio, macs=stats.total_macs, dense_macs=stats.dense_macs,
-        macs_ratio=stats.macs_ratio, train_seconds=train_time, world_size=args.world_size)
+        macs_ratio=stats.macs_ratio, train_seconds=train_time, world_size=args.world_size,
+        channels_last=args.channels_last)
 
     if args.distributed:
         results['ddp_max_weight_diff'] = _max_diff_across_ranks(model)

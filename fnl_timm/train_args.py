@@ -127,7 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--seed', type=int, default=0, help='seed of the initial model, data order and augmentation')
     g.add_argument('--device', default=None, help='cpu, cuda, cuda:1, ...; unset: cuda if available')
     g.add_argument('--amp', action='store_true', help='mixed precision (bfloat16 on CPU, float16 + scaler on CUDA)')
-    g.add_argument('--channels-last', action='store_true', help='channels-last memory format for model and inputs')
+    g.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=None,
+                   help='channels-last memory format for model and inputs; unset: on for a model with factorized '
+                        'convs on the CPU (1.3-1.6x faster steps there, bench/README.md), off otherwise; '
+                        '--no-channels-last keeps the contiguous (NCHW) format')
     g.add_argument('--sync-bn', action='store_true',
                    help='under torchrun on CUDA: BatchNorm statistics over all processes in every step (torch '
                         'SyncBatchNorm, as timm train.py); without it each process normalises with its own batch')

@@ -1,0 +1,115 @@
+"""The speed paths compute what the plain model computes (bench/README.md): the channels-last memory
+format (fnl-train's default for factorized convs on the CPU, and its opt-out) leaves outputs, Frobenius
+decay steps, state dicts, checkpoints, the inference form and export unchanged."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+timm = pytest.importorskip('timm')
+import fnl  # noqa: E402
+import fnl_timm  # noqa: E402,F401
+from fnl.export import export_model  # noqa: E402
+from fnl_timm import train as fnl_train  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures('one_thread')
+
+CL = torch.channels_last
+TRAIN = ['--model', 'fnl_test_resnet', '--img-size', '16', '--batch-size', '32', '--workers', '0',
+         '--limit-train-batches', '1', '--limit-val-batches', '1', '--no-progress', '--no-tensorboard',
+         '--lr', '0.05', '--epochs', '1']
+
+
+def _resnet(**kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model('fnl_test_resnet', **kwargs)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-5) -> None:
+    assert torch.allclose(a, b, atol=atol, rtol=0), f'{(a - b).abs().max()}'
+
+
+def test_channels_last_rule():
+    fact, dense = _resnet(rank_scale=0.3), _resnet()
+    cpu, gpu = torch.device('cpu'), torch.device('cuda')
+    assert fnl_train.use_channels_last(None, fact, cpu) is True
+    assert fnl_train.use_channels_last(None, dense, cpu) is False  # no factorized conv: unchanged
+    assert fnl_train.use_channels_last(None, fact, gpu) is False  # not measured on GPUs: unchanged
+    assert fnl_train.use_channels_last(False, fact, cpu) is False  # --no-channels-last
+    assert fnl_train.use_channels_last(True, dense, cpu) is True  # --channels-last
+    linear_only = nn.Sequential(nn.Conv2d(3, 4, 3), fnl.FactorizedLinear(4, 4, rank=2))
+    assert fnl_train.use_channels_last(None, linear_only, cpu) is False
+
+
+def test_channels_last_flag_help_and_parsing():
+    parser = fnl_train.build_parser()
+    text = ' '.join(parser.format_help().split())
+    assert '--channels-last, --no-channels-last' in text
+    assert 'unset: on for a model with factorized convs on the CPU' in text
+    assert parser.parse_args([]).channels_last is None
+    assert parser.parse_args(['--channels-last']).channels_last is True
+    assert parser.parse_args(['--no-channels-last']).channels_last is False
+
+
+def test_fnl_train_default_channels_last_and_opt_out_train_the_same(tmp_path):
+    """Factorized on the CPU: channels-last unless --no-channels-last; the two runs (Frobenius decay on)
+    end at the same weights (one step: the rounding differences of the two formats grow with every step),
+    and the channels-last checkpoint loads into a contiguous model."""
+    args = TRAIN + ['--rank-scale', '0.3', '--spectral', '--wd2fd', '--output', str(tmp_path)]
+    on = fnl_train.run(args + ['--experiment', 'on'])
+    off = fnl_train.run(args + ['--experiment', 'off', '--no-channels-last'])
+    assert (on['channels_last'], off['channels_last']) == (True, False)
+    a = torch.load(tmp_path / 'on' / 'last.pth.tar', weights_only=False)
+    b = torch.load(tmp_path / 'off' / 'last.pth.tar', weights_only=False)
+    assert a['args'].channels_last is True and b['args'].channels_last is False  # the resolved value is recorded
+    assert a['state_dict']['conv1.weight'].is_contiguous(memory_format=CL)
+    assert b['state_dict']['conv1.weight'].is_contiguous()
+    assert a['state_dict'].keys() == b['state_dict'].keys()
+    for k, v in a['state_dict'].items():
+        _close(v.float(), b['state_dict'][k].float(), atol=1e-4)
+    model = _resnet(rank_scale=0.3)
+    model.load_state_dict(a['state_dict'])
+    assert all(p.is_contiguous() for p in model.parameters())  # loading keeps the model's own format
+    dense = fnl_train.run(TRAIN + ['--output', str(tmp_path), '--experiment', 'dense'])
+    assert dense['channels_last'] is False
+
+
+def test_memory_format_keeps_outputs_fd_steps_state_dict_and_forms(tmp_path):
+    torch.manual_seed(1)
+    x = torch.randn(8, 3, 16, 16)
+    y = torch.randint(0, 10, (8,))
+    ref = _resnet(rank_scale=0.3, spectral=True)
+    fast = copy.deepcopy(ref).to(memory_format=CL)
+    assert fast.conv1.weight.is_contiguous(memory_format=CL)
+    xc = x.contiguous(memory_format=CL)
+    _close(ref.eval()(x), fast.eval()(xc))
+    # training steps with Frobenius decay (coupled, through momentum): same parameters and FD norms
+    for model, inp in ((ref, x), (fast, xc)):
+        model.train()
+        opt = torch.optim.SGD(fnl.param_groups(model, 1e-3, wd2fd=True), lr=0.1, momentum=0.9)
+        fd = fnl.FrobeniusDecay(opt, model, coef=1e-2)
+        for _ in range(3):
+            fd.zero_grad()
+            nn.functional.cross_entropy(model(inp), y).backward()
+            fd.step()
+    for p, q in zip(ref.parameters(), fast.parameters()):
+        _close(p.detach(), q.detach(), atol=1e-5)
+    layers = list(zip(fnl.factorized_layers(ref), fnl.factorized_layers(fast)))
+    assert len(layers) == 8
+    for a, b in layers:
+        _close(fnl.frobenius_norm(a), fnl.frobenius_norm(b), atol=1e-5)
+    ref.eval(), fast.eval()
+    out = ref(x)
+    # state dict: the same values; it loads into a contiguous model, which gives the same outputs
+    sd = fast.state_dict()
+    for k, v in ref.state_dict().items():
+        _close(v.float(), sd[k].float())
+    fresh = _resnet(rank_scale=0.3)
+    fresh.load_state_dict(sd)
+    _close(fresh.eval()(x), out)
+    # the plain-torch inference form and a TorchScript export of the channels-last model
+    inf = fnl.to_inference_form(copy.deepcopy(fast)).eval()
+    _close(inf(xc), out)
+    rep = export_model(fast, xc, tmp_path / 'm.pt', 'torchscript')
+    assert rep['max_abs_diff'] < 1e-5
