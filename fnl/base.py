@@ -280,7 +280,9 @@ class LowRankLayer(FactorizedLayer):
     @torch.no_grad()
     def scale_matrix_(self, factor: Union[float, Tensor]) -> None:
         """Multiply the product by ``factor`` (> 0): ``U`` and ``V`` each by ``sqrt(factor)``, ``S`` unchanged."""
-        root = torch.as_tensor(factor, dtype=torch.float32, device=self.U.device).sqrt()
+        # the root in float32 at least (float64 for float64 factors), then cast to each factor's dtype
+        work = torch.promote_types(self.U.dtype, torch.float32)
+        root = torch.as_tensor(factor, dtype=work, device=self.U.device).sqrt()
         self.U.mul_(root.to(self.U.dtype))
         self.V.mul_(root.to(self.V.dtype))
 
