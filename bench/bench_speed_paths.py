@@ -1,0 +1,247 @@
+"""The CPU speed paths of factorized models, each measured side by side with its alternatives in one run.
+
+Parts (``--only``, default all), timed with ``fnl.measure_latency`` (interleaved rounds, medians):
+
+- ``model``: ``fnl_resnet20`` @0.111 against the dense model, inference (batch 256) and a training step
+  (batch 128, momentum SGD): the contiguous (NCHW) and the channels-last memory format (fnl-train's
+  default for factorized convs on the CPU), and channels-last inputs to a contiguous model.
+- ``stage1``: the rank-5 first stage (a 1x3 conv 16 -> 5 and a 3x1 conv 5 -> 16 on 32x32 maps), alone
+  and inside the model, in NCHW: the pair run channels-last inside the layer (output converted back),
+  ``path='dense'``, against the plain NCHW pair and the channels-last model.
+- ``compile``: ``fnl.compile_for_inference`` (inference form, BatchNorm folded, channels-last weights,
+  ``torch.compile``) against the eager variants, inference at batch 256.
+- ``linear``: ``FactorizedLinear`` 4096x4096 rank 512, batch 1024, fwd+bwd, against ``nn.Linear`` and two
+  plain ``nn.Linear``: with the input's gradient (a layer inside a network: 6 vs 3 matmuls, the 4x
+  multiply-add ratio) and without it (the input a leaf: 5 vs 2 matmuls, a 3.2x ratio), each with a
+  dense upstream gradient and with ``.sum().backward()`` (an expanded gradient the matmuls copy).
+
+    OMP_NUM_THREADS=2 python bench/bench_speed_paths.py --rounds 7
+    python bench/bench_speed_paths.py --only linear --threads 1
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import types
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+import timm  # noqa: E402
+
+import fnl  # noqa: E402
+import fnl_timm  # noqa: E402,F401  (registers the models)
+
+CL = torch.channels_last
+PARTS = ('model', 'stage1', 'compile', 'linear')
+
+
+def _resnet(rank_scale: Optional[float] = 0.111) -> nn.Module:
+    torch.manual_seed(0)
+    kwargs = {} if rank_scale is None else {'rank_scale': rank_scale}
+    return timm.create_model('fnl_resnet20', num_classes=10, **kwargs)
+
+
+def _infer(model: Callable, x: torch.Tensor) -> Callable[[], object]:
+    if isinstance(model, nn.Module):
+        model.eval()
+
+    def run() -> None:
+        with torch.no_grad():
+            model(x)
+    return run
+
+
+def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], object]:
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def run() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return run
+
+
+def _table(title: str, fns: dict, rounds: int, grad: bool, ref: str, ideal: Optional[dict] = None) -> dict:
+    names = list(fns)
+    ms = dict(zip(names, fnl.measure_latency([fns[n] for n in names], 'cpu', repeats=rounds, warmup=1, grad=grad)))
+    print(f'\n## {title} (median of {rounds} interleaved rounds; load average {os.getloadavg()[0]:.2f})')
+    extra = ' | ideal (MAC ratio) | of the ideal' if ideal else ''
+    print(f'| variant | ms | speed-up vs {ref}{extra} |\n|---|---|---|' + ('---|---|' if ideal else ''))
+    for n in names:
+        s = ms[ref] / ms[n]
+        row = f'| {n} | {ms[n]:.1f} | {s:.2f}x'
+        if ideal and n in ideal:
+            row += f' | {ideal[n]:.2f}x | {s / ideal[n]:.2f}'
+        elif ideal:
+            row += ' | - | -'
+        print(row + ' |')
+    return ms
+
+
+def part_model(rounds: int) -> None:
+    torch.manual_seed(0)
+    for title, x, grad in (('inference, batch 256', torch.randn(256, 3, 32, 32), False),
+                           ('training step, batch 128', torch.randn(128, 3, 32, 32), True)):
+        y = torch.randint(0, 10, (x.shape[0],))
+        xc = x.contiguous(memory_format=CL)
+        step = (lambda m, inp: _train(m, inp, y)) if grad else _infer
+        fns = {
+            'dense NCHW': step(_resnet(None), x),
+            'dense channels_last': step(_resnet(None).to(memory_format=CL), xc),
+            'fnl NCHW (fnl-train --no-channels-last)': step(_resnet(), x),
+            'fnl channels_last (fnl-train default on the CPU)': step(_resnet().to(memory_format=CL), xc),
+            'fnl NCHW model, channels_last input': step(_resnet(), xc),
+            'two plain convs NCHW (to_inference_form)': step(fnl.to_inference_form(_resnet()), x),
+            'two plain convs channels_last': step(fnl.to_inference_form(_resnet()).to(memory_format=CL), xc),
+        }
+        _table(f'fnl_resnet20 @0.111, {title}', fns, rounds, grad, 'dense NCHW')
+
+
+def _pair_channels_last_inside(layer: fnl.FactorizedConv2d) -> fnl.FactorizedConv2d:
+    """Run the layer's two convs channels-last and return its output in the input's (NCHW) format."""
+    base = type(layer).forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return base(self, x.contiguous(memory_format=CL)).contiguous()
+    layer.forward = types.MethodType(forward, layer)
+    return layer
+
+
+def _stage1(model: nn.Module, how: str) -> nn.Module:
+    for m in model.modules():
+        if isinstance(m, fnl.FactorizedConv2d) and m.rank == 5:  # the first stage's six layers
+            if how == 'dense':
+                m.path = 'dense'
+            else:
+                _pair_channels_last_inside(m)
+    return model
+
+
+def part_stage1(rounds: int) -> None:
+    torch.manual_seed(0)
+    layer = fnl.FactorizedConv2d(16, 16, 3, padding=1, bias=False, rank=5)
+    dense_path = fnl.FactorizedConv2d(16, 16, 3, padding=1, bias=False, rank=5, path='dense')
+    dense_path.load_state_dict(layer.state_dict())
+    inside = _pair_channels_last_inside(fnl.FactorizedConv2d(16, 16, 3, padding=1, bias=False, rank=5))
+    inside.load_state_dict(layer.state_dict())
+    for batch, grad in ((256, False), (128, True)):
+        x = torch.randn(batch, 16, 32, 32)
+        xc = x.contiguous(memory_format=CL)
+        for a, b in ((layer(x), inside(x)), (layer(x), dense_path(x))):
+            assert torch.allclose(a, b, atol=1e-4), f'{(a - b).abs().max()}'
+
+        def f(mod: nn.Module, inp: torch.Tensor) -> Callable[[], object]:
+            inp = inp.clone().requires_grad_(grad)
+            return (lambda: mod(inp).sum().backward()) if grad else (lambda: mod(inp))
+        fns = {'pair NCHW': f(layer, x), "path='dense' NCHW": f(dense_path, x),
+               'pair channels_last inside, NCHW out': f(inside, x), 'pair channels_last in and out': f(layer, xc),
+               "path='dense' channels_last": f(dense_path, xc)}
+        _table(f'one first-stage layer (16 -> 5 -> 16, 32x32), {"fwd+bwd" if grad else "fwd"}, batch {batch}',
+               fns, rounds, grad, 'pair NCHW')
+    torch.manual_seed(0)
+    for title, x, grad in (('inference, batch 256', torch.randn(256, 3, 32, 32), False),
+                           ('training step, batch 128', torch.randn(128, 3, 32, 32), True)):
+        y = torch.randint(0, 10, (x.shape[0],))
+        step = (lambda m, inp: _train(m, inp, y)) if grad else _infer
+        xc = x.contiguous(memory_format=CL)
+        fns = {'fnl NCHW': step(_resnet(), x),
+               'fnl NCHW, stage 1 pairs channels_last inside': step(_stage1(_resnet(), 'inside'), x),
+               "fnl NCHW, stage 1 path='dense'": step(_stage1(_resnet(), 'dense'), x),
+               'fnl channels_last': step(_resnet().to(memory_format=CL), xc),
+               "fnl channels_last, stage 1 path='dense'": step(_stage1(_resnet(), 'dense').to(memory_format=CL), xc)}
+        _table(f'fnl_resnet20 @0.111 with first-stage variants, {title}', fns, rounds, grad, 'fnl NCHW')
+
+
+def part_compile(rounds: int) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(256, 3, 32, 32)
+    xc = x.contiguous(memory_format=CL)
+    eager_fast = fnl.fold_batchnorm(fnl.to_inference_form(_resnet()).eval()).to(memory_format=CL)
+    fns = {'dense NCHW eager': _infer(_resnet(None), x),
+           'dense, compile_for_inference': None,
+           'fnl NCHW eager': _infer(_resnet(), x),
+           'fnl channels_last eager': _infer(_resnet().to(memory_format=CL), xc),
+           'fnl inference form + BN folded, channels_last, eager': _infer(eager_fast, xc),
+           'fnl compile_for_inference, NCHW input': None,
+           'fnl compile_for_inference, channels_last input': None}
+    ref = _resnet().eval()
+    with torch.no_grad():
+        want = ref(x)
+    for name, model, inp in (('dense, compile_for_inference', _resnet(None), x),
+                             ('fnl compile_for_inference, NCHW input', _resnet(), x),
+                             ('fnl compile_for_inference, channels_last input', _resnet(), xc)):
+        t0 = time.perf_counter()
+        compiled = fnl.compile_for_inference(model)
+        with torch.no_grad():
+            out = compiled(inp)
+        print(f'{name}: first call (compile) {time.perf_counter() - t0:.1f} s')
+        if name.startswith('fnl'):
+            assert torch.allclose(out, want, atol=1e-4), f'{(out - want).abs().max()}'
+        fns[name] = _infer(compiled, inp)
+    _table('fnl_resnet20 @0.111 inference, batch 256: torch.compile deployment against eager', fns, rounds, False,
+           'dense NCHW eager')
+
+
+class _TwoLinear(nn.Module):
+    def __init__(self, n: int, r: int) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(n, r, bias=False), nn.Linear(r, n)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x))
+
+
+def part_linear(rounds: int) -> None:
+    n, batch, r = 4096, 1024, 512
+    torch.manual_seed(0)
+    layers = {'nn.Linear': nn.Linear(n, n), 'FactorizedLinear': fnl.FactorizedLinear(n, n, rank=r),
+              'two nn.Linear': _TwoLinear(n, r)}
+    g = torch.randn(batch, n)
+    for input_grad, ratio in ((True, n / (2 * r)), (False, 2 * n / (5 * r))):
+        x = torch.randn(batch, n, requires_grad=input_grad)
+        for upstream in ('dense gradient', '.sum().backward()'):
+            def step(layer: nn.Module) -> Callable[[], object]:
+                def run() -> None:
+                    layer.zero_grad(set_to_none=True)
+                    x.grad = None
+                    out = layer(x)
+                    out.backward(g) if upstream == 'dense gradient' else out.sum().backward()
+                return run
+            fns = {k: step(v) for k, v in layers.items()}
+            which = 'with' if input_grad else 'without'
+            _table(f'{n}x{n} rank {r}, batch {batch}, fwd+bwd {which} the input gradient, {upstream}', fns,
+                   rounds, True, 'nn.Linear', ideal={'FactorizedLinear': ratio, 'two nn.Linear': ratio})
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--only', nargs='*', default=list(PARTS), choices=PARTS, help='parts to run (default: all)')
+    p.add_argument('--rounds', type=int, default=7, help='timed interleaved rounds per variant (default: 7)')
+    p.add_argument('--threads', type=int, default=None,
+                   help="torch CPU threads (default: torch's own choice, i.e. OMP_NUM_THREADS or the cores)")
+    args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error(f'--rounds must be >= 1, got {args.rounds}')
+    if args.threads is not None:
+        if args.threads < 1:
+            p.error(f'--threads must be >= 1, got {args.threads}')
+        torch.set_num_threads(args.threads)
+    print(f'# CPU speed paths, torch {torch.__version__}, {torch.get_num_threads()} threads, '
+          f'load average {os.getloadavg()}')
+    for part in args.only:
+        globals()[f'part_{part}'](args.rounds)
+    print(f'\nload average at the end {os.getloadavg()}')
+
+
+if __name__ == '__main__':
+    main()
