@@ -113,3 +113,39 @@ def test_memory_format_keeps_outputs_fd_steps_state_dict_and_forms(tmp_path):
     _close(inf(xc), out)
     rep = export_model(fast, xc, tmp_path / 'm.pt', 'torchscript')
     assert rep['max_abs_diff'] < 1e-5
+
+
+def test_compile_for_inference_refusals_leave_the_model_unchanged():
+    tensor_model = nn.Sequential(fnl.TTConv2d(4, 4, 3, padding=1, rank_scale=0.5))
+    with pytest.raises(ValueError, match='no plain-torch form'):
+        fnl.compile_for_inference(tensor_model)
+    assert isinstance(tensor_model[0], fnl.TTConv2d)
+
+
+@pytest.mark.slow
+def test_compile_for_inference_matches_the_eager_model():
+    torch.manual_seed(2)
+    model = _resnet(rank_scale=0.3, spectral=True).train()
+    with torch.no_grad():  # BatchNorm statistics away from the initial ones, so that folding does something
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+    x = torch.randn(4, 3, 16, 16)
+    compiled = fnl.compile_for_inference(model)
+    assert model.training and sum(isinstance(m, fnl.FactorizedConv2d) for m in model.modules()) == 8
+    inner = compiled._orig_mod  # the compiled copy: plain convs, BatchNorm folded, channels-last weights
+    assert not any(isinstance(m, (fnl.FactorizedLayer, nn.BatchNorm2d)) for m in inner.modules())
+    convs = [m for m in inner.modules() if isinstance(m, nn.Conv2d)]
+    form = fnl.to_inference_form(copy.deepcopy(model))
+    assert len(convs) == sum(isinstance(m, nn.Conv2d) for m in form.modules()) > 8
+    assert all(c.weight.is_contiguous(memory_format=CL) for c in convs)
+    with torch.no_grad():
+        want = model.eval()(x)
+        _close(compiled(x), want, atol=1e-4)
+        _close(compiled(x.contiguous(memory_format=CL)), want, atol=1e-4)
+    plain = fnl.compile_for_inference(model, fold_bn=False, channels_last=False)._orig_mod
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in plain.modules()) == n_bn > 0
+    assert all(m.weight.is_contiguous() for m in plain.modules() if isinstance(m, nn.Conv2d))
