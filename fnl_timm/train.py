@@ -125,6 +125,13 @@ def use_channels_last(requested: Optional[bool], model: nn.Module, device: torch
     return device.type == 'cpu' and any(isinstance(m, fnl.FactorizedConv2d) for m in model.modules())
 
 
+def _set_input_format(model: nn.Module, channels_last: bool) -> None:
+    """The fnl_* zoo models convert CPU inputs to channels-last themselves (``channels_last_inputs``):
+    make them follow ``--channels-last`` / ``--no-channels-last`` too."""
+    if hasattr(model, 'channels_last_inputs'):
+        model.channels_last_inputs = channels_last
+
+
 def _amp(args: argparse.Namespace, device: torch.device) -> Tuple[Any, Optional[NativeScaler]]:
     """(autocast context, loss scaler) of ``--amp``: bfloat16 on the CPU, float16 with timm's GradScaler on CUDA."""
     if not args.amp:
@@ -175,6 +182,7 @@ def _train(args: argparse.Namespace, device: torch.device, stop: StopSignal) -> 
     args.channels_last = use_channels_last(args.channels_last, model, device)  # resolved: recorded in checkpoints
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
+    _set_input_format(model, args.channels_last)
     if args.sync_bn and args.distributed:  # as timm's train.py: before the optimizer and the DDP wrapper
         model = convert_sync_batchnorm(model)
 
@@ -229,6 +237,7 @@ def _train(args: argparse.Namespace, device: torch.device, stop: StopSignal) -> 
     start_epoch, start_step, mid = 0, 0, None
     if resumed is not None:
         restore_training_state(resumed, model, optimizer, loss_scaler)
+        _set_input_format(model, args.channels_last)  # loading may adopt ranks, which resets the zoo's default
         start_epoch, start_step = resume_position(resumed)
         mid = (resumed.get('fnl') or {}).get('mid_epoch')
         done = start_epoch * steps_per_epoch + start_step

@@ -149,3 +149,62 @@ def test_compile_for_inference_matches_the_eager_model():
     n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     assert sum(isinstance(m, nn.BatchNorm2d) for m in plain.modules()) == n_bn > 0
     assert all(m.weight.is_contiguous() for m in plain.modules() if isinstance(m, nn.Conv2d))
+
+
+def _first_conv_input_format(model: nn.Module, x: torch.Tensor) -> tuple[bool, torch.Tensor]:
+    seen = []
+    stem = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    hook = stem.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous(memory_format=CL)))
+    with torch.no_grad():
+        out = model.eval()(x)
+    hook.remove()
+    return seen[0], out
+
+
+@pytest.mark.parametrize('name,kwargs', [('fnl_test_resnet', dict(rank_scale=0.3)),
+                                         ('fnl_vgg19', dict(rank_scale=0.05)),
+                                         ('fnl_wrn28_10', dict(depth=10, width=1, rank_scale=0.3))])
+def test_zoo_models_take_cpu_inputs_channels_last(name, kwargs):
+    """timm.create_model users get the channels-last speed-up with their own loop: a factorized zoo model
+    converts a 4-d CPU input itself (same outputs); ``channels_last_inputs = False`` turns it off."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10, **kwargs)
+    assert model.channels_last_inputs is True
+    x = torch.randn(2, 3, 32, 32)
+    fast, out = _first_conv_input_format(model, x)
+    model.channels_last_inputs = False
+    slow, ref = _first_conv_input_format(model, x)
+    assert (fast, slow) == (True, False)
+    _close(out, ref, atol=1e-4 * max(1.0, ref.abs().max().item()))
+
+
+def test_zoo_input_format_default_follows_the_layers():
+    assert timm.create_model('fnl_test_resnet').channels_last_inputs is False  # dense: unchanged
+    tt = timm.create_model('fnl_wrn28_10', depth=10, width=1, conv='tt', rank_scale=0.5)
+    assert tt.channels_last_inputs is False  # tensor formats: not measured channels-last
+    # loading a checkpoint adopts its ranks, and the default follows
+    fact = _resnet(rank_scale=0.3)
+    dense = _resnet()
+    dense.load_state_dict(fact.state_dict())
+    assert dense.channels_last_inputs is True
+    fact.load_state_dict(_resnet().state_dict())
+    assert fact.channels_last_inputs is False
+    # fnl-train's flags set it
+    model = _resnet(rank_scale=0.3)
+    fnl_train._set_input_format(model, False)
+    assert model.channels_last_inputs is False
+    fnl_train._set_input_format(nn.Linear(2, 2), True)  # a model without the attribute is left alone
+
+
+def test_zoo_channels_last_inputs_under_fx_torchscript_and_export(tmp_path):
+    """The conversion stays out of a torch.fx trace (BatchNorm folding) and scripts; outputs unchanged."""
+    model = _resnet(rank_scale=0.3, spectral=True).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = model(x)
+        folded = fnl.fold_batchnorm(fnl.to_inference_form(copy.deepcopy(model)))
+        _close(folded(x), ref, atol=1e-4)
+        scripted = torch.jit.script(model)
+        _close(scripted(x), ref, atol=1e-5)
+    rep = export_model(model, x, tmp_path / 'm.pt2', 'export')
+    assert rep['max_abs_diff'] < 1e-4

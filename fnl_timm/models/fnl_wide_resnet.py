@@ -20,7 +20,8 @@ from timm.layers import create_classifier
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 
 from ._factorize import (
-    PAPER_KEEPS_DENSE, ClassifierMixin, factorize_model, kaiming_fan_out_, kaiming_linear_fan_in_, record_kept_dense,
+    PAPER_KEEPS_DENSE, ClassifierMixin, channels_last_input, factorize_model, kaiming_fan_out_, kaiming_linear_fan_in_,
+    record_kept_dense,
 )
 from .fnl_cifar_resnet import CIFAR10_MEAN, CIFAR10_STD
 
@@ -122,6 +123,7 @@ class WideResNet(ClassifierMixin, nn.Module):
             elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
         include = ['layer*.conv1', 'layer*.conv2', 'layer*.shortcut']
+        self.channels_last_inputs = False  # tensor formats: not measured channels-last (factorize_model sets it)
         if conv != 'lowrank':
             self.rank_scale = _tensorize(self, include[:2], conv, rank_scale, target_ratio, spectral, square)
         else:
@@ -152,6 +154,7 @@ class WideResNet(ClassifierMixin, nn.Module):
         return x if pre_logits else self.fc(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = channels_last_input(x, self.channels_last_inputs)  # on the CPU with factorized convs: faster
         return self.forward_head(self.forward_features(x))
 
 
