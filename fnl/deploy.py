@@ -160,7 +160,7 @@ def compile_for_inference(model: nn.Module, *, fold_bn: bool = True, channels_la
     with ``fold_bn``), the 4-d weights take the channels-last memory format (``channels_last``; the
     convs then run channels-last whatever the input's format) and the result goes through
     ``torch.compile`` (inductor by default), which fuses the element-wise ops between the convs.
-    ``fnl_resnet20`` @0.111 on the CPU: see docs/usage.md#fast-inference-on-the-cpu for the numbers.
+    ``fnl_resnet20`` @0.111 on the CPU: see docs/speed.md#fastest-inference-fnlcompile_for_inference for the numbers.
     The first call compiles (seconds); later calls with the same input shape reuse the code.
 
     Args:
