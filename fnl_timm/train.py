@@ -116,7 +116,7 @@ def use_channels_last(requested: Optional[bool], model: nn.Module, device: torch
 
     ``requested`` is ``--channels-last`` (True) / ``--no-channels-last`` (False); unset (None) it is on
     for a model with factorized convs on the CPU, where oneDNN runs their small (1 x k) / (k x 1) convs
-    far faster channels-last (``fnl_resnet20`` @0.111: training and inference steps 1.3-1.6x faster,
+    far faster channels-last (the fnl_* zoo models: training and inference steps 1.2-1.7x faster,
     bench/README.md), and off elsewhere (not measured on GPUs). The memory format changes neither what
     the model computes nor its checkpoints' values.
     """

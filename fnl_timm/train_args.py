@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--amp', action='store_true', help='mixed precision (bfloat16 on CPU, float16 + scaler on CUDA)')
     g.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=None,
                    help='channels-last memory format for model and inputs; unset: on for a model with factorized '
-                        'convs on the CPU (1.3-1.6x faster steps there, bench/README.md), off otherwise; '
+                        'convs on the CPU (1.2-1.7x faster steps there, docs/speed.md), off otherwise; '
                         '--no-channels-last keeps the contiguous (NCHW) format')
     g.add_argument('--sync-bn', action='store_true',
                    help='under torchrun on CUDA: BatchNorm statistics over all processes in every step (torch '
