@@ -37,7 +37,9 @@ Extra keyword arguments understood by every FD optimizer (pass them through timm
 * ``wd2fd``: ``True`` (default) = factors get FD and no weight decay; ``False`` = factors get
   ordinary weight decay and no FD (the paper's baseline).
 * ``fd_decoupled``: ``True`` = decoupled FD (default of ``fdadam`` / ``fdadamw``), ``False`` =
-  coupled (default of ``fdsgd`` / ``fdmomentum``).
+  coupled (default of ``fdsgd`` / ``fdmomentum``). Decoupled FD moves all the factors of a layer
+  (and an attention's ``qkv`` and ``proj``) by one learning rate: groups that split them with
+  different learning rates are an error.
 * ``wd2fd_quekey`` / ``wd2fd_outval``: FD on the per-head query-key / output-value forms of every
   timm ``Attention`` registered by ``fnl_timm.models.mark_attention`` (``timm.create_model('fnl',
   base=..., attention='heads')`` does it), batched over heads on slices of the fused ``qkv`` weight
@@ -153,6 +155,29 @@ class _FrobeniusDecayMixin:
         super().__init__(groups, lr=lr, weight_decay=weight_decay, **optimizer_kwargs)
         self.wd2fd = bool(wd2fd)
         self.wd2fd_quekey, self.wd2fd_outval = wd2fd_quekey, wd2fd_outval
+        self._check_decoupled_lr()
+
+    def _check_decoupled_lr(self) -> None:
+        """Decoupled FD moves all the weights of one FD term (a layer's factors, an attention's ``qkv`` and
+        ``proj``) by one learning rate: refuse them in FD groups whose learning rates differ."""
+        from .models._timm_attention import attention_owner
+        first: Dict[int, Any] = {}
+        for g in self.param_groups:
+            if not (g.get('fd_decoupled', False) and g['fd_coef']):
+                continue
+            for p in g['params']:
+                owner = factor_owner(p)
+                owner = attention_owner(p) if owner is None else owner
+                lr = first.setdefault(id(owner), g['lr'])
+                if float(lr) != float(g['lr']):
+                    raise ValueError(f'decoupled Frobenius decay moves all the weights of one {type(owner).__name__} '
+                                     f"by one learning rate, but they are in parameter groups with lr {lr} and "
+                                     f"{g['lr']}: put them in groups with one lr, or pass fd_decoupled=False")
+
+    def __getstate__(self) -> Dict[str, Any]:
+        """torch's optimizer state plus the FD flags, so that a copy (``copy.deepcopy``, pickle) keeps them."""
+        return dict(super().__getstate__(), wd2fd=self.wd2fd, wd2fd_quekey=self.wd2fd_quekey,
+                    wd2fd_outval=self.wd2fd_outval)
 
     def _fd_terms(self) -> Tuple[FDEngine, List[Dict[str, Any]]]:
         """The FD engine over every factorized layer owning a factor, and each term's group; cached until
@@ -161,7 +186,7 @@ class _FrobeniusDecayMixin:
         cache = self.__dict__.get('_fd_cache')
         if cache is None or cache[0] != key:
             seen: Dict[int, List[Tuple[FDTerm, Dict[str, Any]]]] = {}
-            quekey, outval = getattr(self, 'wd2fd_quekey', False), getattr(self, 'wd2fd_outval', False)
+            quekey, outval = self.wd2fd_quekey, self.wd2fd_outval
             for g in self.param_groups:
                 if not g.get('fd_coef', 0.0) and 'fd_decoupled' not in g:
                     continue  # neither a factor nor an attention-form group
