@@ -17,7 +17,6 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 timm = pytest.importorskip('timm')
 from timm.optim import _optim_factory as factory  # noqa: E402
