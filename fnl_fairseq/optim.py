@@ -119,7 +119,8 @@ class FDOptimizer(FairseqOptimizer):
                              f"--optimizer {self.base}")
         fd_params = self.terms.parameters()
         if copies is not None:
-            fd_params = [copies[id(p)] for p in fd_params]
+            # a frozen parameter has no copy: it stays the model's own, so the check below names it
+            fd_params = [copies.get(id(p), p) for p in fd_params]
         given = {id(p) for p in params}
         frozen = [p for p in fd_params if id(p) not in given]
         if frozen:
