@@ -346,6 +346,27 @@ def test_amp_unscales_on_every_step(clips):
     assert opt.scaler.get_scale() == 128.0
 
 
+@pytest.mark.parametrize("clip", [False, True])
+def test_amp_overflow_skips_the_step(clip):
+    """An inf gradient under --amp: no parameter moves (FD and weight decay included), the scale halves,
+    and the next step is a normal one."""
+    model, opt = _amp_optimizer()
+    w = model.encoder.layers[0].final_layer_norm.weight
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.backward(w.sum() * float("inf"))
+    if clip:
+        opt.clip_grad_norm(0.0)
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert opt.scaler.get_scale() == 64.0
+    opt.zero_grad()
+    opt.backward(w.sum())
+    opt.step()
+    expected = before[[id(p) for p in model.parameters()].index(id(w))]
+    expected = expected - (1.0 + 0.1 * expected)
+    assert torch.allclose(w.detach(), expected, atol=1e-6), f"{(w.detach() - expected).abs().max()}"
+
+
 def test_state_without_fd_entry_keeps_the_coefficient():
     """A torch-optimizer state dict without the FD entry (a checkpoint of the wrapped optimizer) loads;
     the coefficient stays this run's."""
@@ -420,6 +441,10 @@ def test_fd_adam_reads_betas_without_touching_the_config():
     assert opt.optimizer_config["betas"] == [0.5, 0.75]
     with pytest.raises(ValueError, match=r"^--adam-betas must be a pair of numbers in \[0, 1\)"):
         FairseqFDAdam(_adam_cfg(adam_betas="(0.5, 1)"), list(m.parameters()))
+    code = "(0.5, 0.75) if True else 0"  # fairseq's adam would eval() it; never run as code here
+    with pytest.raises(ValueError) as err:
+        FairseqFDAdam(_adam_cfg(adam_betas=code), list(m.parameters()))
+    assert str(err.value) == PARSE.format(code)
 
 
 def test_fairseq_model_overrides_and_clip():
@@ -431,3 +456,44 @@ def test_fairseq_model_overrides_and_clip():
     fd = [g for g in opt.param_groups if g["weight_decay"] == 0.0]
     assert len(fd) == 1 and {id(p) for p in fd[0]["params"]} == opt._fd_ids == {id(p) for p in opt.terms.parameters()}
     assert isinstance(opt, fdo.FDOptimizer)
+
+
+# --- what fairseq sees of the wrapper -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,cls,base,memory_efficient", [
+    ("fd_nag", FairseqFDNAG, "nag", True), ("fd_adam", FairseqFDAdam, "adam", True),
+    ("fd_sgd", FairseqFDSGD, "sgd", False)])
+def test_registry_and_capabilities(name, cls, base, memory_efficient):
+    from fairseq.optim import OPTIMIZER_REGISTRY
+    assert OPTIMIZER_REGISTRY[name] is cls and cls.base == base
+    m = _Owner(extra=1)
+    cfg = _adam_cfg() if base == "adam" else OmegaConf.create({"lr": [LR], "momentum": 0.0, "weight_decay": WD})
+    opt = cls(cfg, list(m.parameters()))
+    assert type(opt.wrapped) is OPTIMIZER_REGISTRY[base] and opt.optimizer is opt._optimizer
+    assert opt._optimizer.optimizer is opt.wrapped.optimizer
+    assert opt._optimizer.decoupled is (base == "adam")
+    assert (opt.supports_step_with_scale, opt.supports_groups, opt.supports_flat_params) == (False, False, False)
+    assert opt.supports_memory_efficient_fp16 is memory_efficient
+    assert opt.optimizer_config == opt.wrapped.optimizer_config and opt.optimizer_config["lr"] == cfg.lr[0]
+    assert opt._step_supports_amp_scaling is True
+
+
+def test_sgd_config_defaults():
+    cfg = fdo.FDSGDConfig()
+    assert (cfg.momentum, cfg.weight_decay) == (0.0, 0.0)
+    assert FDAdamConfig().fd_coupled is False
+
+
+@pytest.mark.parametrize("key", ["layers", "quekey", "outval"])
+def test_state_of_other_fd_terms_is_refused_with_both_counts(key):
+    m = _Owner(extra=1)
+    state = FairseqFDSGD(_sgd_cfg(), list(m.parameters())).state_dict()
+    state["fnl_frobenius_decay"] = dict(state["fnl_frobenius_decay"], **{key: 2})
+    opt = FairseqFDSGD(_sgd_cfg(), list(m.parameters()))
+    saved = dict({"layers": 1, "quekey": 0, "outval": 0}, **{key: 2})
+    with pytest.raises(ValueError) as err:
+        opt.load_state_dict(state)
+    assert str(err.value) == (f"the checkpoint's optimizer applied Frobenius decay to {saved} but this run asks for "
+                              "{'layers': 1, 'quekey': 0, 'outval': 0} (different --wd2fd* flags or model); use "
+                              "--reset-optimizer to start afresh")
