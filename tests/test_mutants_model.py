@@ -109,3 +109,95 @@ def test_summary_of_convs_exact_text_and_integer_counts():
     assert all(type(x) is int for r in s.rows for x in (r.params, r.dense_params, r.macs, r.dense_macs))
     total, dense = fnl.count_macs(model, (3, 6, 6)), fnl.count_macs(model, (3, 6, 6), dense=True)
     assert (total, dense) == (12744, 18144) and type(total) is int and type(dense) is int
+
+
+def test_summary_says_why_dense_for_each_refusal_and_root_attention():
+    class SubConv(nn.Conv2d):
+        pass
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 1), SubConv(4, 4, 1),
+                          nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular"), nn.Embedding(5, 4), nn.Linear(4, 4))
+    fnl.factorize(model, rank=2, include=["1"])
+    model.fnl_kept_dense = {"5": 7}  # a recorded reason is shown as text, whatever its type
+    why = {r.name: r.why_dense for r in fnl.summary(model).rows}
+    assert why == {
+        "0": "not selected (include / exclude, or the model's rules)",
+        "1": None,
+        "2": "SubConv is a subclass of nn.Conv2d (exact types only)",
+        "3": "padding_mode='circular': the factorized conv pads with zeros",
+        "4": "embedding (factorized only with embeddings=True)",
+        "5": "7",
+    }
+    # the model itself an attention block: its projections are named without a prefix
+    mha = nn.MultiheadAttention(8, 2)
+    rows = fnl.summary(mha).rows
+    assert [(r.name, r.why_dense) for r in rows] == [
+        ("out_proj", "inside nn.MultiheadAttention (it reads the weight directly)")]
+    outer = nn.Sequential(nn.Sequential(nn.MultiheadAttention(8, 2)), nn.Linear(8, 8))
+    assert [(r.name, r.why_dense) for r in fnl.summary(outer).rows] == [
+        ("0.0.out_proj", "inside nn.MultiheadAttention (it reads the weight directly)"),
+        ("1", "not selected (include / exclude, or the model's rules)")]
+
+
+def test_factorize_never_swaps_a_plain_linear_inside_attention():
+    """Attention reads ``out_proj.weight`` itself: even an exact nn.Linear put there stays dense."""
+    for prefix, model in (("", nn.MultiheadAttention(8, 2)),
+                          ("0.", nn.Sequential(nn.MultiheadAttention(8, 2), nn.Linear(8, 8)))):
+        mha = model if not prefix else model[0]
+        mha.out_proj = nn.Linear(8, 8)
+        if prefix:
+            fnl.factorize(model, rank=2)
+            assert type(model[1]) is fnl.FactorizedLinear
+        else:
+            with pytest.raises(ValueError, match=r"^include=\['\*'\] selects no nn.Linear / nn.Conv2d \(groups=1\) "
+                                                 r"in the model$"):
+                fnl.factorize(model, rank=2, include=["*"])
+        assert type(mha.out_proj) is nn.Linear
+        assert summary_why(model, prefix + "out_proj") == "inside nn.MultiheadAttention (it reads the weight directly)"
+
+
+def summary_why(model, name):
+    return next(r.why_dense for r in fnl.summary(model).rows if r.name == name)
+
+
+def test_summary_input_is_one_sample_of_zeros_in_the_models_dtype_and_device():
+    seen = []
+
+    class Probe(nn.Module):
+        def __init__(self, dtype=None, device=None):
+            super().__init__()
+            self.fc = nn.Linear(6, 3, dtype=dtype, device=device)
+
+        def forward(self, x):
+            seen.append((tuple(x.shape), x.dtype, x.device.type, bool((x == 0).all()) if x.device.type != "meta"
+                         else None))
+            return self.fc(x)
+
+    fnl.summary(Probe(), (6,))
+    fnl.summary(Probe(dtype=torch.float64), (6,))
+    assert fnl.summary(Probe(device="meta"), (6,)).total_macs == 18
+    assert seen == [((1, 6), torch.float32, "cpu", True), ((1, 6), torch.float64, "cpu", True),
+                    ((1, 6), torch.float32, "meta", None)]
+    # no parameters: float32 on the default device
+    seen.clear()
+
+    class NoParams(nn.Module):
+        def forward(self, x):
+            seen.append((tuple(x.shape), x.dtype))
+            return x
+
+    s = fnl.summary(NoParams(), (2, 3))
+    assert seen == [((1, 2, 3), torch.float32)] and s.rows == [] and (s.total_macs, s.dense_macs) == (0, 0)
+    # an integer (frozen) parameter first: the input stays float32
+    class IntFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.steps = nn.Parameter(torch.zeros(1, dtype=torch.int64), requires_grad=False)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    model = IntFirst()
+    assert not next(model.parameters()).is_floating_point()
+    assert fnl.count_macs(model, (4,)) == 8
