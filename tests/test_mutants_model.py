@@ -4,6 +4,8 @@ Written to kill the surviving mutants of ``fnl/model.py`` (tests/README.md, "Mut
 test checks exact text or exact numbers, from closed forms (docs/method.md: a factorized m x n layer of
 rank r has r (m + n) parameters, plus r^2 with ``square``) or from the layers' own counts.
 """
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -201,3 +203,235 @@ def test_summary_input_is_one_sample_of_zeros_in_the_models_dtype_and_device():
     model = IntFirst()
     assert not next(model.parameters()).is_floating_point()
     assert fnl.count_macs(model, (4,)) == 8
+
+
+# --- solve_rank_scale against its closed form ------------------------------------------------------------
+# Linear(8 -> 16, no bias) at rank r: U (16 x r) and V (8 x r), 24 r parameters (+ r^2 with square), rank
+# base min(16, 8) = 8 (rank = round(8 * rank_scale), at least 1). Everything else counts as fixed.
+
+def _closest_rank(count, target, dense, ranks):
+    """The rank whose whole-model ratio is closest to target; a tie goes to the larger rank."""
+    return min(ranks, key=lambda r: (abs(count(r) / dense - target), -r))
+
+
+@pytest.mark.parametrize("square", [False, True])
+def test_solve_rank_scale_closed_form_of_one_layer(square):
+    model = nn.Sequential(nn.Linear(8, 16, bias=False))
+    dense = 128
+
+    def count(r):
+        return 24 * r + (r * r if square else 0)
+
+    ratios = [count(r) / dense for r in range(1, 9)]
+    targets = sorted({t for a, b in zip(ratios, ratios[1:]) for t in (a, (a + b) / 2, a + 0.3 * (b - a),
+                                                                        a + 0.7 * (b - a), b)})
+    for target in targets:
+        scale = fnl.solve_rank_scale(model, target, square=square)
+        want = _closest_rank(count, target, dense, range(1, 9))
+        assert max(1, round(scale * 8)) == want, (target, scale)
+        assert 0 < scale <= 1.0
+        layer = fnl.factorize(nn.Sequential(nn.Linear(8, 16, bias=False)), rank_scale=scale, square=square)[0]
+        assert layer.rank == want and layer.num_parameters() == count(want)
+    # the exact midpoints are ties (binary fractions): the larger rank wins
+    if not square:
+        assert fnl.solve_rank_scale(model, (48 + 72) / 2 / 128) > 2.5 / 8
+    # square: target 0.5 is rank 2 (52 / 128) counting S; without S it would be rank 3 (72 / 128)
+    assert round(fnl.solve_rank_scale(model, 0.5, square=square) * 8) == (2 if square else 3)
+    # at (or below the step of) every rank 1 the smallest scale is returned, a scale of 1e-9
+    assert fnl.solve_rank_scale(model, count(1) / dense, square=square) == 1e-9
+    lowest, highest = count(1) / dense, count(8) / dense
+    with pytest.raises(ValueError, match=rf"^target_ratio=0\.1 cannot be reached: this model's ratios run from "
+                                         rf"{lowest:.6g} \(every rank 1\) to {highest:.6g} \(rank_scale 1\.0\)$"):
+        fnl.solve_rank_scale(model, 0.1, square=square)
+    assert round(fnl.solve_rank_scale(model, highest, square=square) * 8) == 8
+    with pytest.raises(ValueError, match=r"^target_ratio=2\.5 cannot be reached"):
+        fnl.solve_rank_scale(model, 2.5, square=square)
+
+
+def test_solve_rank_scale_fixed_parameters_and_rank_bases():
+    """Biases, norms, excluded layers and factorized layers already there (at their dense size) are fixed;
+    the bases are min(m, n) for Linear / Embedding and out * kh for Conv2d (docs/method.md)."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(20, 6)                        # base 6, 26 r, no bias
+            self.conv = nn.Conv2d(4, 6, (3, 1))                   # base 18, (18 + 4) r + 6
+            self.fc = nn.Linear(16, 8)                            # base 8, 24 r + 8
+            self.bn = nn.BatchNorm1d(8)                           # 16 fixed
+            self.done = fnl.FactorizedLinear(8, 8, rank=2)        # fixed at its dense 64 + 8
+            self.head = nn.Linear(8, 3)                           # excluded: 27 fixed
+
+    model = Net()
+    dense = 120 + 72 + 6 + 128 + 8 + 16 + 72 + 27
+    assert fnl.count_parameters(model, dense=True) == dense
+
+    def count(scale, embeddings):
+        def r(base):
+            return max(1, round(scale * base))
+        fixed = 6 + 8 + 16 + 72 + 27 + (0 if embeddings else 120)
+        return fixed + 22 * r(18) + 24 * r(8) + (26 * r(6) if embeddings else 0)
+
+    for embeddings in (False, True):
+        grid = sorted({(k + 0.5) / b for b in (18, 8, 6) for k in range(b)})
+        scales = [1e-9] + [(a + b) / 2 for a, b in zip(grid, grid[1:])] + [1.0]
+        reachable = [count(s, embeddings) / dense for s in scales]
+        for target in (0.35, 0.5, 0.62, 0.8, 0.93):
+            if not min(reachable) <= target <= max(reachable):
+                continue
+            scale = fnl.solve_rank_scale(model, target, exclude=["head"], embeddings=embeddings)
+            best = min(abs(x - target) for x in reachable)
+            assert abs(count(scale, embeddings) / dense - target) == best, (embeddings, target, scale)
+            if not embeddings:  # the default: embeddings are not factorized
+                default = fnl.solve_rank_scale(model, target, exclude=["head"])
+                assert abs(count(default, False) / dense - target) == best, (target, default)
+            m = fnl.factorize(Net(), rank_scale=scale, exclude=["head"], embeddings=embeddings)
+            # the solver counts `done` at its dense 72; the model holds its 2 * 16 + 8 = 40
+            assert fnl.count_parameters(m) == count(scale, embeddings) - 72 + 40
+            assert fnl.count_parameters(m, dense=True) == dense
+    with pytest.raises(ValueError, match=r"^the model has no layer to factorize, so no target_ratio can be reached$"):
+        fnl.solve_rank_scale(nn.Sequential(nn.ReLU(), nn.Conv2d(4, 4, 3, groups=2)), 0.5)
+    with pytest.raises(TypeError, match=r"^target_ratio must be a finite float > 0, got str '0\.5'$"):
+        fnl.solve_rank_scale(model, "0.5")
+
+
+# --- factorize / collapse ----------------------------------------------------------------------------------
+
+def test_factorize_refuses_a_single_layer_with_the_layer_named():
+    for layer in (nn.Linear(4, 4), nn.Conv2d(3, 4, 3), nn.Embedding(5, 4), fnl.FactorizedLinear(4, 4, rank=2)):
+        name = type(layer).__name__
+        with pytest.raises(TypeError, match=rf"^model is a single {name}; use the layer's from_dense\(\) instead$"):
+            fnl.factorize(layer, rank=2)
+    with pytest.raises(ValueError, match=r"^give exactly one of rank, rank_scale or target_ratio; got none$"):
+        fnl.factorize(nn.Sequential(nn.Linear(4, 4)))
+
+
+def test_factorize_wraps_a_layer_error_keeping_its_type_and_leaves_the_model():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4)))
+    before = [id(m) for m in model.modules()]
+    with pytest.raises(TypeError, match=r"^cannot factorize layer '0' \(Linear\(in_features=4, out_features=4, "
+                                        r"bias=True\)\): 'str' object is not callable; the model is unchanged$") as e:
+        fnl.factorize(model, rank=2, init="zeros")
+    assert isinstance(e.value.__cause__, TypeError)
+    assert [id(m) for m in model.modules()] == before
+
+
+def test_factorize_selectors():
+    def net():
+        return nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4), nn.Conv2d(4, 4, 1)), nn.Embedding(6, 4))
+
+    def chosen(**kw):
+        m = fnl.factorize(net(), rank=2, **kw)
+        return [n for n, x in m.named_modules() if isinstance(x, fnl.FactorizedLayer)]
+
+    assert chosen() == ["0", "1.0", "1.1"]
+    assert chosen(embeddings=True) == ["0", "1.0", "1.1", "2"]
+    assert chosen(include="1.*") == ["1.0", "1.1"]                      # one pattern as a string
+    assert chosen(include=("0", "1.1")) == ["0", "1.1"]                  # a tuple
+    assert chosen(include={"1.0"}) == ["1.0"]                            # a set
+    assert chosen(exclude="1.*") == ["0"]
+    assert chosen(exclude=["0", "1.1"]) == ["1.0"]
+    assert chosen(include=["1.*", "0"], exclude=["1.1"]) == ["0", "1.0"]
+    assert chosen(include=lambda n, m: 1 if isinstance(m, nn.Conv2d) else 0) == ["1.1"]  # truthiness
+    assert chosen(exclude=lambda n, m: n.startswith("1")) == ["0"]
+    assert chosen(include="1.[!1]") == ["1.0"]                           # fnmatch, case-sensitive
+    assert chosen(exclude=[]) == ["0", "1.0", "1.1"]
+    for arg in ("include", "exclude"):
+        for bad in ([1, 2], {"a": 1}, 3, ["0", None]):
+            with pytest.raises(TypeError, match=rf"^{arg} must be None, a pattern, a list of fnmatch patterns over "
+                                                rf"module names, or a callable \(name, module\) -> bool; got "):
+                fnl.factorize(net(), rank=2, **{arg: bad})
+    with pytest.raises(ValueError, match=r"^include=\['2'\] selects no nn.Linear / nn.Conv2d \(groups=1\) in the model$"):
+        fnl.factorize(net(), rank=2, include=["2"])
+    with pytest.raises(ValueError, match=r"^include='x\*' selects no nn.Linear / nn.Conv2d / nn.Embedding \(groups=1\) "
+                                         r"in the model$"):
+        fnl.factorize(net(), rank=2, include="x*", embeddings=True)
+
+
+def test_factorize_eligibility_of_each_layer_kind():
+    class SubLinear(nn.Linear):
+        pass
+
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
+                          nn.Embedding(6, 4, max_norm=1.0), nn.Embedding(6, 4, scale_grad_by_freq=True),
+                          nn.Embedding(6, 4, sparse=True), SubLinear(4, 4), nn.Embedding(6, 4), nn.Conv2d(4, 4, 3),
+                          nn.Linear(4, 4))
+    fnl.factorize(model, rank=2, embeddings=True)
+    assert [type(m).__name__ for m in model] == [
+        "Conv2d", "Conv2d", "Embedding", "Embedding", "Embedding", "SubLinear", "FactorizedEmbedding",
+        "FactorizedConv2d", "FactorizedLinear"]
+
+
+def test_factorize_keeps_each_layers_geometry_dtype_and_bias():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2), dtype=torch.float64)
+    lin = nn.Linear(5, 3, bias=False, dtype=torch.float64)
+    emb = nn.Embedding(7, 4, padding_idx=2, dtype=torch.float64)
+    model = nn.ModuleDict({"conv": conv, "lin": lin, "emb": emb})
+    fnl.factorize(model, rank=2, square=True, embeddings=True, init=nn.init.ones_)
+    c, f, e = model["conv"], model["lin"], model["emb"]
+    assert (c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, c.dilation) == \
+        (4, 6, (3, 2), (2, 1), (1, 2), (1, 2))
+    assert torch.equal(c.bias.detach(), conv.bias.detach()) and c.bias.dtype == torch.float64
+    assert (f.in_features, f.out_features, f.bias) == (5, 3, None)
+    assert (e.num_embeddings, e.embedding_dim, e.padding_idx) == (7, 4, 2)
+    for layer in (c, f, e):
+        assert layer.rank == 2 and layer.S is not None and layer.S.shape == (2, 2)
+        assert all(p.dtype == torch.float64 for p in layer.parameters())
+        assert bool((layer.V == 1).all())  # init reached every factor (the padding row of U stays 0)
+        rows = [i for i in range(layer.U.shape[0]) if layer is not e or i != 2]
+        assert bool((layer.U[rows] == 1).all())
+    assert bool((e.U[2] == 0).all())
+    x = torch.randn(2, 4, 9, 9, dtype=torch.float64)
+    assert c(x).shape == conv(x).shape == (2, 6, 5, 11)
+    # spectral at full rank: the same function, with the requested rank and square
+    torch.manual_seed(1)
+    dense = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, dtype=torch.float64), nn.Flatten(),
+                          nn.Linear(4 * 25, 5, dtype=torch.float64))
+    model = fnl.factorize(copy_of(dense), rank_scale=1.0, spectral=True, square=True)
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    assert model[0].S is not None and model[2].S is not None and (model[0].rank, model[2].rank) == (12, 5)
+    assert torch.allclose(model(x), dense(x), atol=1e-10)
+    low = fnl.factorize(copy_of(dense), rank=2, spectral=True)
+    assert (low[0].rank, low[2].rank, low[0].S) == (2, 2, None)
+    u, s, vh = torch.linalg.svd(dense[2].weight.detach())
+    best = (u[:, :2] * s[:2]) @ vh[:2]
+    assert torch.allclose(low[2].to_dense().weight, best, atol=1e-10)
+
+
+def copy_of(module):
+    return copy.deepcopy(module)
+
+
+def test_factorize_and_collapse_keep_shared_layers_shared_at_every_depth():
+    shared = nn.Linear(4, 4)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Sequential(nn.Sequential(shared))
+            self.b = shared
+            self.c = nn.ModuleList([nn.Linear(4, 4), shared])
+
+    model = fnl.factorize(Net(), rank=2)
+    assert isinstance(model.b, fnl.FactorizedLinear) and model.a[0][0] is model.b is model.c[1]
+    assert isinstance(model.c[0], fnl.FactorizedLinear) and model.c[0] is not model.b
+    fnl.collapse(model)
+    assert type(model.b) is nn.Linear and model.a[0][0] is model.b is model.c[1]
+    assert type(model.c[0]) is nn.Linear and model.c[0] is not model.b
+
+
+def test_collapse_of_a_layer_and_of_nested_layers():
+    torch.manual_seed(0)
+    layer = fnl.FactorizedLinear(6, 4, rank=2, square=True)
+    dense = fnl.collapse(layer)
+    assert type(dense) is nn.Linear
+    x = torch.randn(3, 6)
+    assert torch.allclose(dense(x), layer(x), atol=1e-6)
+    model = nn.Sequential(nn.Sequential(fnl.FactorizedConv2d(3, 4, 3, rank=2), nn.ReLU()), nn.Flatten(),
+                          fnl.FactorizedLinear(4, 2, rank=1))
+    x = torch.randn(2, 3, 3, 3)
+    y = model(x)
+    out = fnl.collapse(model)
+    assert out is model and [type(m) for m in (model[0][0], model[2])] == [nn.Conv2d, nn.Linear]
+    assert torch.allclose(model(x), y, atol=1e-6)
