@@ -273,6 +273,10 @@ def test_solve_rank_scale_fixed_parameters_and_rank_bases():
         return fixed + 22 * r(18) + 24 * r(8) + (26 * r(6) if embeddings else 0)
 
     for embeddings in (False, True):
+        lowest, highest = count(0.0, embeddings) / dense, count(1.0, embeddings) / dense
+        with pytest.raises(ValueError, match=rf"^target_ratio=0\.01 cannot be reached: this model's ratios run from "
+                                             rf"{lowest:.6g} \(every rank 1\) to {highest:.6g} \(rank_scale 1\.0\)$"):
+            fnl.solve_rank_scale(model, 0.01, exclude=["head"], embeddings=embeddings)
         grid = sorted({(k + 0.5) / b for b in (18, 8, 6) for k in range(b)})
         scales = [1e-9] + [(a + b) / 2 for a, b in zip(grid, grid[1:])] + [1.0]
         reachable = [count(s, embeddings) / dense for s in scales]
@@ -435,3 +439,58 @@ def test_collapse_of_a_layer_and_of_nested_layers():
     out = fnl.collapse(model)
     assert out is model and [type(m) for m in (model[0][0], model[2])] == [nn.Conv2d, nn.Linear]
     assert torch.allclose(model(x), y, atol=1e-6)
+
+
+# --- summary's forward pass ----------------------------------------------------------------------------------
+
+def test_summary_traces_one_eval_forward_without_grad_and_cleans_up():
+    state = []
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm1d(6)
+            self.shared = nn.Linear(6, 6)
+            self.unused = nn.Linear(6, 6)
+            self.fc = fnl.FactorizedLinear(6, 2, rank=1)
+
+        def forward(self, x):
+            state.append((self.training, torch.is_grad_enabled()))
+            x = self.shared(self.bn(x))
+            return self.fc(self.shared(x.unsqueeze(1).expand(-1, 3, -1)))  # second call: 3 rows of 6
+
+    model = Net().train()
+    mean = model.bn.running_mean.clone()
+    s = fnl.summary(model, (6,))
+    assert state == [(False, False)] and model.training and model.bn.training
+    assert torch.equal(model.bn.running_mean, mean)  # eval mode: the statistics are left alone
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+    rows = {r.name: r for r in s.rows}
+    assert list(rows) == ["shared", "unused", "fc"]
+    assert (rows["shared"].macs, rows["unused"].macs, rows["fc"].macs) == (36, None, 3 * 1 * (6 + 2))
+    assert (rows["unused"].dense_macs, rows["fc"].dense_macs) == (None, 3 * 12)
+    assert (s.total_macs, s.dense_macs) == (36 + 24, 36 + 36)  # the unused layer adds nothing
+    # a forward that fails: the mode is restored and the hooks removed before the error reaches the caller
+    model.eval()
+    with pytest.raises(RuntimeError):
+        fnl.summary(model, (5,))
+    assert not model.training and all(not m._forward_pre_hooks for m in model.modules())
+
+
+def test_summary_of_a_factorized_embedding_and_rank_tuples():
+    torch.manual_seed(0)
+    model = fnl.factorize(nn.Sequential(nn.Embedding(30, 8), nn.Linear(8, 8)), rank=2, embeddings=True,
+                          include=["0"])
+    tokens = torch.tensor([[3, 4, 5, 6]])
+    s = fnl.summary(model, example_input=tokens)
+    r0, r1 = s.rows
+    assert (r0.name, r0.kind, r0.shape, r0.rank) == ("0", "FactorizedEmbedding", "30x8", 2)
+    assert (r0.params, r0.dense_params) == (2 * 38, 240)
+    assert (r0.macs, r0.dense_macs) == (model[0].macs((4,)), 0) == (4 * 2 * 8, 0)
+    assert (r1.macs, r1.why_dense) == (4 * 64, "not selected (include / exclude, or the model's rules)")
+    assert (s.total_macs, s.dense_macs) == (64 + 256, 256)
+    # example_input wins over input_size
+    assert fnl.summary(model, (7,), example_input=tokens).total_macs == 320
+    tt = nn.Sequential(fnl.TTConv2d(8, 8, 3, padding=1, rank_scale=0.5))
+    text = str(fnl.summary(tt))
+    assert text.splitlines()[2].startswith("0                    TTConv2d  8x8x3x3  (2, 2)")
