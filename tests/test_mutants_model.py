@@ -494,3 +494,38 @@ def test_summary_of_a_factorized_embedding_and_rank_tuples():
     tt = nn.Sequential(fnl.TTConv2d(8, 8, 3, padding=1, rank_scale=0.5))
     text = str(fnl.summary(tt))
     assert text.splitlines()[2].startswith("0                    TTConv2d  8x8x3x3  (2, 2)")
+
+
+def test_factorize_target_ratio_uses_every_selection_setting():
+    """Two bias-free layers 8 -> 16 -> 8 (128 weights each, rank base 8, 24 r parameters at rank r):
+    the rank factorize applies is the one solved with the same include / exclude / square / embeddings."""
+    def net():
+        return nn.Sequential(nn.Linear(8, 16, bias=False), nn.Linear(16, 8, bias=False))
+
+    def ranks(model):
+        return [m.rank if isinstance(m, fnl.FactorizedLayer) else None for m in model]
+
+    # only layer 0 factorized, layer 1 fixed: 0.75 * 256 = 192 = 128 + 24 r -> r = 2.67, so 3 (200)
+    assert ranks(fnl.factorize(net(), target_ratio=0.75, exclude=["1"])) == [3, None]
+    assert ranks(fnl.factorize(net(), target_ratio=0.75, include=["0"])) == [3, None]
+    # both: 48 r = 192 -> r = 4
+    assert ranks(fnl.factorize(net(), target_ratio=0.75)) == [4, 4]
+    # both with S: 2 (24 r + r^2) = 192 -> 3 (162) or 4 (224): 3
+    assert ranks(fnl.factorize(net(), target_ratio=0.75, square=True)) == [3, 3]
+    # an embedding 16 x 8 (128, base 8, 24 r) in front, dense total 384. With embeddings: 72 r
+    emb = nn.Sequential(nn.Embedding(16, 8), nn.Linear(8, 16, bias=False), nn.Linear(16, 8, bias=False))
+    # 0.5 * 384 = 192: 72 r -> 2.67, so 3 (216); the embedding fixed: 128 + 48 r -> 1.33, so 1 (176)
+    assert ranks(fnl.factorize(copy.deepcopy(emb), target_ratio=0.5, embeddings=True)) == [3, 3, 3]
+    assert ranks(fnl.factorize(copy.deepcopy(emb), target_ratio=0.5)) == [None, 1, 1]
+    # 0.7 * 384 = 268.8: 72 r -> 3.73, so 4; 128 + 48 r -> 2.93, so 3
+    assert ranks(fnl.factorize(copy.deepcopy(emb), target_ratio=0.7, embeddings=True)) == [4, 4, 4]
+    assert ranks(fnl.factorize(copy.deepcopy(emb), target_ratio=0.7)) == [None, 3, 3]
+
+
+def test_factorize_builds_new_layers_on_the_weights_device():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, device="meta"), nn.Flatten(), nn.Linear(4, 2, device="meta"),
+                          nn.Embedding(5, 3, device="meta"))
+    fnl.factorize(model, rank=2, embeddings=True)
+    assert [type(m).__name__ for m in model] == ["FactorizedConv2d", "Flatten", "FactorizedLinear",
+                                                  "FactorizedEmbedding"]
+    assert {p.device.type for p in model.parameters()} == {"meta"}
