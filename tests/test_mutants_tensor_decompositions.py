@@ -447,6 +447,11 @@ def test_balance_closed_form():
     _balance([a, b])
     torch.testing.assert_close(a, torch.tensor([6.0, 8.0], dtype=torch.float64), rtol=1e-14, atol=0)
     torch.testing.assert_close(b, torch.tensor([0.0, 10.0], dtype=torch.float64), rtol=1e-14, atol=0)
+    # a part of norm exactly 1 is balanced like any other
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 4.0])
+    _balance([a, b])
+    torch.testing.assert_close(a, torch.tensor([2.0, 0.0]), rtol=1e-6, atol=0)
+    torch.testing.assert_close(b, torch.tensor([0.0, 2.0]), rtol=1e-6, atol=0)
 
 
 def test_balance_leaves_parts_alone_when_one_is_zero():
