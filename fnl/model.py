@@ -346,6 +346,10 @@ def _why_dense(name: str, module: nn.Module, recorded: dict, inside_mha: set) ->
     if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
         return f"padding_mode={module.padding_mode!r}: the factorized conv pads with zeros"
     if isinstance(module, nn.Embedding):
+        unsupported = [f"max_norm={module.max_norm!r}"] if module.max_norm is not None else []
+        unsupported += [f"{a}=True" for a in ("scale_grad_by_freq", "sparse") if getattr(module, a)]
+        if unsupported:
+            return f"embedding with {', '.join(unsupported)}: the factorized embedding has none of these"
         return "embedding (factorized only with embeddings=True)"
     return "not selected (include / exclude, or the model's rules)"
 
@@ -392,7 +396,8 @@ def summary(model: nn.Module, input_size: Optional[Sequence[int]] = None,
     Every dense Linear / Conv2d / Embedding row says why it is dense (``why dense``): the reason the
     model recorded in ``model.fnl_kept_dense`` when it was factorized (the timm plugin's ``fnl``
     models: stem, classifier, excluded, depthwise, grouped, ...), else what ``factorize`` refuses
-    (grouped or depthwise convs, subclasses, layers inside ``nn.MultiheadAttention``), else "not selected".
+    (grouped or depthwise convs, subclasses, layers inside ``nn.MultiheadAttention``, embeddings with
+    ``max_norm``, ``scale_grad_by_freq`` or ``sparse``), else "not selected".
     """
     if example_input is None and input_size is not None:
         example_input = _example(model, input_size)

@@ -338,6 +338,7 @@ def test_factorize_selectors():
     assert chosen(include=["1.*", "0"], exclude=["1.1"]) == ["0", "1.0"]
     assert chosen(include=lambda n, m: 1 if isinstance(m, nn.Conv2d) else 0) == ["1.1"]  # truthiness
     assert chosen(exclude=lambda n, m: n.startswith("1")) == ["0"]
+    assert chosen(exclude=lambda n, m: isinstance(m, nn.Conv2d)) == ["0", "1.0"]  # the predicate sees the module
     assert chosen(include="1.[!1]") == ["1.0"]                           # fnmatch, case-sensitive
     assert chosen(exclude=[]) == ["0", "1.0", "1.1"]
     for arg in ("include", "exclude"):
@@ -357,13 +358,24 @@ def test_factorize_eligibility_of_each_layer_kind():
         pass
 
     model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
-                          nn.Embedding(6, 4, max_norm=1.0), nn.Embedding(6, 4, scale_grad_by_freq=True),
+                          nn.Embedding(6, 4, max_norm=0.0), nn.Embedding(6, 4, scale_grad_by_freq=True),
                           nn.Embedding(6, 4, sparse=True), SubLinear(4, 4), nn.Embedding(6, 4), nn.Conv2d(4, 4, 3),
                           nn.Linear(4, 4))
     fnl.factorize(model, rank=2, embeddings=True)
     assert [type(m).__name__ for m in model] == [
         "Conv2d", "Conv2d", "Embedding", "Embedding", "Embedding", "SubLinear", "FactorizedEmbedding",
         "FactorizedConv2d", "FactorizedLinear"]
+    # and the summary says why, even for the embeddings factorize refused with embeddings=True
+    model.append(nn.Embedding(6, 4, max_norm=2.0, scale_grad_by_freq=True, sparse=True))
+    why = [r.why_dense for r in fnl.summary(model).rows]
+    assert why == [
+        "grouped conv (groups=2): the factorized conv has one group",
+        "padding_mode='reflect': the factorized conv pads with zeros",
+        "embedding with max_norm=0.0: the factorized embedding has none of these",
+        "embedding with scale_grad_by_freq=True: the factorized embedding has none of these",
+        "embedding with sparse=True: the factorized embedding has none of these",
+        "SubLinear is a subclass of nn.Linear (exact types only)", None, None, None,
+        "embedding with max_norm=2.0, scale_grad_by_freq=True, sparse=True: the factorized embedding has none of these"]
 
 
 def test_factorize_keeps_each_layers_geometry_dtype_and_bias():
