@@ -41,6 +41,7 @@ def test_near_equal_factors_is_the_brute_force_optimum(d):
     for n in list(range(1, 73)) + [96, 128, 240, 256, 360, 384, 512, 640, 768, 1000, 1008, 2016, 2400]:
         got = _near_equal_factors(n, d)
         assert isinstance(got, tuple) and len(got) == d and math.prod(got) == n
+        assert all(type(f) is int for f in got), got  # ints, not floats equal to them
         assert list(got) == sorted(got)
         want = _ref_factors(n, d)
         if d <= 3:  # the optimum is unique up to d = 3 (max, max/min and the product fix the rest)
@@ -63,6 +64,7 @@ def test_near_equal_factors_known_values():
     assert _near_equal_factors(16, 2) == (4, 4)
     assert _near_equal_factors(48, 3) == (3, 4, 4)
     assert _near_equal_factors(1008, 3) == (7, 12, 12)
+    assert all(type(f) is int for f in _near_equal_factors(1000, 3))
 
 
 def _ref_modes(out_channels, in_channels):
@@ -84,6 +86,7 @@ def test_tensor_modes_paper_example_and_rule():
         n = [a * b for a, b in zip(o, i)]
         assert n == sorted(n, reverse=True)
         assert isinstance(o, tuple) and isinstance(i, tuple) and len(o) == len(i) == NUM_MODES
+        assert all(type(m) is int for m in o + i), (o, i)
 
 
 def test_tensor_modes_sorted_by_mode_size():
@@ -137,6 +140,7 @@ def test_rank_rules_from_scale():
     assert _tt_ranks_from_scale(n, 1.0) == (80, 64)
     assert _tucker_ranks_from_scale(n, 0.5) == (40, 40, 32)
     assert _tucker_ranks_from_scale(n, 1.0) == (80, 80, 64)
+    assert all(type(r) is int for r in _tt_ranks_from_scale(n, 0.37) + _tucker_ranks_from_scale(n, 0.37))
     # floor at 1
     assert _tt_ranks_from_scale(n, 1e-3) == (1, 1)
     assert _tucker_ranks_from_scale(n, 1e-3) == (1, 1, 1)
@@ -169,6 +173,8 @@ def test_resolve_ranks():
     got = _resolve_ranks([2, 5], None, 2, from_scale)
     assert got == (2, 5) and isinstance(got, tuple)
     assert _resolve_ranks((1, 1, 4), None, 3, from_scale) == (1, 1, 4)
+    got = _resolve_ranks([2, 5], None, 2, from_scale) + _resolve_ranks(4, None, 3, from_scale)
+    assert all(type(r) is int for r in got)
     assert len(seen) == 2
 
 
