@@ -116,8 +116,12 @@ def tensorize(
         rank_scale = solve_tensor_scale(model, target_ratio, tensor_format, include=include, exclude=exclude)
     elif rank_scale is not None:
         _check_scale(rank_scale)
+    candidates = _tensor_candidates(model, include, exclude)
+    if include is not None and not candidates:
+        raise ValueError(f"include={include!r} selects no nn.Conv2d that tensorize converts (groups 1, "
+                         "padding_mode 'zeros', numeric padding)")
     done: dict[int, nn.Module] = {}
-    for name, module in _tensor_candidates(model, include, exclude):
+    for name, module in candidates:
         if id(module) in done:
             continue
         if from_dense:

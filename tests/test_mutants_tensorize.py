@@ -85,6 +85,15 @@ def test_tensorize_include_selecting_no_conv_or_linear_is_an_error():
     assert "Embedding" not in str(e.value)
     with pytest.raises(ValueError, match=r"include='emb' selects no nn\.Linear / nn\.Conv2d"):
         fnl.solve_tensor_scale(_Net(), 0.5, "tt", include="emb")
+    # a selection with convs that cannot be converted (or only a Linear) is an error, not a silent no-op
+    for include in ("fc", ["same", "grouped", "circ"]):
+        model = _Net()
+        before = list(model.children())
+        with pytest.raises(ValueError) as e:
+            fnl.tensorize(model, rank_scale=0.5, include=include)
+        assert str(e.value) == (f"include={include!r} selects no nn.Conv2d that tensorize converts (groups 1, "
+                                "padding_mode 'zeros', numeric padding)")
+        assert list(model.children()) == before
 
 
 def test_tensorize_shared_conv_becomes_one_shared_layer():
