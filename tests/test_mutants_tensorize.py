@@ -109,21 +109,23 @@ def test_tensorize_shared_conv_becomes_one_shared_layer():
 @pytest.mark.parametrize("spectral", [False, True])
 def test_tensorize_fresh_layer_equals_direct_constructor(fmt, spectral):
     cls = FORMATS[fmt]
-    conv = nn.Conv2d(8, 4, 3, stride=2, padding=1, dilation=1)
+    conv = nn.Conv2d(8, 4, 3, stride=2, padding=1, dilation=2)
     model = nn.Sequential(conv)
     torch.manual_seed(5)
     fnl.tensorize(model, tensor_format=fmt, rank_scale=0.5, spectral=spectral)
     torch.manual_seed(5)
-    ref = cls(8, 4, 3, 2, 1, 1, 1, True, rank_scale=0.5, spectral=spectral)
+    ref = cls(8, 4, 3, 2, 1, 2, 1, True, rank_scale=0.5, spectral=spectral)
     with torch.no_grad():
         ref.bias.copy_(conv.bias)
     new = model[0]
     assert new.spectral is spectral
-    assert (new.stride, new.padding, new.ranks) == ((2, 2), (1, 1), ref.ranks)
+    assert (new.stride, new.padding, new.dilation, new.ranks) == ((2, 2), (1, 1), (2, 2), ref.ranks)
+    x = torch.randn(1, 8, 9, 9)
+    assert new(x).shape == conv(x).shape == (1, 4, 4, 4)
     _same_state(new, ref)
     # neither the other init (spectral flipped) nor a projection of the conv's weights
     torch.manual_seed(5)
-    other = cls(8, 4, 3, 2, 1, 1, 1, True, rank_scale=0.5, spectral=not spectral)
+    other = cls(8, 4, 3, 2, 1, 2, 1, True, rank_scale=0.5, spectral=not spectral)
     assert not torch.equal(other.dense_weight(), new.dense_weight())
     assert not torch.allclose(cls.from_dense(conv, rank_scale=0.5).dense_weight(), new.dense_weight())
 
@@ -204,7 +206,7 @@ def test_tensorize_from_dense_equals_the_layer_projection(fmt, kwargs):
 @pytest.mark.parametrize("fmt", ["tt", "tucker"])
 def test_layer_counts_equal_the_layers_own_counts(fmt):
     from fnl.tensorize import _layer_count
-    for args in [(8, 8, 3), (4, 8, 1), (8, 4, (3, 1)), (6, 12, 3)]:
+    for args in [(8, 8, 3), (4, 8, 1), (8, 4, (3, 1)), (8, 4, (1, 3)), (6, 12, 3)]:
         for bias in (True, False):
             conv = nn.Conv2d(*args, bias=bias)
             for s in (1e-9, 0.3, 0.5, 1.0):
