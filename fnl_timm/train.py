@@ -46,6 +46,7 @@ import fnl
 
 from . import data as fnl_data
 from .compress import _state_dict_of, is_compressed_checkpoint, load_compressed
+from .models._factorize import has_factorized_convs
 from .optim import FD_OPTIMIZERS, mark_factors
 from .train_args import _experiment_name, _initial_checkpoint, build_parser, validate_args
 from .train_checkpoint import (
@@ -122,7 +123,7 @@ def use_channels_last(requested: Optional[bool], model: nn.Module, device: torch
     """
     if requested is not None:
         return requested
-    return device.type == 'cpu' and any(isinstance(m, fnl.FactorizedConv2d) for m in model.modules())
+    return device.type == 'cpu' and has_factorized_convs(model)
 
 
 def _set_input_format(model: nn.Module, channels_last: bool) -> None:
