@@ -10,6 +10,9 @@ Parts (``--only``, default all), timed with ``fnl.measure_latency`` (interleaved
   ``path='dense'``, against the plain NCHW pair and the channels-last model.
 - ``compile``: ``fnl.compile_for_inference`` (inference form, BatchNorm folded, channels-last weights,
   ``torch.compile``) against the eager variants, inference at batch 256.
+- ``compile_train``: a training step (batch 128, channels-last) with ``torch.compile`` of the model
+  and of the whole step (forward, backward and the optimizer step in one compiled function),
+  against the eager steps; the compiled steps' first losses are checked against eager.
 - ``linear``: ``FactorizedLinear`` 4096x4096 rank 512, batch 1024, fwd+bwd, against ``nn.Linear`` and two
   plain ``nn.Linear``: with the input's gradient (a layer inside a network: 6 vs 3 matmuls, the 4x
   multiply-add ratio) and without it (the input a leaf: 5 vs 2 matmuls, a 3.2x ratio), each with a
@@ -21,6 +24,7 @@ Parts (``--only``, default all), timed with ``fnl.measure_latency`` (interleaved
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import time
@@ -41,7 +45,7 @@ import fnl  # noqa: E402
 import fnl_timm  # noqa: E402,F401  (registers the models)
 
 CL = torch.channels_last
-PARTS = ('model', 'stage1', 'compile', 'linear')
+PARTS = ('model', 'stage1', 'compile', 'compile_train', 'linear')
 
 
 def _resnet(rank_scale: Optional[float] = 0.111) -> nn.Module:
@@ -189,6 +193,48 @@ def part_compile(rounds: int) -> None:
             assert torch.allclose(out, want, atol=1e-4), f'{(out - want).abs().max()}'
         fns[name] = _infer(compiled, inp)
     _table('fnl_resnet20 @0.111 inference, batch 256: torch.compile deployment against eager', fns, rounds, False,
+           'dense NCHW eager')
+
+
+def _compiled_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, whole_step: bool) -> Callable[[], object]:
+    """A training step with ``torch.compile`` of the model, or of the whole step; the first call compiles,
+    and its loss is checked against an eager copy of the same model."""
+    eager = copy.deepcopy(model).train()
+    with torch.no_grad():
+        want = F.cross_entropy(eager(x), y)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    net = model if whole_step else torch.compile(model)
+
+    def step() -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+    run = torch.compile(step) if whole_step else step
+    t0 = time.perf_counter()
+    loss = run()
+    print(f'{type(model).__name__} {"whole step" if whole_step else "model"} compiled: first call '
+          f'{time.perf_counter() - t0:.1f} s, loss {loss.item():.5f} (eager {want.item():.5f})')
+    assert torch.allclose(loss, want, rtol=1e-4, atol=1e-4), (loss, want)
+    return run
+
+
+def part_compile_train(rounds: int) -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
+    xc = x.contiguous(memory_format=CL)
+    fns = {'dense NCHW eager': _train(_resnet(None), x, y),
+           'dense channels_last eager': _train(_resnet(None).to(memory_format=CL), xc, y),
+           'fnl channels_last eager': _train(_resnet().to(memory_format=CL), xc, y),
+           'two plain convs channels_last eager': _train(fnl.to_inference_form(_resnet()).to(memory_format=CL), xc, y),
+           'dense channels_last, compiled model': _compiled_train(_resnet(None).to(memory_format=CL), xc, y, False),
+           'fnl channels_last, compiled model': _compiled_train(_resnet().to(memory_format=CL), xc, y, False),
+           'fnl channels_last, compiled step': _compiled_train(_resnet().to(memory_format=CL), xc, y, True),
+           'two plain convs channels_last, compiled model': _compiled_train(
+               fnl.to_inference_form(_resnet()).to(memory_format=CL), xc, y, False)}
+    _table('fnl_resnet20 @0.111 training step, batch 128: torch.compile against eager', fns, rounds, True,
            'dense NCHW eager')
 
 
