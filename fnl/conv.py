@@ -190,35 +190,46 @@ class FactorizedConv2d(LowRankLayer):
         (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
         if torch.jit.is_scripting():
             w_a, w_b = self._factor_conv_weights()
-        elif not (torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling()):
-            # eager inference: reuse (a trace or compiled graph must read the parameters)
-            w_a, w_b = self._cached_factor_conv_weights()
         else:
-            w_a, w_b = self._factor_conv_weights()
+            # weights in the input's memory format: a channels-last conv otherwise re-lays out an NCHW
+            # weight on every call (docs/speed.md), and the second weight is then a view of U, no copy
+            channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+                memory_format=torch.channels_last)
+            if not (torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling()):
+                # eager inference: reuse (a trace or compiled graph must read the parameters)
+                w_a, w_b = self._cached_factor_conv_weights(channels_last)
+            else:
+                w_a, w_b = self._factor_conv_weights(channels_last)
         h = F.conv2d(x, w_a, None, (1, sw), (0, pw), (1, dw))  # (B, r, H, W_out)
         return F.conv2d(h, w_b, self.bias, (sh, 1), (ph, 0), (dh, 1))  # (B, out, H_out, W_out)
 
-    def _factor_conv_weights(self) -> tuple[Tensor, Tensor]:
-        """The two convs' weights, (r, in, 1, kw) and (out, r, kh, 1), contiguous.
+    def _factor_conv_weights(self, channels_last: bool = False) -> tuple[Tensor, Tensor]:
+        """The two convs' weights, (r, in, 1, kw) and (out, r, kh, 1), contiguous, or channels-last
+        contiguous with ``channels_last`` (for a channels-last input).
 
         Permuted views of ``V`` and ``U`` are not contiguous, and the conv kernels copy such a weight
         on every call anyway; here the copy is explicit, and without autograd it is made once and
-        reused until a factor changes (``_cached_factor_conv_weights``).
+        reused until a factor changes (``_cached_factor_conv_weights``). ``U``'s (out*kh, r) rows are
+        already the channels-last layout of the second weight, so that one is a view.
         """
         (kh, kw), r = self.kernel_size, self.rank
         u = self.U if self.S is None else self.U @ self.S  # (out*kh, r)
-        w_a = self.V.view(self.in_channels, kw, r).permute(2, 0, 1).unsqueeze(2).contiguous()
-        w_b = u.view(self.out_channels, kh, r).permute(0, 2, 1).unsqueeze(3).contiguous()
-        return w_a, w_b
+        w_a = self.V.view(self.in_channels, kw, r).permute(2, 0, 1).unsqueeze(2)
+        w_b = u.view(self.out_channels, kh, r).permute(0, 2, 1).unsqueeze(3)
+        if channels_last:
+            return w_a.contiguous(memory_format=torch.channels_last), w_b.contiguous(
+                memory_format=torch.channels_last)
+        return w_a.contiguous(), w_b.contiguous()
 
     @torch.jit.unused
-    def _cached_factor_conv_weights(self) -> tuple[Tensor, Tensor]:
+    def _cached_factor_conv_weights(self, channels_last: bool = False) -> tuple[Tensor, Tensor]:
         # host-side key, no device sync: in-place updates (optimizer steps, load_state_dict) bump a
         # tensor's version; replaced or moved factors change identity or address
         key = tuple((id(p), p.data_ptr(), p._version, p.device, p.dtype) for p in self.factor_parameters())
+        key += (channels_last,)
         cache = self.__dict__.get("_conv_weight_cache")
         if cache is None or cache[0] != key:
-            cache = (key, self._factor_conv_weights())
+            cache = (key, self._factor_conv_weights(channels_last))
             self.__dict__["_conv_weight_cache"] = cache
         return cache[1]
 

@@ -9,6 +9,7 @@ from torch import nn
 
 timm = pytest.importorskip('timm')
 import fnl  # noqa: E402
+import fnl.conv as conv_module  # noqa: E402
 import fnl_timm  # noqa: E402,F401
 from fnl.export import export_model  # noqa: E402
 from fnl_timm import train as fnl_train  # noqa: E402
@@ -113,6 +114,57 @@ def test_memory_format_keeps_outputs_fd_steps_state_dict_and_forms(tmp_path):
     _close(inf(xc), out)
     rep = export_model(fast, xc, tmp_path / 'm.pt', 'torchscript')
     assert rep['max_abs_diff'] < 1e-5
+
+
+@pytest.mark.parametrize('square', [False, True])
+@pytest.mark.parametrize('geometry', [dict(kernel_size=3, padding=1), dict(kernel_size=(1, 5), stride=(2, 1), padding=(0, 2)),
+                                      dict(kernel_size=(3, 2), stride=(1, 2), padding=(1, 0), dilation=(2, 1))])
+def test_conv_weights_follow_a_channels_last_input(geometry, square):
+    """A channels-last input gets channels-last conv weights (the second one a view of ``U`` without ``S``),
+    with the same outputs and gradients as an NCHW input, in training and in cached inference."""
+    torch.manual_seed(0)
+    layer = fnl.FactorizedConv2d(6, 7, rank=3, square=square, path='factored', **geometry)
+    x = torch.randn(2, 6, 9, 10, requires_grad=True)
+    xc = x.detach().contiguous(memory_format=CL).requires_grad_()
+    assert not xc.is_contiguous()
+    seen = []
+    real_conv = conv_module.F.conv2d
+
+    def spy(inp, weight, *args):
+        seen.append((inp.is_contiguous(memory_format=CL), weight.is_contiguous(memory_format=CL),
+                     weight.is_contiguous(), weight.untyped_storage().data_ptr()))
+        return real_conv(inp, weight, *args)
+    g = torch.randn(2, 7, *conv_module.conv_output_hw(layer, x.shape))
+    conv_module.F.conv2d = spy
+    try:
+        grads = []
+        for inp in (x, xc):
+            layer.zero_grad(set_to_none=True)
+            out = layer(inp)
+            out.backward(g)
+            grads.append((out.detach(), inp.grad, [p.grad for p in layer.parameters()]))
+        with torch.no_grad():
+            cached = [layer(xc), layer(xc), layer(x)]
+    finally:
+        conv_module.F.conv2d = real_conv
+    (o1, gx1, gp1), (o2, gx2, gp2) = grads
+    _close(o1, o2), _close(gx1, gx2)
+    for a, b in zip(gp1, gp2):
+        _close(a, b)
+    assert o2.is_contiguous(memory_format=CL)
+    for c in cached[:2]:
+        _close(c, o1)
+    _close(cached[2], o1)
+    # NCHW input: contiguous weights; channels-last input: channels-last weights, the second one U itself
+    nchw, cl = seen[0:2], seen[2:4]
+    assert [s[2] for s in nchw] == [True, True] and [s[0] for s in nchw] == [False, False]
+    assert all(s[1] for s in cl) and not cl[0][2]
+    assert cl[1][2] == (layer.kernel_size[0] == 1)  # (out, r, kh, 1) is both formats when kh == 1
+    assert (cl[1][3] == layer.U.untyped_storage().data_ptr()) is not square
+    # cached inference: built once for channels-last (same tensors on the second call), then rebuilt for NCHW
+    inf = seen[4:]
+    assert len(inf) == 6 and inf[0][3] == inf[2][3] and inf[1][3] == inf[3][3]
+    assert inf[4][2] and inf[5][2] and not inf[0][2]
 
 
 def test_compile_for_inference_refusals_leave_the_model_unchanged():
