@@ -1,5 +1,9 @@
 """Tests written to kill surviving mutants of fnl/conv.py (tests/README.md): the exact repr a user
-reads, and the exact message of every argument check, naming the argument and what is allowed."""
+reads, the exact message of every argument check (naming the argument and what is allowed), the
+function computed (forward, gradients, the factored weights and their memory format, the inference
+cache) against the closed-form kernel on an asymmetric geometry, the path rule, the counts, the
+conversions and the initialisation."""
+import math
 import re
 
 import pytest
@@ -53,3 +57,455 @@ def test_valid_and_same_padding_resolve_to_pairs():
     assert fnl.FactorizedConv2d(4, 6, 3, rank=2, padding='valid').padding == (0, 0)
     assert fnl.FactorizedConv2d(4, 6, (3, 5), rank=2, padding='same').padding == (1, 2)
     assert fnl.FactorizedConv2d(4, 6, 3, rank=2, padding='same', dilation=(1, 2)).padding == (1, 2)
+
+
+# --- shared helpers ---------------------------------------------------------------------------------
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+import fnl.conv as conv_module  # noqa: E402
+
+CL = torch.channels_last
+# every pair asymmetric, every size different, so a swapped index or a dropped argument shows
+GEOMETRY = dict(in_channels=3, out_channels=5, kernel_size=(3, 2), stride=(2, 3), padding=(1, 2), dilation=(2, 1))
+
+
+def _layer(rank=2, square=True, bias=True, path='factored', seed=0, **geometry):
+    geo = dict(GEOMETRY, **geometry)
+    layer = fnl.FactorizedConv2d(**geo, bias=bias, rank=rank, square=square, path=path, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in layer.parameters():  # S random too: an identity S hides a dropped or transposed S
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+    return layer
+
+
+def _kernel(layer):
+    """The dense kernel K[o, i, h, w] = M[(o, h), (i, w)], M = U S Vᵀ, written out with indices."""
+    u = layer.U if layer.S is None else layer.U @ layer.S
+    m = u @ layer.V.T
+    (kh, kw), cout, cin = layer.kernel_size, layer.out_channels, layer.in_channels
+    k = torch.empty(cout, cin, kh, kw, dtype=m.dtype)
+    for o in range(cout):
+        for i in range(cin):
+            for h in range(kh):
+                for w in range(kw):
+                    k[o, i, h, w] = m[o * kh + h, i * kw + w]
+    return k
+
+
+def _reference(layer, x):
+    return F.conv2d(x, _kernel(layer), layer.bias, layer.stride, layer.padding, layer.dilation)
+
+
+def _x(shape=(2, 3, 11, 13), seed=1):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _close(a, b, tol=1e-10):
+    assert a.shape == b.shape, (a.shape, b.shape)
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+# --- argument forms -------------------------------------------------------------------------------
+TYPE_ERRORS = [
+    ({'kernel_size': (3, 3, 3)}, 'kernel_size must be an int or a pair of ints, got (3, 3, 3)'),
+    ({'kernel_size': [3]}, 'kernel_size must be an int or a pair of ints, got [3]'),
+    ({'kernel_size': 2.0}, 'kernel_size must be an int or a pair of ints, got 2.0'),
+    ({'kernel_size': True}, 'kernel_size must be an int or a pair of ints, got True'),
+    ({'kernel_size': (3, True)}, 'kernel_size must be an int or a pair of ints, got (3, True)'),
+    ({'kernel_size': (3, 2.0)}, 'kernel_size must be an int or a pair of ints, got (3, 2.0)'),
+    ({'kernel_size': '33'}, "kernel_size must be an int or a pair of ints, got '33'"),
+    ({'stride': (1, 1, 1)}, 'stride must be an int or a pair of ints, got (1, 1, 1)'),
+    ({'dilation': 1.5}, 'dilation must be an int or a pair of ints, got 1.5'),
+    ({'padding': (1, None)}, 'padding must be an int or a pair of ints, got (1, None)'),
+    ({'in_channels': 2.0}, 'in_channels must be an int >= 1, got float 2.0'),
+    ({'out_channels': True}, 'out_channels must be an int >= 1, got bool True'),
+]
+
+
+@pytest.mark.parametrize('kwargs,message', TYPE_ERRORS, ids=[str(k) for k, _ in TYPE_ERRORS])
+def test_argument_type_errors_name_the_argument_exactly(kwargs, message):
+    args = dict(in_channels=4, out_channels=6, kernel_size=3, rank=2)
+    args.update(kwargs)
+    with pytest.raises(TypeError, match=f'^{re.escape(message)}$'):
+        fnl.FactorizedConv2d(**args)
+
+
+VALUE_ERRORS = [  # one bad entry of a pair (either one), a list shown as a tuple
+    ({'kernel_size': (3, 0)}, 'kernel_size must be >= 1, got (3, 0)'),
+    ({'stride': [1, 0]}, 'stride must be >= 1, got (1, 0)'),
+    ({'stride': (0, 2)}, 'stride must be >= 1, got (0, 2)'),
+    ({'dilation': (2, 0)}, 'dilation must be >= 1, got (2, 0)'),
+    ({'padding': (2, -1)}, 'padding must be >= 0, got (2, -1)'),
+    ({'padding': 'same', 'stride': (1, 2)}, "padding='same' needs stride 1, got stride=(1, 2)"),
+    ({'padding': 'same', 'stride': (2, 1)}, "padding='same' needs stride 1, got stride=(2, 1)"),
+    ({'padding': 'same', 'kernel_size': (3, 2)},
+     "padding='same' is supported only where it is symmetric (dilation*(kernel_size-1) even); "
+     "got kernel_size=(3, 2), dilation=(1, 1)"),
+    ({'padding': 'same', 'kernel_size': (2, 3), 'dilation': (1, 2)},
+     "padding='same' is supported only where it is symmetric (dilation*(kernel_size-1) even); "
+     "got kernel_size=(2, 3), dilation=(1, 2)"),
+    ({'padding': 'SAME'}, "padding must be an int, a pair, 'valid' or 'same', got 'SAME'"),
+    ({'groups': 0}, 'groups must be 1 for FactorizedConv2d (grouped kernels are not factorized), got 0'),
+    ({'padding_mode': 'circular'}, "padding_mode must be 'zeros' for FactorizedConv2d, got 'circular'"),
+    ({'path': 'Dense'}, "path must be one of ('auto', 'factored', 'dense'), got 'Dense'"),
+]
+
+
+@pytest.mark.parametrize('kwargs,message', VALUE_ERRORS, ids=[str(k) for k, _ in VALUE_ERRORS])
+def test_argument_value_errors_name_the_argument_exactly(kwargs, message):
+    args = dict(in_channels=4, out_channels=6, kernel_size=3, rank=2)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=f'^{re.escape(message)}$'):
+        fnl.FactorizedConv2d(**args)
+
+
+@pytest.mark.parametrize('kwargs,expected', [
+    (dict(kernel_size=[3, 2], stride=[2, 1], padding=[0, 1], dilation=[1, 3]), ((3, 2), (2, 1), (0, 1), (1, 3))),
+    (dict(kernel_size=(1, 1), stride=(1, 1), padding=(0, 0), dilation=(1, 1)), ((1, 1), (1, 1), (0, 0), (1, 1))),
+    (dict(kernel_size=4, stride=3, padding=2, dilation=2), ((4, 4), (3, 3), (2, 2), (2, 2))),
+    (dict(kernel_size=(2, 3), padding='same', dilation=(2, 1)), ((2, 3), (1, 1), (1, 1), (2, 1))),
+    (dict(kernel_size=(5, 3), padding='same', dilation=(1, 3)), ((5, 3), (1, 1), (2, 3), (1, 3))),
+    (dict(kernel_size=(5, 3), stride=(2, 3), padding='valid'), ((5, 3), (2, 3), (0, 0), (1, 1))),
+])
+def test_geometry_is_stored_as_pairs_of_ints(kwargs, expected):
+    layer = fnl.FactorizedConv2d(4, 6, rank=2, **kwargs)
+    got = (layer.kernel_size, layer.stride, layer.padding, layer.dilation)
+    assert got == expected
+    assert all(type(p) is tuple and all(type(v) is int for v in p) for p in got)
+    assert (layer.groups, layer.padding_mode, layer.path) == (1, 'zeros', 'auto')
+    assert (layer.in_channels, layer.out_channels) == (4, 6)
+
+
+def test_tensor_convs_refuse_string_padding_and_groups_with_their_own_name():
+    with pytest.raises(ValueError, match=re.escape("padding must be an int or a pair of ints for TTConv2d, got 'same'")):
+        fnl.TTConv2d(4, 4, 3, padding='same', rank_scale=0.5)
+    with pytest.raises(ValueError, match=re.escape("padding must be an int or a pair of ints for TuckerConv2d, "
+                                                   "got 'valid'")):
+        fnl.TuckerConv2d(4, 4, 3, padding='valid', rank_scale=0.5)
+    with pytest.raises(ValueError, match=f"^{re.escape('groups must be 1 for TTConv2d, got 2')}$"):
+        fnl.TTConv2d(4, 4, 3, groups=2, rank_scale=0.5)
+    layer = fnl.TTConv2d(4, 4, 3, padding=1, rank_scale=0.5, path='dense')
+    assert (layer.groups, layer.padding_mode, layer.path, layer.padding) == (1, 'zeros', 'dense', (1, 1))
+
+
+def test_repr_of_a_square_layer_with_a_stride():
+    assert (repr(fnl.FactorizedConv2d(4, 6, (3, 1), (2, 1), rank=2, square=True))
+            == 'FactorizedConv2d(4, 6, kernel_size=(3, 1), stride=(2, 1), rank=2, square=True)')
+
+
+# --- the function computed ------------------------------------------------------------------------
+@pytest.mark.parametrize('path', ['factored', 'dense'])
+@pytest.mark.parametrize('square,bias', [(True, True), (False, False)])
+def test_forward_is_the_conv_with_the_closed_form_kernel(path, square, bias):
+    layer = _layer(rank=3, square=square, bias=bias, path=path)
+    _close(layer.dense_weight(), _kernel(layer))
+    x = _x()
+    out = layer(x)
+    assert out.shape == (2, 5, 5, 6)  # (11 + 2 - 2*2 - 1) // 2 + 1, (13 + 4 - 1 - 1) // 3 + 1
+    _close(out, _reference(layer, x))
+    # gradients of every parameter and of the input, against autograd through the closed form
+    g = _x(out.shape, seed=2)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    grads = torch.autograd.grad((layer(xa) * g).sum(), [xa, *layer.parameters()])
+    ref = torch.autograd.grad((_reference(layer, xb) * g).sum(), [xb, *layer.parameters()])
+    assert len(grads) == len(ref) == 3 + square + bias
+    for a, b in zip(grads, ref):
+        _close(a, b)
+    with torch.no_grad():  # eager inference (cached factored weights) computes the same
+        _close(layer(x), out.detach())
+        _close(layer(x), out.detach())
+
+
+@pytest.mark.parametrize('geometry', [dict(), dict(kernel_size=(1, 3), stride=(1, 2), padding=(0, 1), dilation=(1, 2)),
+                                      dict(kernel_size=(2, 1), stride=1, padding=(1, 0), dilation=(3, 1))])
+def test_forward_with_other_geometries(geometry):
+    for path in ('factored', 'dense'):
+        layer = _layer(rank=2, path=path, **geometry)
+        x = _x((1, 3, 7, 8))
+        _close(layer(x), _reference(layer, x))
+        _close(layer(x[0]), _reference(layer, x)[0])  # an unbatched (C, H, W) input
+
+
+def test_matrix_layout_round_trips_a_dense_kernel():
+    layer = _layer(rank=6, square=False)  # full rank: min(5*3, 3*2) = 6
+    k = _x((5, 3, 3, 2), seed=3)
+    m = layer._matrix_from_weight(k)
+    assert m.shape == (15, 6)
+    for o, i, h, w in [(0, 0, 0, 0), (4, 2, 2, 1), (1, 2, 0, 1), (3, 0, 2, 0), (2, 1, 1, 1)]:
+        assert m[o * 3 + h, i * 2 + w] == k[o, i, h, w]
+    assert torch.equal(layer._weight_from_matrix(m), k)
+    layer.set_from_weight_(k)
+    _close(layer.dense_weight(), k)
+    _close(_kernel(layer), k)
+    assert tuple(layer._dense_weight_shape()) == (5, 3, 3, 2)
+    with pytest.raises(ValueError, match=re.escape('weight must have shape (5, 3, 3, 2), got (5, 3, 2, 3)')):
+        layer.set_from_weight_(k.transpose(2, 3))
+
+
+# --- factored weights, channels-last inputs and the inference cache -----------------------------
+@pytest.mark.parametrize('square', [False, True])
+def test_factor_conv_weights_layout_and_memory_format(square):
+    layer = _layer(rank=4, square=square)
+    k = _kernel(layer)
+    for channels_last in (False, True):
+        w_a, w_b = layer._factor_conv_weights(channels_last)
+        assert w_a.shape == (4, 3, 1, 2) and w_b.shape == (5, 4, 3, 1)
+        assert w_a.dtype == w_b.dtype == torch.float64
+        # the two convs compose to the kernel: K[o, i, h, w] = sum_r w_b[o, r, h] w_a[r, i, w]
+        _close(torch.einsum('orh,riw->oihw', w_b[..., 0], w_a[:, :, 0]), k)
+        fmt = CL if channels_last else torch.contiguous_format
+        assert w_a.is_contiguous(memory_format=fmt) and w_b.is_contiguous(memory_format=fmt)
+        if not channels_last:
+            assert w_a.stride() == (6, 2, 2, 1) and w_b.stride() == (12, 3, 1, 1)
+        else:
+            assert w_a.stride() == (6, 1, 6, 3) and w_b.stride()[:3] == (12, 1, 4)
+            # U's (out*kh, r) rows are the channels-last second weight: a view of U without S
+            assert (w_b.data_ptr() == layer.U.data_ptr()) is not square
+
+
+def _spy_convs(monkeypatch):
+    seen = []
+    real = conv_module.F.conv2d
+
+    def spy(inp, weight, *args):
+        seen.append((inp.is_contiguous(memory_format=CL) and not inp.is_contiguous(),
+                     weight.is_contiguous(memory_format=CL) and not weight.is_contiguous(), weight))
+        return real(inp, weight, *args)
+    monkeypatch.setattr(conv_module.F, 'conv2d', spy)
+    return seen
+
+
+def test_channels_last_input_gets_channels_last_weights_and_the_same_output(monkeypatch):
+    layer = _layer(rank=3, square=True, kernel_size=(3, 2))
+    x = _x((2, 3, 9, 10))
+    xc = x.contiguous(memory_format=CL)
+    ref = _reference(layer, x)
+    seen = _spy_convs(monkeypatch)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            del seen[:]
+            _close(layer(x), ref)
+            _close(layer(xc), ref)
+            _close(layer(x), ref)
+            # weight formats: NCHW, NCHW | channels-last, channels-last | NCHW, NCHW (the cache follows the input)
+            assert [s[1] for s in seen] == [False, False, True, True, False, False], grad
+    # not channels-last: a 3-d input, a transposed (non-contiguous, not channels-last) input, an input
+    # contiguous in both formats (1 x 1 spatial): plain weights
+    one = _layer(rank=2, kernel_size=(1, 1), stride=1, padding=0, dilation=1)
+    for inp in (_x((3, 5, 6)), _x((2, 3, 6, 5)).transpose(2, 3), _x((2, 3, 1, 1))):
+        for grad in (True, False):
+            with torch.set_grad_enabled(grad):
+                ref = _reference(one, inp)
+                del seen[:]
+                _close(one(inp), ref)
+                assert [s[1] for s in seen] == [False, False]
+
+
+def test_inference_cache_reuses_weights_until_a_factor_changes(monkeypatch):
+    layer = _layer(rank=3, square=True)
+    x = _x()
+    calls = []
+    real = layer._factor_conv_weights
+
+    def counting(*args):
+        calls.append(args)
+        return real(*args)
+    monkeypatch.setattr(layer, '_factor_conv_weights', counting)
+    with torch.no_grad():
+        first = layer(x)
+        assert len(calls) == 1
+        _close(layer(x), first)
+        assert len(calls) == 1  # reused
+        assert layer(x.contiguous(memory_format=CL)).shape == first.shape and len(calls) == 2
+        for name in ('U', 'S', 'V'):  # an in-place update of any factor (an optimizer step)
+            getattr(layer, name).mul_(1.5)
+            _close(layer(x), _reference(layer, x))
+        assert len(calls) == 5
+        state = {k: v * 2 for k, v in layer.state_dict().items()}
+        layer.load_state_dict(state)
+        _close(layer(x), _reference(layer, x))
+        assert len(calls) == 6
+        layer.V = nn.Parameter(layer.V * -1)  # a replaced factor
+        _close(layer(x), _reference(layer, x))
+        assert len(calls) == 7
+        layer.bias.mul_(3)  # the bias is not in the cached weights: read on each call
+        _close(layer(x), _reference(layer, x))
+        assert len(calls) == 7
+    # training: no cache, the weights are built from the parameters and carry their gradients
+    out = layer(x)
+    assert len(calls) == 8 and out.requires_grad
+    out.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters())
+    calls.clear()
+    with torch.no_grad():
+        layer.float()  # a dtype change (new tensors) rebuilds too
+        y = layer(x.float())
+    assert len(calls) == 1 and y.dtype == torch.float32
+    _close(y, _reference(layer, x.float()), 1e-4)
+
+
+# --- path choice and counts -----------------------------------------------------------------------
+def test_auto_path_rule_and_its_boundary():
+    # factored MACs per output pixel r*(in*kw*sh + out*kh) against dense out*in*kh*kw; a tie takes the dense path
+    cases = []
+    for cin, cout, (kh, kw), (sh, sw) in [(4, 4, (3, 3), (1, 1)), (4, 4, (3, 3), (2, 1)), (4, 4, (3, 3), (1, 2)),
+                                          (2, 3, (1, 3), (1, 1)), (3, 2, (3, 1), (3, 2)), (5, 2, (2, 3), (2, 3))]:
+        for r in range(1, 13):
+            layer = fnl.FactorizedConv2d(cin, cout, (kh, kw), (sh, sw), rank=r, bias=False)
+            factored = r * (cin * kw * sh + cout * kh)
+            assert layer.uses_dense_path == (factored >= cout * cin * kh * kw), (cin, cout, kh, kw, sh, sw, r)
+            cases.append(layer.uses_dense_path)
+            assert fnl.FactorizedConv2d(cin, cout, (kh, kw), (sh, sw), rank=r, path='dense').uses_dense_path
+            assert not fnl.FactorizedConv2d(cin, cout, (kh, kw), (sh, sw), rank=r, path='factored').uses_dense_path
+    assert 10 < sum(cases) < len(cases) - 10
+    # ties: 6 * (4*3*1 + 4*3) == 144 == 4*4*3*3; 4 * (4*3*2 + 4*3) == 144; 2 * (2*3 + 3) == 18 == 3*2*3
+    assert fnl.FactorizedConv2d(4, 4, 3, rank=6).uses_dense_path
+    assert not fnl.FactorizedConv2d(4, 4, 3, rank=5).uses_dense_path
+    assert fnl.FactorizedConv2d(4, 4, 3, (2, 1), rank=4).uses_dense_path
+    assert not fnl.FactorizedConv2d(4, 4, 3, (2, 1), rank=3).uses_dense_path
+    assert fnl.FactorizedConv2d(2, 3, (1, 3), rank=2).uses_dense_path
+
+
+@pytest.mark.parametrize('path', ['factored', 'dense', 'auto'])
+def test_macs_closed_form_on_an_asymmetric_geometry(path):
+    layer = _layer(rank=3, path=path)
+    h_out, w_out = 5, 6  # (11 + 2*1 - 2*2 - 1) // 2 + 1, (13 + 2*2 - 1*1 - 1) // 3 + 1
+    assert conv_module.conv_output_hw(layer, (3, 11, 13)) == (h_out, w_out)
+    assert conv_module.conv_output_hw(layer, (7, 3, 11, 13)) == (h_out, w_out)
+    dense = 5 * 3 * 3 * 2 * h_out * w_out
+    factored = 3 * 3 * 2 * 11 * w_out + 5 * 3 * 3 * h_out * w_out  # (1 x kw) conv on all 11 input rows
+    assert layer.dense_macs((3, 11, 13)) == dense
+    assert layer.macs((3, 11, 13)) == (dense if layer.uses_dense_path else factored)
+    assert layer.uses_dense_path == (path == 'dense')  # auto: 3 * (3*2*2 + 5*3) = 81 < 90
+
+
+@pytest.mark.filterwarnings('ignore:Using padding=.same. with even kernel')
+@pytest.mark.parametrize('padding,hw', [('same', (11, 13)), ('valid', (9, 12)), (2, (13, 16)), ((0, 1), (9, 14))])
+def test_conv_output_hw_of_plain_convs_with_string_padding(padding, hw):
+    conv = nn.Conv2d(2, 2, (3, 2), padding=padding)
+    assert conv_module.conv_output_hw(conv, (2, 11, 13)) == hw
+    assert tuple(conv(torch.zeros(1, 2, 11, 13)).shape[-2:]) == hw
+    dil = nn.Conv2d(2, 2, (3, 3), padding=padding if isinstance(padding, str) else 0, dilation=(2, 1), stride=1)
+    assert conv_module.conv_output_hw(dil, (2, 11, 13)) == tuple(dil(torch.zeros(1, 2, 11, 13)).shape[-2:])
+
+
+# --- conversions ------------------------------------------------------------------------------------
+def _assert_geometry(conv, cin, cout, kernel, stride, padding, dilation, bias):
+    assert type(conv) is nn.Conv2d
+    assert (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+            conv.groups, conv.padding_mode) == (cin, cout, kernel, stride, padding, dilation, 1, 'zeros')
+    assert (conv.bias is not None) == bias
+
+
+@pytest.mark.parametrize('bias', [True, False])
+@pytest.mark.parametrize('training', [True, False])
+def test_inference_form_is_two_exact_plain_convs(bias, training):
+    layer = _layer(rank=3, square=True, bias=bias).train(training)
+    plain = layer.inference_form()
+    assert type(plain) is nn.Sequential and len(plain) == 2
+    first, second = plain
+    _assert_geometry(first, 3, 3, (1, 2), (1, 3), (0, 2), (1, 1), False)
+    _assert_geometry(second, 3, 5, (3, 1), (2, 1), (1, 0), (2, 1), bias)
+    assert all(m.training is training for m in plain.modules())
+    w_a, w_b = layer._factor_conv_weights()
+    assert torch.equal(first.weight, w_a) and torch.equal(second.weight, w_b)
+    assert all(p.dtype == torch.float64 and p.is_contiguous() and not p.grad_fn for p in plain.parameters())
+    if bias:
+        assert torch.equal(second.bias, layer.bias)
+    x = _x()
+    ref = _reference(layer, x).detach()
+    _close(plain(x), ref)
+    with torch.no_grad():  # copies, not views of the layer's parameters
+        for p in layer.parameters():
+            p.mul_(2)
+    _close(plain(x), ref)
+
+
+@pytest.mark.parametrize('training', [True, False])
+def test_inference_form_and_to_dense_on_the_dense_path(training):
+    layer = _layer(rank=5, square=True, path='dense').train(training)
+    for conv in (layer.to_dense(), layer.inference_form()):
+        _assert_geometry(conv, 3, 5, (3, 2), (2, 3), (1, 2), (2, 1), True)
+        assert conv.weight.dtype == torch.float64
+        _close(conv.weight, _kernel(layer))
+        assert torch.equal(conv.bias, layer.bias)
+        x = _x()
+        _close(conv(x), _reference(layer, x))
+    assert layer.inference_form().training is training
+    no_bias = _layer(rank=2, square=False, bias=False)
+    _assert_geometry(no_bias.to_dense(), 3, 5, (3, 2), (2, 3), (1, 2), (2, 1), False)
+
+
+@pytest.mark.parametrize('path', ['factored', 'dense'])
+def test_conversions_keep_the_device(path):
+    layer = fnl.FactorizedConv2d(3, 5, (3, 2), rank=2, square=True, path=path, device='meta')
+    assert layer.U.device.type == 'meta'
+    for module in (layer.inference_form(), layer.to_dense()):
+        assert {p.device.type for p in module.parameters()} == {'meta'}
+
+
+@pytest.mark.parametrize('bias', [True, False])
+@pytest.mark.parametrize('square', [True, False])
+def test_from_dense_keeps_geometry_weights_bias_dtype_and_options(bias, square):
+    g = torch.Generator().manual_seed(4)
+    dense = nn.Conv2d(3, 5, (3, 2), (2, 3), (1, 2), (2, 1), bias=bias, dtype=torch.float64)
+    with torch.no_grad():
+        for p in dense.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+    layer = fnl.FactorizedConv2d.from_dense(dense, rank=6, square=square, path='dense')
+    assert (layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+            layer.dilation) == (3, 5, (3, 2), (2, 3), (1, 2), (2, 1))
+    assert (layer.rank, layer.square, layer.path, layer.spectral) == (6, square, 'dense', False)
+    assert (layer.S is not None) == square and layer.U.dtype == torch.float64
+    _close(layer.dense_weight(), dense.weight)
+    if bias:
+        assert torch.equal(layer.bias, dense.bias) and layer.bias.data_ptr() != dense.bias.data_ptr()
+    else:
+        assert layer.bias is None
+    x = _x()
+    _close(layer(x), dense(x))
+    low = fnl.FactorizedConv2d.from_dense(dense, rank_scale=0.2)  # round(0.2 * 5 * 3) = 3
+    assert (low.rank, low.path, low.square) == (3, 'auto', False)
+    same = fnl.FactorizedConv2d.from_dense(nn.Conv2d(3, 5, (3, 5), padding='same'), rank=2)
+    assert same.padding == (1, 2)
+
+
+def test_from_dense_refuses_what_it_cannot_factorize_by_name():
+    with pytest.raises(TypeError, match='^layer must be an nn.Conv2d, got Linear$'):
+        fnl.FactorizedConv2d.from_dense(nn.Linear(2, 2), rank=1)
+    with pytest.raises(ValueError, match='^layer.groups must be 1 for FactorizedConv2d, got 2$'):
+        fnl.FactorizedConv2d.from_dense(nn.Conv2d(4, 4, 3, groups=2), rank=1)
+    with pytest.raises(ValueError, match="^layer.padding_mode must be 'zeros' for FactorizedConv2d, got 'reflect'$"):
+        fnl.FactorizedConv2d.from_dense(nn.Conv2d(4, 4, 3, padding_mode='reflect'), rank=1)
+
+
+# --- initialisation -------------------------------------------------------------------------------
+def test_init_functions_see_the_factor_matrices_or_the_dense_kernel():
+    seen = []
+
+    def init(t):
+        seen.append(tuple(t.shape))
+        torch.nn.init.constant_(t, 0.5)
+    layer = fnl.FactorizedConv2d(3, 5, (3, 2), rank=4, square=True, init=init)
+    assert seen == [(4, 6), (15, 4)]  # Vᵀ (r x in*kw), then U (out*kh x r)
+    assert torch.equal(layer.U, torch.full((15, 4), 0.5)) and torch.equal(layer.V, torch.full((6, 4), 0.5))
+    assert torch.equal(layer.S, torch.eye(4))
+    seen.clear()
+    fnl.FactorizedConv2d(3, 5, (3, 2), rank=4, spectral=True, init=init)
+    assert seen == [(5, 3, 3, 2)]
+
+
+def test_torch_default_init_bounds_use_each_factor_fan_in():
+    torch.manual_seed(0)
+    layer = fnl.FactorizedConv2d(40, 30, (1, 5), rank=60)
+    # kaiming_uniform(a=sqrt(5)): bound 1/sqrt(fan_in); Vᵀ fan-in in*kw = 200, U fan-in r = 60
+    for p, bound in ((layer.V, 1 / math.sqrt(200)), (layer.U, 1 / math.sqrt(60))):
+        assert p.abs().max() <= bound and p.abs().max() > 0.97 * bound
+    assert layer.bias.abs().max() <= 1 / math.sqrt(200) and layer.bias.abs().max() > 0.8 / math.sqrt(200)
+    assert layer._dense_fan_in() == 200
+    spectral = fnl.FactorizedConv2d(40, 30, (1, 5), rank_scale=1.0, spectral=True)
+    w = spectral.dense_weight()  # the full-rank product is a kaiming_uniform(a=sqrt(5)) dense kernel
+    assert w.abs().max() <= 1 / math.sqrt(200) + 1e-6 and w.abs().max() > 0.97 / math.sqrt(200)
