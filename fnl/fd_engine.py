@@ -202,6 +202,21 @@ def _fd_grads(u: Tensor, s: Optional[Tensor], v: Tensor) -> tuple[Tensor, Option
     return u @ (s @ gv @ s.mT), gu @ s @ gv, v @ (s.mT @ gu @ s)
 
 
+CAPTURE_ERROR = ("Frobenius decay cannot run inside a CUDA graph capture: its coefficients, learning rates and "
+                 "which parameters have a gradient are read on the host at every step, and a replay would repeat "
+                 "the captured ones (docs/method.md#frobenius-decay); capture the forward and backward only and "
+                 "call the optimizer step outside the graph")
+
+
+def _refuse_graph_capture() -> None:
+    """Raise where the current CUDA stream is capturing a graph (host-side check, no sync; skipped while
+    ``torch.compile`` traces, whose graphs keep the host values as guards)."""
+    if torch.compiler.is_compiling() or not torch.cuda.is_available():
+        return
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(CAPTURE_ERROR)
+
+
 class FDEngine:
     """Adds the FD gradients of a fixed list of terms, grouped (see the module docstring).
 
@@ -252,6 +267,7 @@ class FDEngine:
             found_inf: ``GradScaler``'s inf/NaN flag (a 0/1 tensor): decoupled steps are skipped
                 where it is 1, as the fused kernels skip their update.
         """
+        _refuse_graph_capture()
         n = len(self.terms)
         coefs = [float(coef)] * n if isinstance(coef, (int, float)) else [float(c) for c in coef]
         lrs = [None] * n if lr is None else list(lr)

@@ -329,15 +329,18 @@ def test_frobenius_decay_default_coupling_and_refusals():
 @pytest.mark.slow
 @pytest.mark.parametrize("decoupled", [False, True])
 def test_frobenius_decay_under_torch_compile(decoupled):
-    """``torch.compile`` of a step that calls ``FrobeniusDecay.step`` gives the eager step."""
+    """``torch.compile`` of a step that calls ``FrobeniusDecay.step`` gives the eager step, also after the
+    learning rate changes between steps (decoupled FD reads it on the host: the compiled step must follow)."""
     model = _tiny_model()
     ref = copy.deepcopy(model)
     x, y = torch.randn(4, 1, 6, 6, dtype=torch.float64), torch.randint(0, 3, (4,))
     opts = [fnl.FrobeniusDecay(torch.optim.AdamW(fnl.param_groups(m, 1e-3), lr=0.01), m, 0.3, decoupled=decoupled)
             for m in (model, ref)]
     compiled = torch.compile(opts[0].step, backend="aot_eager")
-    for m, step in ((model, compiled), (ref, opts[1].step)):
-        for _ in range(2):
+    for m, step, opt in ((model, compiled, opts[0]), (ref, opts[1].step, opts[1])):
+        for lr in (0.01, 0.003):
+            for group in opt.param_groups:
+                group["lr"] = lr
             m.zero_grad()
             nn.functional.cross_entropy(m(x), y).backward()
             step()
