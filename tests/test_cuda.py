@@ -92,3 +92,28 @@ def test_torch_compile_on_cuda():
     compiled = torch.compile(model)
     with torch.no_grad():
         assert torch.allclose(compiled(x), model(x), atol=1e-4)
+
+
+def test_fd_step_refuses_a_real_cuda_graph_capture():
+    """A Frobenius-decay step inside ``torch.cuda.graph`` raises (docs/method.md#frobenius-decay); the
+    forward and backward alone capture, and the FD step outside the graph runs."""
+    from fnl.fd_engine import CAPTURE_ERROR
+    model = _net("cuda")
+    opt = fnl.FrobeniusDecay(torch.optim.SGD(model.parameters(), lr=0.1), model, 0.1)
+    x = torch.randn(4, 3, 16, 16, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture, as torch.cuda.graph asks
+        model(x).sum().backward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError) as err:
+        with torch.cuda.graph(graph):
+            model(x).sum().backward()
+            opt.step()
+    assert str(err.value) == CAPTURE_ERROR
+    model.zero_grad(set_to_none=True)
+    model(x).sum().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
