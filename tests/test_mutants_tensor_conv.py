@@ -300,6 +300,7 @@ def test_pickled_layer_without_cached_counts_recomputes_them(cls):
     layer = cls(8, 12, 3, rank=2)
     counts = (layer._rtl_macs, layer._ltr_macs, layer._rebuild_macs)
     assert counts == (layer._contract_macs("rtl"), layer._contract_macs("ltr"), layer.rebuild_macs())
+    assert counts == ((144, 192, 288) if cls is TTConv2d else (144, 192, 320))
     state = layer.__dict__.copy()
     for k in ("_rtl_macs", "_ltr_macs", "_rebuild_macs"):
         del state[k]
@@ -341,3 +342,185 @@ def test_dense_weight_is_the_matrix_times_the_depthwise_filters(cls):
         assert torch.allclose(k[o, i], w[o, i] * d[i, 0], rtol=1e-14, atol=0)
     one = cls(8, 12, 1, rank=2)
     assert torch.equal(one.dense_weight().detach(), one.matrix().detach()[:, :, None, None])
+
+
+# --- initialisation ----------------------------------------------------------------------------
+def _kaiming(shape, dtype):
+    w = torch.empty(shape, dtype=dtype)
+    nn.init.kaiming_uniform_(w, a=math.sqrt(5))  # nn.Conv2d's default
+    return w
+
+
+@pytest.mark.parametrize("cls,power", [(TTConv2d, 6), (TuckerConv2d, 8)], ids=IDS)
+@pytest.mark.parametrize("kernel", [(3, 2), (1, 1)])
+def test_default_init_is_the_documented_sequence_of_draws(cls, power, kernel):
+    """Depthwise filters and the 1x1 matrix get nn.Conv2d's init (fan-in kh kw and in); every core is
+    N(0, std²) with r_1 r_2 std⁶ (TT) / R_1 R_2 R_3 std⁸ (Tucker) the mean square of that drawn matrix;
+    the bias is U(+-1/sqrt(in kh kw)), as nn.Conv2d's."""
+    dtype = torch.float64
+    ranks = (2, 3) if cls is TTConv2d else (2, 3, 2)
+    torch.manual_seed(7)
+    layer = cls(8, 12, kernel, rank=ranks, dtype=dtype)
+    torch.manual_seed(7)
+    depthwise = _kaiming((8, 1, *kernel), dtype) if kernel != (1, 1) else None
+    dense = _kaiming((12, 8, 1, 1), dtype)
+    std = (float(dense.square().mean()) / math.prod(ranks)) ** (1 / power)
+    cores = [torch.empty(p.shape, dtype=dtype).normal_(0.0, std) for p in layer.factor_parameters()]
+    bound = 1 / math.sqrt(8 * kernel[0] * kernel[1])
+    bias = torch.empty(12, dtype=dtype).uniform_(-bound, bound)
+    if depthwise is None:
+        assert layer.depthwise is None
+    else:
+        assert torch.equal(layer.depthwise, depthwise)
+    for p, c in zip(layer.factor_parameters(), cores):
+        assert torch.equal(p.detach(), c)
+    assert torch.equal(layer.bias.detach(), bias)
+    # the bounds themselves: fan-in 8 of the 1x1 matrix, 8 kh kw of the bias
+    assert float(dense.abs().max()) <= 1 / math.sqrt(8) and float(dense.abs().max()) > 0.8 / math.sqrt(8)
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=IDS)
+def test_spectral_init_and_custom_inits(cls):
+    """spectral=True at full ranks: the matrix is exactly the dense init; custom inits are called on the
+    (in, 1, kh, kw) depthwise and (out, in, 1, 1) dense weights and are what the layer holds."""
+    full = _full_ranks(cls, (3, 2, 2), (2, 2, 2))
+    torch.manual_seed(3)
+    layer = cls(8, 12, 3, rank=full, spectral=True, dtype=torch.float64)
+    torch.manual_seed(3)
+    depthwise = _kaiming((8, 1, 3, 3), torch.float64)
+    dense = _kaiming((12, 8, 1, 1), torch.float64)
+    assert layer.spectral is True and torch.equal(layer.depthwise.detach(), depthwise)
+    assert torch.allclose(layer.matrix().detach(), dense[:, :, 0, 0], rtol=0, atol=1e-12)
+    norms = [float(p.detach().norm()) for p in layer.factor_parameters()]
+    assert max(norms) - min(norms) < 1e-9 * max(norms)  # balanced
+    seen = {}
+
+    def init(w):
+        seen["init"] = tuple(w.shape)
+        with torch.no_grad():
+            w.copy_(torch.arange(96, dtype=w.dtype).reshape(12, 8, 1, 1) / 96 - 0.5)
+
+    def depthwise_init(w):
+        seen["depthwise"] = tuple(w.shape)
+        nn.init.constant_(w, 0.25)
+
+    layer = cls(8, 12, (3, 1), rank=full, spectral=1, init=init, depthwise_init=depthwise_init, dtype=torch.float64)
+    assert seen == {"init": (12, 8, 1, 1), "depthwise": (8, 1, 3, 1)}
+    assert layer.spectral is True and layer.init is init and layer.depthwise_init is depthwise_init
+    assert torch.equal(layer.depthwise.detach(), torch.full((8, 1, 3, 1), 0.25, dtype=torch.float64))
+    want = torch.arange(96, dtype=torch.float64).reshape(12, 8) / 96 - 0.5
+    assert torch.allclose(layer.matrix().detach(), want, rtol=0, atol=1e-12)
+    # without spectral, the custom init sets the variance the random cores reproduce
+    torch.manual_seed(0)
+    ranks = (2, 2) if cls is TTConv2d else (2, 2, 2)
+    rnd = cls(8, 12, 3, rank=ranks, init=lambda w: nn.init.constant_(w, 3.0), dtype=torch.float64)
+    assert rnd.spectral is False
+    std = (9.0 / math.prod(ranks)) ** (1 / (6 if cls is TTConv2d else 8))
+    torch.manual_seed(0)
+    _kaiming((8, 1, 3, 3), torch.float64)
+    for p in rnd.factor_parameters():
+        assert torch.equal(p.detach(), torch.empty(p.shape, dtype=torch.float64).normal_(0.0, std))
+
+
+# --- construction --------------------------------------------------------------------------------
+@pytest.mark.parametrize("cls", CLASSES, ids=IDS)
+def test_constructor_attributes_shapes_and_dtypes(cls):
+    layer = cls(8, 12, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2), bias=True, rank=2,
+                dtype=torch.float64)
+    assert (layer.in_channels, layer.out_channels) == (8, 12)
+    assert (layer.kernel_size, layer.stride, layer.padding, layer.dilation) == ((3, 2), (2, 1), (1, 0), (1, 2))
+    assert (layer.out_modes, layer.in_modes, layer.modes) == ((3, 2, 2), (2, 2, 2), (6, 4, 4))
+    assert layer.rank == layer.ranks == ((2, 2) if cls is TTConv2d else (2, 2, 2))
+    assert layer.square is False and layer.has_depthwise is True and layer.path == "auto"
+    assert layer.depthwise.shape == (8, 1, 3, 2) and layer.bias.shape == (12,)
+    assert {p.dtype for p in layer.parameters()} == {torch.float64}
+    if cls is TTConv2d:
+        assert [tuple(p.shape) for p in layer.factor_parameters()] == [(1, 3, 2, 2), (2, 2, 2, 2), (2, 2, 2, 1)]
+    else:
+        assert [tuple(p.shape) for p in layer.factor_parameters()] == [(2, 2, 2), (6, 2), (4, 2), (4, 2)]
+    assert [n for n, _ in layer.named_parameters()] == (
+        ["depthwise", *(["core1", "core2", "core3"] if cls is TTConv2d else ["core", "factor1", "factor2", "factor3"]),
+         "bias"])
+    assert layer.num_parameters() == 8 * 6 + sum(p.numel() for p in layer.factor_parameters()) + 12
+    assert layer.dense_num_parameters() == 12 * 8 * 6 + 12
+    nobias = cls(8, 12, 1, bias=False, rank=2, out_modes=(2, 3, 2), in_modes=(2, 2, 2))
+    assert nobias.bias is None and nobias.depthwise is None and not nobias.has_depthwise
+    assert (nobias.out_modes, nobias.in_modes, nobias.modes) == ((2, 3, 2), (2, 2, 2), (4, 6, 4))
+    assert [n for n, _ in nobias.named_parameters()] == (
+        ["core1", "core2", "core3"] if cls is TTConv2d else ["core", "factor1", "factor2", "factor3"])
+    assert nobias.dense_num_parameters() == 12 * 8
+    with pytest.raises(ValueError, match=r"^give both out_modes and in_modes, or neither \(derived\)$"):
+        cls(8, 12, 3, rank=2, out_modes=(3, 2, 2))
+    with pytest.raises(ValueError, match=r"^give both out_modes and in_modes, or neither \(derived\)$"):
+        cls(8, 12, 3, rank=2, in_modes=(2, 2, 2))
+
+
+def test_tt_rank_bounds_are_exact():
+    """r_k <= r_{k-1} n_k and r_k <= n_{k+1} r_{k+1}: the bounds themselves are allowed."""
+    # n = (6, 4, 4): r_1 <= min(6, 16), r_2 <= min(4 r_1, 4)
+    assert TTConv2d(8, 12, 1, rank=(6, 4)).ranks == (6, 4)
+    assert TTConv2d(8, 12, 1, rank=(4, 1)).ranks == (4, 1)  # r_1 = n_2 r_2
+    with pytest.raises(ValueError, match=r"^rank: TT rank r_1=7 exceeds what its neighbours allow "
+                                         r"\(r_0 n_1=6, n_2 r_2=16\) for modes n=\(6, 4, 4\)$"):
+        TTConv2d(8, 12, 1, rank=(7, 4))
+    with pytest.raises(ValueError, match=r"^rank: TT rank r_1=5 exceeds what its neighbours allow "
+                                         r"\(r_0 n_1=6, n_2 r_2=4\) for modes n=\(6, 4, 4\)$"):
+        TTConv2d(8, 12, 1, rank=(5, 1))
+    with pytest.raises(ValueError, match=r"^rank: TT rank r_2=5 exceeds what its neighbours allow "
+                                         r"\(r_1 n_2=24, n_3 r_3=4\) for modes n=\(6, 4, 4\)$"):
+        TTConv2d(8, 12, 1, rank=(6, 5))
+    # n = (2, 3, 8) (out (1, 3, 4), in (2, 1, 2)): r_2 <= r_1 n_2 = 3 r_1
+    modes = dict(out_modes=(1, 3, 4), in_modes=(2, 1, 2))
+    assert TTConv2d(4, 12, 1, rank=(1, 3), **modes).ranks == (1, 3)
+    with pytest.raises(ValueError, match=r"^rank: TT rank r_2=4 exceeds what its neighbours allow "
+                                         r"\(r_1 n_2=3, n_3 r_3=8\) for modes n=\(2, 3, 8\)$"):
+        TTConv2d(4, 12, 1, rank=(1, 4), **modes)
+    assert TTConv2d(8, 12, 1, rank=3).ranks == (3, 3)  # an int: every rank
+
+
+def test_tucker_rank_bounds_are_exact():
+    assert TuckerConv2d(8, 12, 1, rank=(6, 4, 4)).ranks == (6, 4, 4)
+    for k, rank in enumerate([(7, 4, 4), (6, 5, 4), (6, 4, 5)]):
+        n = (6, 4, 4)[k]
+        with pytest.raises(ValueError, match=rf"^rank: Tucker rank R_{k + 1}={n + 1} exceeds the mode size "
+                                             rf"n_{k + 1}={n} \(modes \(6, 4, 4\)\)$"):
+            TuckerConv2d(8, 12, 1, rank=rank)
+    assert TuckerConv2d(8, 12, 1, rank=3).ranks == (3, 3, 3)
+
+
+# --- layout --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cls", CLASSES, ids=IDS)
+def test_matrix_to_tensor_is_the_documented_index_map(cls):
+    """W[(o_1 o_2 o_3), (i_1 i_2 i_3)] = T[(o_1, i_1), (o_2, i_2), (o_3, i_3)], row-major pairs."""
+    o, i = (2, 3, 1), (1, 2, 3)
+    layer = cls(6, 6, 1, rank=1, out_modes=o, in_modes=i)
+    m = torch.arange(36, dtype=torch.float64).reshape(6, 6)
+    t = layer.matrix_to_tensor(m)
+    assert t.shape == (2, 6, 3) == layer.modes
+    for a in range(2):
+        for b in range(3):
+            for ia in range(2):
+                for ib in range(3):
+                    row, col = a * 3 + b, ia * 3 + ib  # o_3 = i_1 = 1
+                    assert t[a, b * 2 + ia, ib] == m[row, col]
+    assert torch.equal(layer.tensor_to_matrix(t), m)
+    big = cls(12, 8, 1, rank=1, out_modes=(2, 1, 4), in_modes=(3, 2, 2))
+    m = torch.randn(8, 12, dtype=torch.float64)
+    assert big.matrix_to_tensor(m).shape == (6, 2, 8)
+    assert torch.equal(big.tensor_to_matrix(big.matrix_to_tensor(m)), m)
+    assert big.matrix_to_tensor(m)[5, 1, 7] == m[1 * 4 + 3, 2 * 4 + 1 * 2 + 1]
+
+
+def test_tucker_tt_cores_rebuild_the_tucker_tensor():
+    from fnl.tensor_conv import _tt_full, _tucker_full
+    torch.manual_seed(0)
+    layer = TuckerConv2d(8, 12, 1, rank=(3, 2, 4), out_modes=(2, 3, 2), in_modes=(2, 1, 4), dtype=torch.float64)
+    assert layer.modes == (4, 3, 8)
+    cores = layer.tt_cores()
+    assert [tuple(c.shape) for c in cores] == [(1, 2, 2, 3), (3, 3, 1, 4), (4, 2, 4, 1)]
+    t = _tucker_full(layer.core.detach(), [layer.factor1.detach(), layer.factor2.detach(), layer.factor3.detach()])
+    full = _tt_full([c.detach().reshape(c.shape[0], -1, c.shape[-1]) for c in cores])
+    assert torch.allclose(full, t, rtol=0, atol=1e-12)
+    assert torch.allclose(layer.matrix().detach(), layer.tensor_to_matrix(t), rtol=0, atol=1e-12)
+    expected = torch.einsum("abc,ia,jb,kc->ijk", layer.core, layer.factor1, layer.factor2, layer.factor3).detach()
+    assert torch.allclose(t, expected, rtol=0, atol=1e-12)
