@@ -293,6 +293,19 @@ def test_contract_and_rebuild_macs_closed_forms():
         assert layer._plan(1) == (True, direction)
         layer.path = "factored"
         assert layer._plan(10 ** 6) == (False, direction)
+    tie = TTConv2d(8, 12, 3, rank=2)  # contract 144 per pixel, rebuild 288: 6 x 144 = 288 + 6 x 96
+    assert (tie._rtl_macs, tie._ltr_macs, tie._rebuild_macs) == (144, 192, 288)
+    assert tie._plan(6) == (True, "rtl") and tie._plan(5) == (False, "rtl")
+    # equal in and out modes: both directions cost the same, and right-to-left is taken
+    sym = TTConv2d(8, 8, 1, rank=2)
+    per_core = (1 * 2 * 2 * 2 * 4, 2 * 2 * 2 * 2 * 2 * 2, 4 * 2 * 2 * 2)  # the same in both directions
+    assert sym._contract_macs("rtl") == sym._contract_macs("ltr") == sum(per_core)
+    assert sym._plan(1)[1] == "rtl"
+    # o = (2, 2, 2), i = (3, 2, 2), r = (1, 4): left-to-right is cheaper
+    ltr = TTConv2d(12, 8, 1, rank=(1, 4))
+    assert ltr._contract_macs("rtl") == 1 * 2 * 3 * 1 * 4 + 3 * 1 * 2 * 2 * 4 * 2 + 6 * 4 * 2 * 2 == 216
+    assert ltr._contract_macs("ltr") == 2 * 1 * 3 * 4 + 2 * 2 * 4 * 1 * 2 * 2 + 4 * 2 * 4 * 2 == 152
+    assert ltr._plan(1)[1] == "ltr" and ltr._plan(10 ** 6) == (True, "ltr")
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=IDS)
@@ -524,3 +537,31 @@ def test_tucker_tt_cores_rebuild_the_tucker_tensor():
     assert torch.allclose(layer.matrix().detach(), layer.tensor_to_matrix(t), rtol=0, atol=1e-12)
     expected = torch.einsum("abc,ia,jb,kc->ijk", layer.core, layer.factor1, layer.factor2, layer.factor3).detach()
     assert torch.allclose(t, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=IDS)
+def test_from_dense_depthwise_filters_are_unit_with_a_non_negative_sum(cls):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 12, 3, padding=1).double()
+    layer = cls.from_dense(conv, rank=_full_ranks(cls, (3, 2, 2), (2, 2, 2)))
+    d = layer.depthwise.detach().reshape(8, 9)
+    assert torch.allclose(d.norm(dim=1), torch.ones(8, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert bool((d.sum(1) >= 0).all())
+    # the kernel is the leading singular pair of every input-channel slice K[:, i] (out x kh kw)
+    k = conv.weight.detach()
+    for i in range(8):
+        u, s, vh = torch.linalg.svd(k[:, i].reshape(12, 9))
+        best = s[0] * torch.outer(u[:, 0], vh[0])
+        assert torch.allclose(layer.dense_weight().detach()[:, i].reshape(12, 9), best, rtol=0, atol=1e-10)
+    # a separable kernel with negative-sum filters: recovered exactly, the filters flipped to sum >= 0
+    dw = -torch.rand(8, 1, 3, 3, dtype=torch.float64) - 0.1
+    w = torch.randn(12, 8, dtype=torch.float64)
+    sep = nn.Conv2d(8, 12, 3, bias=False).double()
+    with torch.no_grad():
+        sep.weight.copy_(w[:, :, None, None] * dw.view(1, 8, 3, 3))
+    assert float(cls.separable_error_sq(sep.weight)) < 1e-20
+    back = cls.from_dense(sep, rank=_full_ranks(cls, (3, 2, 2), (2, 2, 2)))
+    assert torch.allclose(back.dense_weight().detach(), sep.weight.detach(), rtol=0, atol=1e-12)
+    unit = dw.reshape(8, 9) / dw.reshape(8, 9).norm(dim=1, keepdim=True)
+    assert torch.allclose(back.depthwise.detach().reshape(8, 9), -unit, rtol=0, atol=1e-12)
+    assert float(cls.separable_error_sq(conv.weight)) > 0
