@@ -328,7 +328,8 @@ def test_pickled_layer_without_cached_counts_recomputes_them(cls):
 
 # --- forward -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("cls", CLASSES, ids=IDS)
-@pytest.mark.parametrize("stride,padding", [((2, 1), (0, 1)), ((1, 3), (2, 0)), ((3, 2), (1, 2))])
+@pytest.mark.parametrize("stride,padding", [((2, 1), (0, 1)), ((1, 3), (2, 0)), ((3, 2), (1, 2)), ((1, 1), (1, 0)),
+                                            ((1, 1), (0, 1)), ((2, 1), (0, 0)), ((1, 2), (0, 0)), ((1, 1), (0, 0))])
 def test_1x1_asymmetric_stride_and_padding_equal_the_dense_conv(cls, stride, padding):
     torch.manual_seed(0)
     layer = cls(8, 12, 1, stride=stride, padding=padding, rank=2, dtype=torch.float64)
@@ -565,3 +566,62 @@ def test_from_dense_depthwise_filters_are_unit_with_a_non_negative_sum(cls):
     unit = dw.reshape(8, 9) / dw.reshape(8, 9).norm(dim=1, keepdim=True)
     assert torch.allclose(back.depthwise.detach().reshape(8, 9), -unit, rtol=0, atol=1e-12)
     assert float(cls.separable_error_sq(conv.weight)) > 0
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=IDS)
+def test_mode_errors_name_the_argument(cls):
+    with pytest.raises(ValueError, match=r"^out_modes=\(2, 2, 2\) must multiply to 12, got 8$"):
+        cls(8, 12, 3, rank=2, out_modes=(2, 2, 2), in_modes=(2, 2, 2))
+    with pytest.raises(ValueError, match=r"^in_modes=\(2, 2, 3\) must multiply to 8, got 12$"):
+        cls(8, 12, 3, rank=2, out_modes=(3, 2, 2), in_modes=(2, 2, 3))
+    with pytest.raises(TypeError, match=r"^in_modes must be a sequence of 3 ints >= 1, got \(2, 4\)$"):
+        cls(8, 12, 3, rank=2, out_modes=(3, 2, 2), in_modes=(2, 4))
+    with pytest.raises(TypeError, match=r"^out_modes must be a sequence of 3 ints >= 1, got \(12,\)$"):
+        cls(8, 12, 3, rank=2, out_modes=(12,), in_modes=(2, 2, 2))
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=IDS)
+@pytest.mark.parametrize("dilation", [2, (2, 1), (1, 2)])
+def test_1x1_dilation_is_reset(cls, dilation):
+    layer = cls(8, 12, 1, dilation=dilation, rank=2)
+    assert layer.dilation == (1, 1) and layer.to_dense().dilation == (1, 1)
+    assert "dilation" not in layer.extra_repr()
+    assert cls(8, 12, (1, 3), dilation=dilation, rank=2).dilation == ((2, 2) if dilation == 2 else dilation)
+
+
+def test_counts_with_three_different_mode_sizes():
+    """out (2, 3, 2), in (2, 1, 4): n = (4, 3, 8), so a mode index off by one changes every count."""
+    modes = dict(out_modes=(2, 3, 2), in_modes=(2, 1, 4))
+    tt = TTConv2d(8, 12, 1, rank=(3, 2), **modes)
+    assert tt.modes == (4, 3, 8)
+    assert tt.rebuild_macs() == 4 * 3 * 3 * 2 + 4 * 3 * 2 * 8
+    o, i, r = (2, 3, 2), (2, 1, 4), (1, 3, 2, 1)
+    assert tt._contract_macs("rtl") == (1 * r[0] * o[0] * i[0] * r[1] * 6 + 2 * r[1] * o[1] * i[1] * r[2] * 2
+                                        + 2 * r[2] * o[2] * i[2] * r[3] * 1) == 72 + 72 + 32
+    assert tt._contract_macs("ltr") == (1 * o[0] * r[1] * r[0] * i[0] * 4 + 2 * o[1] * r[2] * r[1] * i[1] * 4
+                                        + 6 * o[2] * r[3] * r[2] * i[2] * 1) == 48 + 144 + 96
+    tucker = TuckerConv2d(8, 12, 1, rank=(3, 2, 5), **modes)
+    assert tucker._tt_bond_ranks() == (3, 5)
+    assert tucker.rebuild_macs() == 4 * 3 * 3 * 5 + 4 * 3 * 5 * 8 + 3 * 2 * 5 * 3
+    r = (1, 3, 5, 1)
+    assert tucker._contract_macs("rtl") == (1 * r[0] * o[0] * i[0] * r[1] * 6 + 2 * r[1] * o[1] * i[1] * r[2] * 2
+                                            + 2 * r[2] * o[2] * i[2] * r[3] * 1)
+    assert tucker._contract_macs("ltr") == (1 * o[0] * r[1] * r[0] * i[0] * 4 + 2 * o[1] * r[2] * r[1] * i[1] * 4
+                                            + 6 * o[2] * r[3] * r[2] * i[2] * 1)
+    x = torch.randn(1, 8, 3, 3)
+    for layer in (tt, tucker):
+        assert layer.num_parameters() == sum(p.numel() for p in layer.factor_parameters()) + 12
+        assert layer.macs((8, 3, 3)) == min(layer._rtl_macs, layer._ltr_macs, 96) * 9
+        assert torch.allclose(layer(x), layer.to_dense()(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=IDS)
+@pytest.mark.parametrize("spectral", [False, True])
+def test_construction_follows_device_not_the_default_device(cls, spectral):
+    """Built with device='cpu' under another default device (here 'meta'): every tensor on the CPU."""
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        layer = cls(8, 12, 3, padding=1, rank=2, spectral=spectral, device="cpu")
+    assert {p.device.type for p in layer.parameters()} == {"cpu"}
+    assert len(list(layer.parameters())) == len(layer.factor_parameters()) + 2
+    assert bool(torch.isfinite(layer.matrix()).all()) and float(layer.matrix().detach().abs().max()) > 0
