@@ -380,6 +380,13 @@ def test_macs_closed_form_on_an_asymmetric_geometry(path):
     assert layer.dense_macs((3, 11, 13)) == dense
     assert layer.macs((3, 11, 13)) == (dense if layer.uses_dense_path else factored)
     assert layer.uses_dense_path == (path == 'dense')  # auto: 3 * (3*2*2 + 5*3) = 81 < 90
+    # sizes where the strides do not divide: floor division, ints (12 + 2 - 4 - 1 = 9 rows, stride 2)
+    hw = conv_module.conv_output_hw(layer, (3, 12, 14))
+    assert hw == (5, 6) and all(type(v) is int for v in hw)
+    assert layer.dense_macs((3, 12, 14)) == 5 * 3 * 3 * 2 * 5 * 6
+    assert layer.macs((3, 12, 14)) == (5 * 3 * 3 * 2 * 5 * 6 if layer.uses_dense_path
+                                       else 3 * 3 * 2 * 12 * 6 + 5 * 3 * 3 * 5 * 6)
+    assert all(type(layer.macs(s)) is int for s in ((3, 12, 14), (3, 11, 13)))
 
 
 @pytest.mark.filterwarnings('ignore:Using padding=.same. with even kernel')
@@ -445,6 +452,15 @@ def test_conversions_keep_the_device(path):
     assert layer.U.device.type == 'meta'
     for module in (layer.inference_form(), layer.to_dense()):
         assert {p.device.type for p in module.parameters()} == {'meta'}
+    # and the other way round: CPU layers converted while the default device is 'meta' stay on the CPU
+    dense = nn.Conv2d(3, 5, (3, 2), (2, 3), (1, 2), (2, 1), dtype=torch.float64)
+    x = _x()
+    with torch.device('meta'):
+        new = fnl.FactorizedConv2d.from_dense(dense, rank=6, square=True, path=path)
+        modules = [new, new.to_dense(), new.inference_form()]
+    for module in modules:
+        assert {p.device.type for p in module.parameters()} == {'cpu'}
+        _close(module(x), dense(x))
 
 
 @pytest.mark.parametrize('bias', [True, False])
