@@ -486,6 +486,7 @@ def test_tt_rank_bounds_are_exact():
     # n = (2, 3, 8) (out (1, 3, 4), in (2, 1, 2)): r_2 <= r_1 n_2 = 3 r_1
     modes = dict(out_modes=(1, 3, 4), in_modes=(2, 1, 2))
     assert TTConv2d(4, 12, 1, rank=(1, 3), **modes).ranks == (1, 3)
+    assert TTConv2d(4, 12, 1, rank=(2, 6), **modes).ranks == (2, 6)  # r_2 = r_1 n_2 > n_2
     with pytest.raises(ValueError, match=r"^rank: TT rank r_2=4 exceeds what its neighbours allow "
                                          r"\(r_1 n_2=3, n_3 r_3=8\) for modes n=\(2, 3, 8\)$"):
         TTConv2d(4, 12, 1, rank=(1, 4), **modes)
@@ -625,3 +626,18 @@ def test_construction_follows_device_not_the_default_device(cls, spectral):
     assert {p.device.type for p in layer.parameters()} == {"cpu"}
     assert len(list(layer.parameters())) == len(layer.factor_parameters()) + 2
     assert bool(torch.isfinite(layer.matrix()).all()) and float(layer.matrix().detach().abs().max()) > 0
+
+
+def test_rank_scale_follows_the_rank_rules():
+    """TT: r_k = max(1, round(s min(n_k, n_{k+1}))); Tucker: R_k = max(1, round(s n_k))."""
+    modes = dict(out_modes=(1, 3, 4), in_modes=(2, 1, 2))  # n = (2, 3, 8)
+    assert TTConv2d(4, 12, 1, rank_scale=1.0, **modes).ranks == (2, 3)
+    assert TTConv2d(4, 12, 1, rank_scale=0.5, **modes).ranks == (1, 2)  # round(1.5) = 2
+    assert TTConv2d(4, 12, 1, rank_scale=0.1, **modes).ranks == (1, 1)  # at least 1
+    assert TTConv2d(8, 12, 3, rank_scale=0.75).ranks == (3, 3)  # n = (6, 4, 4)
+    assert TuckerConv2d(4, 12, 1, rank_scale=1.0, **modes).ranks == (2, 3, 8)
+    assert TuckerConv2d(4, 12, 1, rank_scale=0.5, **modes).ranks == (1, 2, 4)
+    assert TuckerConv2d(8, 12, 3, rank_scale=0.5).ranks == (3, 2, 2)
+    for cls in CLASSES:
+        with pytest.raises(ValueError, match="exactly one"):
+            cls(8, 12, 3, rank=2, rank_scale=0.5)
