@@ -162,9 +162,6 @@ def test_conversions_follow_the_layer_not_the_default_device(cls):
     conv = nn.Conv2d(8, 12, 3, padding=1)
     layer = cls(8, 12, 3, padding=1, rank=2)
     ref_dense = layer.to_dense()
-    with torch.no_grad():
-        for p in layer.factor_parameters():
-            p.grad = None
     ref_grads = layer._frobenius_grads(layer._promoted_cores())
     with torch.device("meta"):
         new = cls.from_dense(conv, rank=2)
@@ -465,6 +462,10 @@ def test_constructor_attributes_shapes_and_dtypes(cls):
     assert nobias.dense_num_parameters() == 12 * 8
     with pytest.raises(ValueError, match=r"^give both out_modes and in_modes, or neither \(derived\)$"):
         cls(8, 12, 3, rank=2, out_modes=(3, 2, 2))
+    for pad in ("same", "valid"):  # string padding: only numeric (the depthwise conv carries it)
+        with pytest.raises(ValueError, match=rf"^padding must be an int or a pair of ints for {cls.__name__}, "
+                                             rf"got '{pad}'$"):
+            cls(8, 12, 3, rank=2, padding=pad)
     with pytest.raises(ValueError, match=r"^give both out_modes and in_modes, or neither \(derived\)$"):
         cls(8, 12, 3, rank=2, in_modes=(2, 2, 2))
 
