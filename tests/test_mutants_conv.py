@@ -516,12 +516,28 @@ def test_init_functions_see_the_factor_matrices_or_the_dense_kernel():
 
 def test_torch_default_init_bounds_use_each_factor_fan_in():
     torch.manual_seed(0)
-    layer = fnl.FactorizedConv2d(40, 30, (1, 5), rank=60)
+    layer = fnl.FactorizedConv2d(40, 30, (2, 5), rank=60)
     # kaiming_uniform(a=sqrt(5)): bound 1/sqrt(fan_in); Vᵀ fan-in in*kw = 200, U fan-in r = 60
     for p, bound in ((layer.V, 1 / math.sqrt(200)), (layer.U, 1 / math.sqrt(60))):
         assert p.abs().max() <= bound and p.abs().max() > 0.97 * bound
-    assert layer.bias.abs().max() <= 1 / math.sqrt(200) and layer.bias.abs().max() > 0.8 / math.sqrt(200)
-    assert layer._dense_fan_in() == 200
-    spectral = fnl.FactorizedConv2d(40, 30, (1, 5), rank_scale=1.0, spectral=True)
+    # the bias as nn.Conv2d's: bound 1/sqrt(in*kh*kw) = 1/20
+    assert layer._dense_fan_in() == 400 and type(layer._dense_fan_in()) is int
+    assert layer.bias.abs().max() <= 1 / 20 and layer.bias.abs().max() > 0.8 / 20
+    spectral = fnl.FactorizedConv2d(40, 30, (2, 5), rank_scale=1.0, spectral=True)
     w = spectral.dense_weight()  # the full-rank product is a kaiming_uniform(a=sqrt(5)) dense kernel
-    assert w.abs().max() <= 1 / math.sqrt(200) + 1e-6 and w.abs().max() > 0.97 / math.sqrt(200)
+    assert w.abs().max() <= 1 / 20 + 1e-6 and w.abs().max() > 0.97 / 20
+
+
+@pytest.mark.filterwarnings('ignore::FutureWarning')  # torch.jit.trace is deprecated, still supported
+@pytest.mark.parametrize('grad', [False, True])
+def test_a_trace_reads_the_parameters_not_cached_weights(grad):
+    """A trace made without autograd (eager inference caches weights) must still read the factors."""
+    layer = _layer(rank=3, square=True)
+    x = _x()
+    with torch.set_grad_enabled(grad):
+        layer(x)  # fill the inference cache first (without autograd)
+        traced = torch.jit.trace(layer, (x,), check_trace=False)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.mul_(-2)
+        _close(traced(x), _reference(layer, x))
