@@ -292,16 +292,18 @@ def test_channels_last_input_gets_channels_last_weights_and_the_same_output(monk
             _close(layer(x), ref)
             # weight formats: NCHW, NCHW | channels-last, channels-last | NCHW, NCHW (the cache follows the input)
             assert [s[1] for s in seen] == [False, False, True, True, False, False], grad
-    # not channels-last: a 3-d input, a transposed (non-contiguous, not channels-last) input, an input
-    # contiguous in both formats (1 x 1 spatial): plain weights
+    # not channels-last: a 3-d input, a transposed (non-contiguous, not channels-last) input, inputs
+    # contiguous in both formats (1 x 1 spatial, one channel): plain (NCHW-contiguous) weights
     one = _layer(rank=2, kernel_size=(1, 1), stride=1, padding=0, dilation=1)
-    for inp in (_x((3, 5, 6)), _x((2, 3, 6, 5)).transpose(2, 3), _x((2, 3, 1, 1))):
+    mono = _layer(rank=2, in_channels=1)
+    for layer, inp in ((one, _x((3, 5, 6))), (one, _x((2, 3, 6, 5)).transpose(2, 3)), (one, _x((2, 3, 1, 1))),
+                       (mono, _x((2, 1, 9, 10)))):
         for grad in (True, False):
             with torch.set_grad_enabled(grad):
-                ref = _reference(one, inp)
+                ref = _reference(layer, inp)
                 del seen[:]
-                _close(one(inp), ref)
-                assert [s[1] for s in seen] == [False, False]
+                _close(layer(inp), ref)
+                assert len(seen) == 2 and all(s[2].is_contiguous() for s in seen)
 
 
 def test_inference_cache_reuses_weights_until_a_factor_changes(monkeypatch):
@@ -331,12 +333,24 @@ def test_inference_cache_reuses_weights_until_a_factor_changes(monkeypatch):
         layer.V = nn.Parameter(layer.V * -1)  # a replaced factor
         _close(layer(x), _reference(layer, x))
         assert len(calls) == 7
+        # factors replaced by tensors with the same version count (a twin layer's), or given new data
+        twin = _layer(rank=3, square=True, seed=5)
+        twin.V = nn.Parameter(twin.V * -1)
+        twin.load_state_dict(state)
+        for name in ('U', 'S', 'V'):
+            setattr(layer, name, getattr(twin, name))
+            _close(layer(x), _reference(layer, x))
+        layer.U.data = layer.U.data * 3
+        _close(layer(x), _reference(layer, x))
+        layer.S = nn.Parameter(layer.S.detach().T)  # same storage, address and version: a new tensor
+        _close(layer(x), _reference(layer, x))
+        assert len(calls) == 12
         layer.bias.mul_(3)  # the bias is not in the cached weights: read on each call
         _close(layer(x), _reference(layer, x))
-        assert len(calls) == 7
+        assert len(calls) == 12
     # training: no cache, the weights are built from the parameters and carry their gradients
     out = layer(x)
-    assert len(calls) == 8 and out.requires_grad
+    assert len(calls) == 13 and out.requires_grad
     out.sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters())
     calls.clear()
