@@ -238,7 +238,13 @@ class LowRankLayer(FactorizedLayer):
 
     # --- initialisation ------------------------------------------------------------------------
     def reset_parameters(self) -> None:
-        """Initialise the factors (spectral or per-factor default) and the bias like the dense layer."""
+        """Initialise the factors (spectral or per-factor default) and the bias like the dense layer.
+
+        On the ``meta`` device (no values) this does nothing: build there, ``to_empty(device=...)``, then
+        call ``reset_parameters()``, as with torch's layers.
+        """
+        if self.U.is_meta:
+            return
         with torch.no_grad():
             if self.spectral:
                 dense = torch.empty(self._dense_weight_shape(), device=self.U.device, dtype=self.U.dtype)

@@ -215,8 +215,11 @@ class TensorConv2d(FactorizedLayer):
 
     # --- initialisation ------------------------------------------------------------------------
     def reset_parameters(self) -> None:
-        """Depthwise filters and the 1x1 matrix get their dense inits; the cores the spectral or random init."""
+        """Depthwise filters and the 1x1 matrix get their dense inits; the cores the spectral or random init.
+        Nothing on the ``meta`` device (``to_empty`` then ``reset_parameters()`` initialises)."""
         ref = self.factor_parameters()[0]
+        if ref.is_meta:
+            return
         with torch.no_grad():
             if self.has_depthwise:
                 (self.depthwise_init or _torch_conv_init_)(self.depthwise)
