@@ -264,6 +264,9 @@ def test_factor_conv_weights_layout_and_memory_format(square):
             assert w_a.stride() == (6, 1, 6, 3) and w_b.stride()[:3] == (12, 1, 4)
             # U's (out*kh, r) rows are the channels-last second weight: a view of U without S
             assert (w_b.data_ptr() == layer.U.data_ptr()) is not square
+    # the default (TorchScript's forward and inference_form call it so) is the NCHW layout
+    w_a, w_b = layer._factor_conv_weights()
+    assert w_a.stride() == (6, 2, 2, 1) and w_b.stride() == (12, 3, 1, 1)
 
 
 def _spy_convs(monkeypatch):
