@@ -426,13 +426,18 @@ def _assert_geometry(conv, cin, cout, kernel, stride, padding, dilation, bias):
 
 @pytest.mark.parametrize('bias', [True, False])
 @pytest.mark.parametrize('training', [True, False])
-def test_inference_form_is_two_exact_plain_convs(bias, training):
-    layer = _layer(rank=3, square=True, bias=bias).train(training)
+@pytest.mark.parametrize('geometry,first_geo,second_geo', [
+    ({}, ((1, 2), (1, 3), (0, 2), (1, 1)), ((3, 1), (2, 1), (1, 0), (2, 1))),
+    (dict(kernel_size=(2, 3), stride=(1, 2), padding=(2, 1), dilation=(1, 3)),
+     ((1, 3), (1, 2), (0, 1), (1, 3)), ((2, 1), (1, 1), (2, 0), (1, 1))),
+])
+def test_inference_form_is_two_exact_plain_convs(bias, training, geometry, first_geo, second_geo):
+    layer = _layer(rank=3, square=True, bias=bias, **geometry).train(training)
     plain = layer.inference_form()
     assert type(plain) is nn.Sequential and len(plain) == 2
     first, second = plain
-    _assert_geometry(first, 3, 3, (1, 2), (1, 3), (0, 2), (1, 1), False)
-    _assert_geometry(second, 3, 5, (3, 1), (2, 1), (1, 0), (2, 1), bias)
+    _assert_geometry(first, 3, 3, *first_geo, False)
+    _assert_geometry(second, 3, 5, *second_geo, bias)
     assert all(m.training is training for m in plain.modules())
     w_a, w_b = layer._factor_conv_weights()
     assert torch.equal(first.weight, w_a) and torch.equal(second.weight, w_b)
