@@ -214,11 +214,12 @@ class FactorizedConv2d(LowRankLayer):
         """
         (kh, kw), r = self.kernel_size, self.rank
         u = self.U if self.S is None else self.U @ self.S  # (out*kh, r)
-        w_a = self.V.view(self.in_channels, kw, r).permute(2, 0, 1).unsqueeze(2)
-        w_b = u.view(self.out_channels, kh, r).permute(0, 2, 1).unsqueeze(3)
+        w_a = self.V.view(self.in_channels, kw, 1, r).permute(3, 0, 2, 1)  # (r, in, 1, kw)
+        # (out, r, kh, 1) with the canonical channels-last strides (a view with another stride on the
+        # size-1 dim counts as channels-last too, but sends float16 backward to a kernel that refuses it)
+        w_b = u.view(self.out_channels, kh, 1, r).permute(0, 3, 1, 2)
         if channels_last:
-            return w_a.contiguous(memory_format=torch.channels_last), w_b.contiguous(
-                memory_format=torch.channels_last)
+            return w_a.contiguous(memory_format=torch.channels_last), w_b
         return w_a.contiguous(), w_b.contiguous()
 
     @torch.jit.unused

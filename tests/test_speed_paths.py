@@ -167,6 +167,28 @@ def test_conv_weights_follow_a_channels_last_input(geometry, square):
     assert inf[4][2] and inf[5][2] and not inf[0][2]
 
 
+@pytest.mark.parametrize('kernel_size', [3, (3, 1), (1, 3), (2, 5)])
+def test_channels_last_weights_have_canonical_strides_and_train_under_float16_autocast(kernel_size):
+    """The channels-last weights carry torch's own channels-last strides (a view with another stride on a
+    size-1 dim also counts as channels-last, but float16 backward on the CPU then fails with 'slow_conv2d:
+    grad_weight must be contiguous'); a float16-autocast step on a channels-last input gives the NCHW
+    input's gradients."""
+    torch.manual_seed(0)
+    layer = fnl.FactorizedConv2d(4, 6, kernel_size, rank=2, square=True, path='factored')
+    for w in layer._factor_conv_weights(True):
+        assert w.stride() == torch.empty(w.shape, memory_format=CL).stride()
+    x = torch.randn(2, 4, 8, 8)
+    grads = []
+    for inp in (x, x.contiguous(memory_format=CL)):
+        layer.zero_grad(set_to_none=True)
+        with torch.autocast('cpu', dtype=torch.float16):
+            out = layer(inp)
+        out.float().square().sum().backward()
+        grads.append([p.grad for p in layer.parameters()])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-2, atol=1e-2), (a - b).abs().max()
+
+
 def test_compile_for_inference_refusals_leave_the_model_unchanged():
     tensor_model = nn.Sequential(fnl.TTConv2d(4, 4, 3, padding=1, rank_scale=0.5))
     with pytest.raises(ValueError, match='no plain-torch form'):
