@@ -119,7 +119,7 @@ def test_memory_format_keeps_outputs_fd_steps_state_dict_and_forms(tmp_path):
 @pytest.mark.parametrize('square', [False, True])
 @pytest.mark.parametrize('geometry', [dict(kernel_size=3, padding=1), dict(kernel_size=(1, 5), stride=(2, 1), padding=(0, 2)),
                                       dict(kernel_size=(3, 2), stride=(1, 2), padding=(1, 0), dilation=(2, 1))])
-def test_conv_weights_follow_a_channels_last_input(geometry, square):
+def test_conv_weights_follow_a_channels_last_input(geometry, square, monkeypatch):
     """A channels-last input gets channels-last conv weights (the second one a view of ``U`` without ``S``),
     with the same outputs and gradients as an NCHW input, in training and in cached inference."""
     torch.manual_seed(0)
@@ -135,18 +135,15 @@ def test_conv_weights_follow_a_channels_last_input(geometry, square):
                      weight.is_contiguous(), weight.untyped_storage().data_ptr()))
         return real_conv(inp, weight, *args)
     g = torch.randn(2, 7, *conv_module.conv_output_hw(layer, x.shape))
-    conv_module.F.conv2d = spy
-    try:
-        grads = []
-        for inp in (x, xc):
-            layer.zero_grad(set_to_none=True)
-            out = layer(inp)
-            out.backward(g)
-            grads.append((out.detach(), inp.grad, [p.grad for p in layer.parameters()]))
-        with torch.no_grad():
-            cached = [layer(xc), layer(xc), layer(x)]
-    finally:
-        conv_module.F.conv2d = real_conv
+    monkeypatch.setattr(conv_module.F, 'conv2d', spy)
+    grads = []
+    for inp in (x, xc):
+        layer.zero_grad(set_to_none=True)
+        out = layer(inp)
+        out.backward(g)
+        grads.append((out.detach(), inp.grad, [p.grad for p in layer.parameters()]))
+    with torch.no_grad():
+        cached = [layer(xc), layer(xc), layer(x)]
     (o1, gx1, gp1), (o2, gx2, gp2) = grads
     _close(o1, o2), _close(gx1, gx2)
     for a, b in zip(gp1, gp2):
