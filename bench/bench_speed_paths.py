@@ -68,14 +68,19 @@ def _infer(model: Callable, x: torch.Tensor) -> Callable[[], object]:
     return run
 
 
-def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], object]:
+def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+           net: Optional[Callable] = None) -> Callable[[], torch.Tensor]:
+    """One momentum-SGD step of ``model`` (forward through ``net``, e.g. a compiled ``model``); returns the loss."""
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    net = model if net is None else net
 
-    def run() -> None:
+    def run() -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        loss = F.cross_entropy(net(x), y)
+        loss.backward()
         opt.step()
+        return loss.detach()
     return run
 
 
@@ -206,16 +211,7 @@ def _compiled_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, whole_st
     eager = copy.deepcopy(model).train()
     with torch.no_grad():
         want = F.cross_entropy(eager(x), y)
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    net = model if whole_step else torch.compile(model)
-
-    def step() -> torch.Tensor:
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(net(x), y)
-        loss.backward()
-        opt.step()
-        return loss.detach()
+    step = _train(model, x, y, net=None if whole_step else torch.compile(model))
     run = torch.compile(step) if whole_step else step
     t0 = time.perf_counter()
     loss = run()
