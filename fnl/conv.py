@@ -187,21 +187,29 @@ class FactorizedConv2d(LowRankLayer):
     def forward(self, x: Tensor) -> Tensor:
         if self.uses_dense_path:
             return F.conv2d(x, self.dense_weight(), self.bias, self.stride, self.padding, self.dilation)
-        (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
+        w_a, w_b = self.conv_weights_for(x)
+        return self.factored_convs(x, w_a, w_b, self.bias)
+
+    def conv_weights_for(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The two convs' weights, (r, in, 1, kw) and (out, r, kh, 1), for the input ``x``: in its
+        memory format, and in eager inference made once and reused until a factor changes."""
         if torch.jit.is_scripting():
-            w_a, w_b = self._factor_conv_weights()
-        else:
-            # weights in the input's memory format: a channels-last conv otherwise re-lays out an NCHW
-            # weight on every call (docs/speed.md), and the second weight is then a view of U, no copy
-            channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
-                memory_format=torch.channels_last)
-            if not (torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling()):
-                # eager inference: reuse (a trace or compiled graph must read the parameters)
-                w_a, w_b = self._cached_factor_conv_weights(channels_last)
-            else:
-                w_a, w_b = self._factor_conv_weights(channels_last)
+            return self._factor_conv_weights()
+        # weights in the input's memory format: a channels-last conv otherwise re-lays out an NCHW
+        # weight on every call (docs/speed.md), and the second weight is then a view of U, no copy
+        channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+            memory_format=torch.channels_last)
+        if not (torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            # eager inference: reuse (a trace or compiled graph must read the parameters)
+            return self._cached_factor_conv_weights(channels_last)
+        return self._factor_conv_weights(channels_last)
+
+    def factored_convs(self, x: Tensor, w_a: Tensor, w_b: Tensor, bias: Optional[Tensor]) -> Tensor:
+        """The factored path with the given weights: the (1 x kw) conv with ``w_a`` and the horizontal
+        stride / padding / dilation, then the (kh x 1) conv with ``w_b``, ``bias`` and the vertical ones."""
+        (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
         h = F.conv2d(x, w_a, None, (1, sw), (0, pw), (1, dw))  # (B, r, H, W_out)
-        return F.conv2d(h, w_b, self.bias, (sh, 1), (ph, 0), (dh, 1))  # (B, out, H_out, W_out)
+        return F.conv2d(h, w_b, bias, (sh, 1), (ph, 0), (dh, 1))  # (B, out, H_out, W_out)
 
     def _factor_conv_weights(self, channels_last: bool = False) -> tuple[Tensor, Tensor]:
         """The two convs' weights, (r, in, 1, kw) and (out, r, kh, 1), contiguous, or channels-last
