@@ -4,7 +4,8 @@ Parts (``--only``, default all), timed with ``fnl.measure_latency`` (interleaved
 
 - ``model``: ``fnl_resnet20`` @0.111 against the dense model, inference (batch 256) and a training step
   (batch 128, momentum SGD): the contiguous (NCHW) and the channels-last memory format (fnl-train's
-  default for factorized convs on the CPU), and channels-last inputs to a contiguous model.
+  default for factorized convs on the CPU), and channels-last inputs to a contiguous model; in
+  inference also without the zoo's BatchNorm folding (``set_bn_folding(False)``).
 - ``stage1``: the rank-5 first stage (a 1x3 conv 16 -> 5 and a 3x1 conv 5 -> 16 on 32x32 maps), alone
   and inside the model, in NCHW: the pair run channels-last inside the layer (output converted back),
   ``path='dense'``, against the plain NCHW pair and the channels-last model.
@@ -55,6 +56,11 @@ def _resnet(rank_scale: Optional[float] = 0.111) -> nn.Module:
     # each variant sets its memory format itself: the zoo's own conversion of CPU inputs to channels-last
     # is the variant 'fnl NCHW model, channels_last input'
     model.channels_last_inputs = False
+    return model
+
+
+def _unfolded(model: nn.Module) -> nn.Module:
+    model.set_bn_folding(False)
     return model
 
 
@@ -117,6 +123,9 @@ def part_model(rounds: int) -> None:
             'two plain convs NCHW (to_inference_form)': step(fnl.to_inference_form(_resnet()), x),
             'two plain convs channels_last': step(fnl.to_inference_form(_resnet()).to(memory_format=CL), xc),
         }
+        if not grad:  # the zoo folds BatchNorm into the convs in eager inference only
+            fns['dense NCHW, BatchNorm not folded (set_bn_folding(False))'] = step(_unfolded(_resnet(None)), x)
+            fns['fnl channels_last, BatchNorm not folded'] = step(_unfolded(_resnet()).to(memory_format=CL), xc)
         _table(f'fnl_resnet20 @0.111, {title}', fns, rounds, grad, 'dense NCHW')
 
 

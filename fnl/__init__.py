@@ -13,6 +13,7 @@ from .compress import (
     select_fastest_paths, to_inference_form,
 )
 from .conv import FactorizedConv2d
+from .conv_bn import conv_bn, folds_batchnorm
 from .deploy import compile_for_inference
 from .embedding import FactorizedEmbedding
 from .fd_engine import FDEngine, FDTerm, factor_owner, form_term, layer_term, mark_factors
@@ -33,9 +34,9 @@ __all__ = [
     "CheckpointMismatchError", "CompressionReport", "FactorizedConv2d", "FactorizedEmbedding", "FactorizedLayer", "FactorizedLinear",
     "FDEngine", "FDTerm", "FrobeniusDecay", "FrobeniusNormRecorder", "FrobeniusNormalizer", "LayerDecision", "ModelSummary",
     "adopt_on_load", "adopt_state_dict_shapes", "add_factor_fd_grad_", "add_outval_fd_grad_", "add_quekey_fd_grad_", "apply_ranks", "balance_outval_",
-    "balance_quekey_", "cache_cpu_allocations", "collapse", "compile_for_inference", "compress", "cpu_allocations_cached", "count_macs", "count_parameters", "factor_owner", "factor_parameter_names", "factorize",
+    "balance_quekey_", "cache_cpu_allocations", "collapse", "compile_for_inference", "compress", "conv_bn", "cpu_allocations_cached", "count_macs", "count_parameters", "factor_owner", "factor_parameter_names", "factorize",
     "form_term", "layer_term", "mark_factors",
-    "fold_batchnorm",
+    "fold_batchnorm", "folds_batchnorm",
     "factorized_layers", "frobenius_norm", "frobenius_penalty", "load_frobnorms", "measure_latency",
     "outval_norm_sq", "param_groups", "quekey_norm_sq", "rescale_to_norm_", "resolve_rank", "round_rank",
     "select_fastest_paths", "solve_rank_scale", "spectral_factors", "summary",

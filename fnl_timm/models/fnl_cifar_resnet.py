@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from timm.layers import create_classifier
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 
+import fnl
+
 from ._factorize import ClassifierMixin, channels_last_input, factorize_model
 
 __all__ = ['CifarResNet', 'BasicBlock']
@@ -43,7 +45,18 @@ class PadShortcut(nn.Module):
         return F.pad(x, (0, 0, 0, 0, self.pad, self.pad))
 
 
-class BasicBlock(nn.Module):
+class FoldsBatchNorm:
+    """``self._conv_bn(conv, bn, x)``: ``bn(conv(x))``, in eager inference as one conv with the BatchNorm
+    folded in (``fnl.conv_bn``; docs/speed.md) unless ``fold_bn`` is False (``set_bn_folding``)."""
+
+    fold_bn: bool = True  # a class default, so that modules pickled before it existed have it
+
+    @torch.jit.unused
+    def _conv_bn(self, conv: nn.Module, bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return fnl.conv_bn(conv, bn, x) if self.fold_bn else bn(conv(x))
+
+
+class BasicBlock(FoldsBatchNorm, nn.Module):
     """conv3x3-BN-ReLU-conv3x3-BN, plus the shortcut, then ReLU."""
 
     def __init__(
@@ -74,12 +87,17 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = self.downsample(x)
-        x = self.act1(self.bn1(self.conv1(x)))
-        x = self.bn2(self.conv2(x))
-        return self.act2(x + shortcut)
+        if torch.jit.is_scripting():
+            x = self.act1(self.bn1(self.conv1(x)))
+            x = self.bn2(self.conv2(x))
+        else:
+            x = self.act1(self._conv_bn(self.conv1, self.bn1, x))
+            x = self._conv_bn(self.conv2, self.bn2, x)
+        x += shortcut  # in place, as in timm's blocks: x is this block's own BatchNorm (or conv) output
+        return self.act2(x)
 
 
-class CifarResNet(ClassifierMixin, nn.Module):
+class CifarResNet(FoldsBatchNorm, ClassifierMixin, nn.Module):
     """CIFAR ResNet (three stages of basic blocks) with factorized block convs.
 
     Args:
@@ -95,6 +113,10 @@ class CifarResNet(ClassifierMixin, nn.Module):
         target_ratio: solve one rank_scale so that params / dense params is closest to this (> 0).
         spectral: spectral init of the factors from the dense Kaiming init (paper section 3.1).
         square: ``W = U S Vᵀ`` with S = I (deep distillation).
+
+    In eager inference (eval mode, autograd off) the BatchNorm after the stem conv and after each
+    block conv is folded into that conv (``fnl.conv_bn``): the same function, faster on the CPU
+    (docs/speed.md). ``set_bn_folding(False)`` keeps them separate.
     """
 
     def __init__(
@@ -153,11 +175,21 @@ class CifarResNet(ClassifierMixin, nn.Module):
             self.to(device=device, dtype=dtype)
 
     @torch.jit.ignore
+    def set_bn_folding(self, enable: bool = True) -> None:
+        """Fold BatchNorm into the conv before it in eager inference (the default), or not."""
+        for m in self.modules():
+            if isinstance(m, FoldsBatchNorm):
+                m.fold_bn = bool(enable)
+
+    @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         return dict(stem=r'^conv1|bn1', blocks=r'^layer(\d+)' if coarse else r'^layer(\d+)\.(\d+)')
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act1(self.bn1(self.conv1(x)))  # (B, w0, H, W)
+        if torch.jit.is_scripting():
+            x = self.act1(self.bn1(self.conv1(x)))  # (B, w0, H, W)
+        else:
+            x = self.act1(self._conv_bn(self.conv1, self.bn1, x))
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq([self.layer1, self.layer2, self.layer3], x, flatten=True)
         else:
