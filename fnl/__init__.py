@@ -13,7 +13,7 @@ from .compress import (
     select_fastest_paths, to_inference_form,
 )
 from .conv import FactorizedConv2d
-from .conv_bn import conv_bn, folds_batchnorm
+from .conv_bn import conv_bn, folds_batchnorm, sequential_conv_bn
 from .deploy import compile_for_inference
 from .embedding import FactorizedEmbedding
 from .fd_engine import FDEngine, FDTerm, factor_owner, form_term, layer_term, mark_factors
@@ -39,7 +39,7 @@ __all__ = [
     "fold_batchnorm", "folds_batchnorm",
     "factorized_layers", "frobenius_norm", "frobenius_penalty", "load_frobnorms", "measure_latency",
     "outval_norm_sq", "param_groups", "quekey_norm_sq", "rescale_to_norm_", "resolve_rank", "round_rank",
-    "select_fastest_paths", "solve_rank_scale", "spectral_factors", "summary",
+    "select_fastest_paths", "sequential_conv_bn", "solve_rank_scale", "spectral_factors", "summary",
     "to_inference_form",
     # tensor formats (docs/method.md#tensor-formats)
     "TTConv2d", "TensorConv2d", "TuckerConv2d", "hosvd", "solve_tensor_scale", "tensor_modes", "tensorize", "tt_svd",

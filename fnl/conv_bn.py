@@ -17,7 +17,7 @@ from torch.nn.modules import module as _module
 
 from .conv import FactorizedConv2d
 
-__all__ = ["conv_bn", "folds_batchnorm"]
+__all__ = ["conv_bn", "folds_batchnorm", "sequential_conv_bn"]
 
 
 def _hooked(m: nn.Module) -> bool:
@@ -41,12 +41,17 @@ def folds_batchnorm(conv: nn.Module, bn: nn.Module, x: Tensor) -> bool:
         return False
     if bn.running_mean is None or bn.running_var is None or bn.num_features != conv.out_channels:
         return False
+    if _observed(x) or x.dim() != 4 or torch.is_autocast_enabled(x.device.type):
+        return False
+    return not (_hooked(conv) or _hooked(bn))
+
+
+def _observed(x: Tensor) -> bool:
+    """Whether something records or watches the modules run on ``x``: a ``torch.fx`` / ``torch.jit``
+    trace, ``torch.compile`` / ``torch.export``, or global forward hooks."""
     if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_compiling():
-        return False
-    if x.dim() != 4 or torch.is_autocast_enabled(x.device.type):
-        return False
-    return not (_hooked(conv) or _hooked(bn) or _module._global_forward_hooks
-                or _module._global_forward_pre_hooks)
+        return True
+    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks)
 
 
 def conv_bn(conv: nn.Module, bn: nn.Module, x: Tensor) -> Tensor:
@@ -75,3 +80,24 @@ def conv_bn(conv: nn.Module, bn: nn.Module, x: Tensor) -> Tensor:
         w_a, w_b = conv.conv_weights_for(x)
         return conv.factored_convs(x, w_a, w_b * scale4, shift)
     return conv._conv_forward(x, conv.weight * scale4, shift)
+
+
+def sequential_conv_bn(seq: nn.Sequential, x: Tensor) -> Tensor:
+    """``seq(x)`` for an ``nn.Sequential``, each conv followed by a BatchNorm run through :func:`conv_bn`.
+
+    Wherever calling its layers one by one could be seen or could differ, this is ``seq(x)``: autograd
+    on, a ``Sequential`` subclass, forward hooks on ``seq`` or global ones, a trace or
+    ``torch.compile`` (which record the ``Sequential`` as a module).
+    """
+    if torch.is_grad_enabled() or type(seq) is not nn.Sequential or _hooked(seq) or _observed(x):
+        return seq(x)
+    layers = list(seq)
+    i = 0
+    while i < len(layers):
+        if i + 1 < len(layers) and folds_batchnorm(layers[i], layers[i + 1], x):
+            x = conv_bn(layers[i], layers[i + 1], x)
+            i += 2
+        else:
+            x = layers[i](x)
+            i += 1
+    return x

@@ -226,7 +226,8 @@ def test_traces_keep_the_batchnorm():
 
 
 ZOO = [('fnl_resnet20', dict(rank_scale=0.111)), ('fnl_resnet20', dict()),
-       ('fnl_test_resnet', dict(rank_scale=0.5, square=True))]
+       ('fnl_test_resnet', dict(rank_scale=0.5, square=True)),  # conv + BatchNorm shortcuts
+       ('fnl_vgg19', dict(target_ratio=0.05))]
 
 
 def _randomize_bn(model: nn.Module) -> nn.Module:
@@ -240,28 +241,44 @@ def _randomize_bn(model: nn.Module) -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize('name,kwargs', ZOO, ids=['fnl_resnet20@0.111', 'fnl_resnet20 dense', 'test_resnet square'])
+@pytest.mark.parametrize('name,kwargs', ZOO, ids=['fnl_resnet20@0.111', 'fnl_resnet20 dense', 'test_resnet square', 'vgg19'])
 def test_zoo_resnets_fold_in_eager_inference_only(name, kwargs, monkeypatch):
     torch.manual_seed(0)
     model = _randomize_bn(timm.create_model(name, **kwargs)).eval()
-    x = torch.randn(3, 3, 16, 16)
+    x = torch.randn(3, 3, 32, 32) if 'vgg' in name else torch.randn(3, 3, 16, 16)  # VGG pools 5 times
     plain = copy.deepcopy(model)
     plain.set_bn_folding(False)
     n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
-    # the conv shortcuts' BatchNorms (Sequential downsample) are not folded
-    n_shortcut = sum(isinstance(m, nn.BatchNorm2d) for n, m in model.named_modules() if '.downsample.' in n)
     with torch.no_grad():
         calls = _no_batchnorm(monkeypatch)
         got = model(x)
-        assert len(calls) == n_shortcut
+        assert not calls, 'a BatchNorm was not folded'
         want = plain(x)
-        assert len(calls) == n_shortcut + n_bn
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+        assert len(calls) == n_bn
+    # float rounding over up to 19 layers: relative to the largest logit
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
     calls.clear()
     out = model(x)  # autograd on: exactly the unfolded model
     assert len(calls) == n_bn and torch.equal(out, plain(x))
     with torch.no_grad():  # the deployment copy traces the layers, not the folded path
-        torch.testing.assert_close(fnl.fold_batchnorm(fnl.to_inference_form(model))(x), want, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(fnl.fold_batchnorm(fnl.to_inference_form(model))(x), want, rtol=1e-5,
+                                   atol=1e-5 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize('grad', [True, False], ids=['autograd', 'no_grad'])
+@pytest.mark.parametrize('name,kwargs', ZOO, ids=['fnl_resnet20@0.111', 'fnl_resnet20 dense', 'test_resnet square', 'vgg19'])
+def test_zoo_models_trace_with_their_batchnorms(name, kwargs, grad):
+    """torch.jit.trace (which runs the model again to check the graph, with autograd off) records every
+    BatchNorm, as the same graph each time."""
+    torch.manual_seed(0)
+    model = _randomize_bn(timm.create_model(name, **kwargs)).eval()
+    x = torch.randn(2, 3, 32, 32) if 'vgg' in name else torch.randn(2, 3, 16, 16)
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    with torch.set_grad_enabled(grad):
+        traced = torch.jit.trace(model, x)  # check_trace: raises if the two runs' graphs differ
+        assert str(traced.inlined_graph).count('aten::batch_norm') == n_bn
+        want = model(x)  # with autograd off, folded: float rounding relative to the largest logit
+        torch.testing.assert_close(traced(x), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
 
 
 def test_zoo_block_training_step_unchanged():
@@ -280,3 +297,72 @@ def test_zoo_block_training_step_unchanged():
     torch.testing.assert_close(x.grad, x_ref.grad)
     for (n, p), q in zip(block.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, msg=n)
+
+
+class _Seq(nn.Sequential):
+    pass
+
+
+def _stack(cls=nn.Sequential):
+    torch.manual_seed(0)
+    return cls(nn.BatchNorm2d(6), nn.Conv2d(6, 8, 3, padding=1), _bn(8), nn.ReLU(),
+               fnl.FactorizedConv2d(8, 8, 3, padding=1, rank=2), _bn(8), nn.MaxPool2d(2), _bn(8)).eval()
+
+
+def test_sequential_folds_each_conv_batchnorm_pair(monkeypatch):
+    seq = _stack()
+    with torch.no_grad():
+        seq[0].running_var.fill_(2.0)
+    x = torch.randn(2, 6, 8, 8)
+    with torch.no_grad():
+        want = seq(x)
+        calls = _no_batchnorm(monkeypatch)
+        got = fnl.sequential_conv_bn(seq, x)
+        # the leading BatchNorm (no conv before it) and the one after the pool run; the two after convs fold
+        assert len(calls) == 2
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    calls.clear()
+    assert torch.equal(fnl.sequential_conv_bn(seq, x), seq(x)) and len(calls) == 8  # autograd on: seq(x)
+
+
+@pytest.mark.parametrize('case', ['subclass', 'hook', 'global hook', 'module hook inside'])
+def test_sequential_runs_whole_when_layer_by_layer_would_skip_something(case, monkeypatch):
+    seq = _stack(_Seq if case == 'subclass' else nn.Sequential)
+    seen = []
+    if case == 'hook':
+        seq.register_forward_hook(lambda *a: seen.append(1))
+    if case == 'global hook':  # called for every module, the Sequential included
+        handle = nn.modules.module.register_module_forward_hook(lambda m, *a: seen.append(m) if m is seq else None)
+    if case == 'module hook inside':
+        seq[2].register_forward_hook(lambda *a: seen.append(1))
+    x = torch.randn(2, 6, 8, 8)
+    try:
+        with torch.no_grad():
+            want = seq(x)
+            n_seen = len(seen)
+            calls = _no_batchnorm(monkeypatch)
+            got = fnl.sequential_conv_bn(seq, x)
+    finally:
+        if case == 'global hook':
+            handle.remove()
+    assert torch.equal(got, want) if case != 'module hook inside' else torch.allclose(got, want, atol=1e-5)
+    assert n_seen == (case != 'subclass') and len(seen) == 2 * n_seen
+    assert len(calls) == (4 if case != 'module hook inside' else 3)  # the hooked pair is not folded
+
+
+@pytest.mark.parametrize('trace', ['jit', 'compile'])
+def test_sequential_runs_whole_in_a_trace(trace, monkeypatch):
+    """A trace records the Sequential as the module it is (the same graph with and without autograd)."""
+    seq = _stack()
+    x = torch.randn(2, 6, 8, 8)
+    whole = []
+    real = nn.Sequential.forward
+    monkeypatch.setattr(nn.Sequential, 'forward', lambda self, x: whole.append(1) or real(self, x))
+    if trace == 'jit':
+        monkeypatch.setattr(torch.jit, 'is_tracing', lambda: True)
+    else:
+        monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
+    with torch.no_grad():
+        want = real(seq, x)
+        assert torch.equal(fnl.sequential_conv_bn(seq, x), want)
+    assert whole == [1]

@@ -52,6 +52,31 @@ def _channels_last_input_eager(x: torch.Tensor, enabled: bool) -> torch.Tensor:
     return x
 
 
+class FoldsBatchNorm:
+    """For the zoo models: in eager inference, each BatchNorm folded into the conv before it
+    (``fnl.conv_bn``; docs/speed.md), unless ``fold_bn`` is False (``set_bn_folding``)."""
+
+    fold_bn: bool = True  # a class default, so that modules pickled before it existed have it
+
+    @torch.jit.ignore
+    def set_bn_folding(self, enable: bool = True) -> None:
+        """Fold BatchNorm into the conv before it in eager inference (the default), or keep them apart,
+        in this module and every submodule."""
+        for m in self.modules():
+            if isinstance(m, FoldsBatchNorm):
+                m.fold_bn = bool(enable)
+
+    @torch.jit.unused
+    def _conv_bn(self, conv: nn.Module, bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``bn(conv(x))``."""
+        return fnl.conv_bn(conv, bn, x) if self.fold_bn else bn(conv(x))
+
+    @torch.jit.unused
+    def _sequential(self, seq: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``seq(x)``."""
+        return fnl.sequential_conv_bn(seq, x) if self.fold_bn else seq(x)
+
+
 def has_factorized_convs(model: nn.Module) -> bool:
     """Whether ``model`` holds a :class:`fnl.FactorizedConv2d` (the default of ``channels_last_inputs``)."""
     return any(isinstance(m, fnl.FactorizedConv2d) for m in model.modules())

@@ -19,9 +19,7 @@ import torch.nn.functional as F
 from timm.layers import create_classifier
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 
-import fnl
-
-from ._factorize import ClassifierMixin, channels_last_input, factorize_model
+from ._factorize import ClassifierMixin, FoldsBatchNorm, channels_last_input, factorize_model
 
 __all__ = ['CifarResNet', 'BasicBlock']
 
@@ -43,17 +41,6 @@ class PadShortcut(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x[:, :, ::self.stride, ::self.stride]
         return F.pad(x, (0, 0, 0, 0, self.pad, self.pad))
-
-
-class FoldsBatchNorm:
-    """``self._conv_bn(conv, bn, x)``: ``bn(conv(x))``, in eager inference as one conv with the BatchNorm
-    folded in (``fnl.conv_bn``; docs/speed.md) unless ``fold_bn`` is False (``set_bn_folding``)."""
-
-    fold_bn: bool = True  # a class default, so that modules pickled before it existed have it
-
-    @torch.jit.unused
-    def _conv_bn(self, conv: nn.Module, bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return fnl.conv_bn(conv, bn, x) if self.fold_bn else bn(conv(x))
 
 
 class BasicBlock(FoldsBatchNorm, nn.Module):
@@ -86,11 +73,12 @@ class BasicBlock(FoldsBatchNorm, nn.Module):
             raise ValueError(f"shortcut must be 'pad' or 'conv', got {shortcut!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = self.downsample(x)
         if torch.jit.is_scripting():
+            shortcut = self.downsample(x)
             x = self.act1(self.bn1(self.conv1(x)))
             x = self.bn2(self.conv2(x))
         else:
+            shortcut = self._sequential(self.downsample, x)
             x = self.act1(self._conv_bn(self.conv1, self.bn1, x))
             x = self._conv_bn(self.conv2, self.bn2, x)
         x += shortcut  # in place, as in timm's blocks: x is this block's own BatchNorm (or conv) output
@@ -114,9 +102,9 @@ class CifarResNet(FoldsBatchNorm, ClassifierMixin, nn.Module):
         spectral: spectral init of the factors from the dense Kaiming init (paper section 3.1).
         square: ``W = U S Vᵀ`` with S = I (deep distillation).
 
-    In eager inference (eval mode, autograd off) the BatchNorm after the stem conv and after each
-    block conv is folded into that conv (``fnl.conv_bn``): the same function, faster on the CPU
-    (docs/speed.md). ``set_bn_folding(False)`` keeps them separate.
+    In eager inference (eval mode, autograd off) each BatchNorm (after the stem, the block and the
+    shortcut convs) is folded into the conv before it (``fnl.conv_bn``): the same function, faster
+    on the CPU (docs/speed.md). ``set_bn_folding(False)`` keeps them apart.
     """
 
     def __init__(
@@ -173,13 +161,6 @@ class CifarResNet(FoldsBatchNorm, ClassifierMixin, nn.Module):
             spectral=spectral, square=square, init=nn.init.kaiming_normal_)
         if device is not None or dtype is not None:  # built (and SVD-initialised) on the CPU, then moved
             self.to(device=device, dtype=dtype)
-
-    @torch.jit.ignore
-    def set_bn_folding(self, enable: bool = True) -> None:
-        """Fold BatchNorm into the conv before it in eager inference (the default), or not."""
-        for m in self.modules():
-            if isinstance(m, FoldsBatchNorm):
-                m.fold_bn = bool(enable)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:

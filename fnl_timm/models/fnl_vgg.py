@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from timm.layers import create_classifier
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 
-from ._factorize import ClassifierMixin, channels_last_input, factorize_model, kaiming_fan_out_
+from ._factorize import ClassifierMixin, FoldsBatchNorm, channels_last_input, factorize_model, kaiming_fan_out_
 from .fnl_cifar_resnet import CIFAR10_MEAN, CIFAR10_STD
 
 __all__ = ['CifarVGG']
@@ -24,13 +24,16 @@ VGG19_CFG = (64, 64, 'M', 128, 128, 'M', 256, 256, 256, 256, 'M', 512, 512, 512,
              512, 512, 512, 512)
 
 
-class CifarVGG(ClassifierMixin, nn.Module):
+class CifarVGG(FoldsBatchNorm, ClassifierMixin, nn.Module):
     """VGG with BN for small images; every conv but the first is factorized.
 
     Args:
         cfg: channels per conv, 'M' for a 2x2 max pool.
         num_classes, in_chans, drop_rate, global_pool: timm's usual meaning.
         rank_scale, target_ratio, spectral, square: see ``fnl_timm.models.CifarResNet``.
+
+    In eager inference every BatchNorm is folded into the conv before it, as in ``CifarResNet``
+    (``set_bn_folding(False)`` keeps them apart).
     """
 
     def __init__(
@@ -92,7 +95,9 @@ class CifarVGG(ClassifierMixin, nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and not torch.jit.is_scripting():
             return checkpoint_seq(self.features, x)
-        return self.features(x)  # (B, 512, H/16, W/16)
+        if torch.jit.is_scripting():
+            return self.features(x)  # (B, 512, H/16, W/16)
+        return self._sequential(self.features, x)  # eager inference: BatchNorm folded into the convs
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x)
