@@ -46,7 +46,7 @@ import fnl
 
 from . import data as fnl_data
 from .compress import _state_dict_of, is_compressed_checkpoint, load_compressed
-from .models._factorize import has_factorized_convs
+from .models._factorize import prefers_channels_last
 from .optim import FD_OPTIMIZERS, mark_factors
 from .train_args import _experiment_name, _initial_checkpoint, build_parser, validate_args
 from .train_checkpoint import (
@@ -116,14 +116,15 @@ def use_channels_last(requested: Optional[bool], model: nn.Module, device: torch
     """Whether ``fnl-train`` runs the model and its inputs in the channels-last memory format.
 
     ``requested`` is ``--channels-last`` (True) / ``--no-channels-last`` (False); unset (None) it is on
-    for a model with factorized convs on the CPU, where oneDNN runs their small (1 x k) / (k x 1) convs
-    far faster channels-last (the fnl_* zoo models: training and inference steps 1.2-1.7x faster,
-    bench/README.md), and off elsewhere (not measured on GPUs). The memory format changes neither what
-    the model computes nor its checkpoints' values.
+    on the CPU for a model with 2-d convs (``fnl_timm.models.prefers_channels_last``), where oneDNN runs
+    them faster channels-last: the factorized ones' small (1 x k) / (k x 1) convs far faster (training
+    and inference steps 1.2-1.9x), dense convs 1.04-1.35x (docs/speed.md), so dense and factorized runs
+    are timed alike. Off elsewhere (not measured on GPUs). The memory format changes neither what the
+    model computes nor its checkpoints' values.
     """
     if requested is not None:
         return requested
-    return device.type == 'cpu' and has_factorized_convs(model)
+    return device.type == 'cpu' and prefers_channels_last(model)
 
 
 def _set_input_format(model: nn.Module, channels_last: bool) -> None:

@@ -128,9 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--device', default=None, help='cpu, cuda, cuda:1, ...; unset: cuda if available')
     g.add_argument('--amp', action='store_true', help='mixed precision (bfloat16 on CPU, float16 + scaler on CUDA)')
     g.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=None,
-                   help='channels-last memory format for model and inputs; unset: on for a model with factorized '
-                        'convs on the CPU (1.2-1.7x faster steps there, docs/speed.md), off otherwise; '
-                        '--no-channels-last keeps the contiguous (NCHW) format')
+                   help='channels-last memory format for model and inputs; unset: on for a model with 2-d convs '
+                        'on the CPU (dense or factorized: 1.04-1.9x faster steps there, docs/speed.md), off '
+                        'otherwise; --no-channels-last keeps the contiguous (NCHW) format')
     g.add_argument('--sync-bn', action='store_true',
                    help='under torchrun on CUDA: BatchNorm statistics over all processes in every step (torch '
                         'SyncBatchNorm, as timm train.py); without it each process normalises with its own batch')

@@ -35,19 +35,23 @@ def test_channels_last_rule():
     fact, dense = _resnet(rank_scale=0.3), _resnet()
     cpu, gpu = torch.device('cpu'), torch.device('cuda')
     assert fnl_train.use_channels_last(None, fact, cpu) is True
-    assert fnl_train.use_channels_last(None, dense, cpu) is False  # no factorized conv: unchanged
+    assert fnl_train.use_channels_last(None, dense, cpu) is True  # dense convs: faster channels-last too
     assert fnl_train.use_channels_last(None, fact, gpu) is False  # not measured on GPUs: unchanged
     assert fnl_train.use_channels_last(False, fact, cpu) is False  # --no-channels-last
-    assert fnl_train.use_channels_last(True, dense, cpu) is True  # --channels-last
-    linear_only = nn.Sequential(nn.Conv2d(3, 4, 3), fnl.FactorizedLinear(4, 4, rank=2))
-    assert fnl_train.use_channels_last(None, linear_only, cpu) is False
+    assert fnl_train.use_channels_last(False, dense, cpu) is False
+    mlp = nn.Sequential(nn.Flatten(), fnl.FactorizedLinear(4, 4, rank=2))
+    assert fnl_train.use_channels_last(None, mlp, cpu) is False  # no conv: nothing to gain
+    assert fnl_train.use_channels_last(True, mlp, cpu) is True  # --channels-last
+    assert fnl_train.use_channels_last(None, nn.Sequential(nn.Conv2d(3, 4, 3), mlp), cpu) is True
+    tt = timm.create_model('fnl_wrn28_10', depth=10, width=1, conv='tt', rank_scale=0.5)
+    assert fnl_train.use_channels_last(None, tt, cpu) is False  # tensor formats: not measured channels-last
 
 
 def test_channels_last_flag_help_and_parsing():
     parser = fnl_train.build_parser()
     text = ' '.join(parser.format_help().split())
     assert '--channels-last, --no-channels-last' in text
-    assert 'unset: on for a model with factorized convs on the CPU' in text
+    assert 'unset: on for a model with 2-d convs on the CPU' in text
     assert parser.parse_args([]).channels_last is None
     assert parser.parse_args(['--channels-last']).channels_last is True
     assert parser.parse_args(['--no-channels-last']).channels_last is False
@@ -73,7 +77,7 @@ def test_fnl_train_default_channels_last_and_opt_out_train_the_same(tmp_path):
     model.load_state_dict(a['state_dict'])
     assert all(p.is_contiguous() for p in model.parameters())  # loading keeps the model's own format
     dense = fnl_train.run(TRAIN + ['--output', str(tmp_path), '--experiment', 'dense'])
-    assert dense['channels_last'] is False
+    assert dense['channels_last'] is True  # the dense baseline runs in the same format
 
 
 def test_memory_format_keeps_outputs_fd_steps_state_dict_and_forms(tmp_path):
@@ -233,11 +237,12 @@ def _first_conv_input_format(model: nn.Module, x: torch.Tensor) -> tuple[bool, t
 
 
 @pytest.mark.parametrize('name,kwargs', [('fnl_test_resnet', dict(rank_scale=0.3)),
+                                         ('fnl_test_resnet', dict()),  # dense
                                          ('fnl_vgg19', dict(rank_scale=0.05)),
                                          ('fnl_wrn28_10', dict(depth=10, width=1, rank_scale=0.3))])
 def test_zoo_models_take_cpu_inputs_channels_last(name, kwargs):
-    """timm.create_model users get the channels-last speed-up with their own loop: a factorized zoo model
-    converts a 4-d CPU input itself (same outputs); ``channels_last_inputs = False`` turns it off."""
+    """timm.create_model users get the channels-last speed-up with their own loop: a zoo model (dense or
+    factorized) converts a 4-d CPU input itself (same outputs); ``channels_last_inputs = False`` turns it off."""
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=10, **kwargs)
     assert model.channels_last_inputs is True
@@ -250,16 +255,17 @@ def test_zoo_models_take_cpu_inputs_channels_last(name, kwargs):
 
 
 def test_zoo_input_format_default_follows_the_layers():
-    assert timm.create_model('fnl_test_resnet').channels_last_inputs is False  # dense: unchanged
+    assert timm.create_model('fnl_test_resnet').channels_last_inputs is True  # dense convs too
     tt = timm.create_model('fnl_wrn28_10', depth=10, width=1, conv='tt', rank_scale=0.5)
     assert tt.channels_last_inputs is False  # tensor formats: not measured channels-last
-    # loading a checkpoint adopts its ranks, and the default follows
+    # loading a checkpoint adopts its ranks; the input format stays
     fact = _resnet(rank_scale=0.3)
     dense = _resnet()
+    dense.channels_last_inputs = False  # the user's choice survives loading (dense or factorized)
     dense.load_state_dict(fact.state_dict())
-    assert dense.channels_last_inputs is True
+    assert dense.channels_last_inputs is False and fnl.factorized_layers(dense)
     fact.load_state_dict(_resnet().state_dict())
-    assert fact.channels_last_inputs is False
+    assert fact.channels_last_inputs is True and not fnl.factorized_layers(fact)
     # fnl-train's flags set it
     model = _resnet(rank_scale=0.3)
     fnl_train._set_input_format(model, False)

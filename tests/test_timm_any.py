@@ -472,3 +472,7 @@ def test_bench_smoke():
     fact = timm.create_model('fnl', base='vit_small_patch16_224', rank_scale=0.25, attention='heads', **kwargs)
     assert row['mac_speedup'] == fnl.count_macs(dense, (3, 32, 32)) / fnl.count_macs(fact, (3, 32, 32))
     assert all(row[k] > 0 for k in ('infer_img_s_dense', 'infer_img_s_fnl', 'train_img_s_dense', 'train_img_s_fnl'))
+    (row,) = bench.main(['--smoke', '--repeats', '1', '--models', 'resnet50', '--batch-size', '2', '--channels-last'])
+    for mode in ('infer', 'train'):  # four variants in one run, each against the dense model in NCHW
+        assert row[f'{mode}_speedup_dense_cl'] > 0 and row[f'{mode}_speedup_fnl_cl'] > 0
+        assert row[f'{mode}_speedup'] == pytest.approx(row[f'{mode}_img_s_fnl'] / row[f'{mode}_img_s_dense'])

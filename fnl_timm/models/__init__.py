@@ -3,6 +3,7 @@ from .fnl_cifar_resnet import BasicBlock, CifarResNet
 from .fnl_vgg import CifarVGG
 from .fnl_wide_resnet import WideResNet
 from .fnl_any import factorize_timm_model
+from ._factorize import prefers_channels_last
 from ._timm_attention import (
     add_attention_fd_grad_, attention_owner, balance_attention_, mark_attention, shrink_heads_, timm_attentions,
 )
@@ -10,5 +11,5 @@ from ._timm_attention import (
 __all__ = [
     'BasicBlock', 'CifarResNet', 'CifarVGG', 'WideResNet', 'factorize_timm_model',
     'add_attention_fd_grad_', 'attention_owner', 'balance_attention_', 'mark_attention', 'shrink_heads_',
-    'timm_attentions',
+    'prefers_channels_last', 'timm_attentions',
 ]

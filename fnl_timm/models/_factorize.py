@@ -34,7 +34,8 @@ def channels_last_input(x: torch.Tensor, enabled: bool) -> torch.Tensor:
 
     On the CPU, oneDNN runs a model's convs channels-last once their input is, and the factorized
     models' small (1 x k) / (k x 1) convs are much faster so (``fnl_resnet20`` @0.111: inference about
-    1.7x, a training step about 1.5x; the WRN / VGG / ResNet-32-x2 models 1.2-1.7x; bench/README.md).
+    1.7x, a training step about 1.5x; the WRN / VGG / ResNet-32-x2 models 1.2-1.7x); the dense models
+    1.04-1.35x (bench/README.md).
     The values are unchanged: only the layout of the activations. Other devices, other ranks and a
     ``torch.fx`` trace (where the input is a proxy) get ``x`` as it is.
     """
@@ -77,15 +78,23 @@ class FoldsBatchNorm:
         return fnl.sequential_conv_bn(seq, x) if self.fold_bn else seq(x)
 
 
-def has_factorized_convs(model: nn.Module) -> bool:
-    """Whether ``model`` holds a :class:`fnl.FactorizedConv2d` (the default of ``channels_last_inputs``)."""
-    return any(isinstance(m, fnl.FactorizedConv2d) for m in model.modules())
+def prefers_channels_last(model: nn.Module) -> bool:
+    """Whether channels-last is the CPU default for ``model`` (``fnl-train``, ``channels_last_inputs``).
+
+    True for a model with 2-d convs (``nn.Conv2d``, :class:`fnl.FactorizedConv2d`): on the CPU every
+    conv model measured ran faster so, dense or factorized (docs/speed.md). False without convs and
+    for a model with tensor-format convs (TT / Tucker; not measured channels-last).
+    """
+    modules = list(model.modules())
+    if any(isinstance(m, fnl.TensorConv2d) for m in modules):
+        return False
+    return any(isinstance(m, (nn.Conv2d, fnl.FactorizedConv2d)) for m in modules)
 
 
 def _after_adoption(model: nn.Module) -> None:
-    """After a checkpoint's ranks were adopted on load: register the new factors, and the input format."""
+    """After a checkpoint's ranks were adopted on load: register the new factors (the input format
+    stays: the default is the same for dense and factorized convs)."""
     mark_factors(model)
-    model.channels_last_inputs = has_factorized_convs(model)
 
 
 def check_rank_args(rank_scale: Optional[float], target_ratio: Optional[float]) -> None:
@@ -115,7 +124,7 @@ def factorize_model(
     check_rank_args(rank_scale, target_ratio)
     # load_state_dict / timm's load_checkpoint adopt a checkpoint's ranks (dense, factorized, square)
     fnl.adopt_on_load(model, after=_after_adoption)
-    model.channels_last_inputs = False  # set again below and whenever a checkpoint's ranks are adopted
+    model.channels_last_inputs = prefers_channels_last(model)
     if target_ratio is not None:
         rank_scale = fnl.solve_rank_scale(model, target_ratio, include=include, square=square)
     if not rank_scale:
@@ -132,7 +141,6 @@ def factorize_model(
         init=None if spectral else init,
     )
     mark_factors(model)
-    model.channels_last_inputs = has_factorized_convs(model)
     record_kept_dense(model, PAPER_KEEPS_DENSE)
     return float(rank_scale)
 

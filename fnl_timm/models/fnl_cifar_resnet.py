@@ -186,7 +186,7 @@ class CifarResNet(FoldsBatchNorm, ClassifierMixin, nn.Module):
         return x if pre_logits else self.fc(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = channels_last_input(x, self.channels_last_inputs)  # on the CPU with factorized convs: faster
+        x = channels_last_input(x, self.channels_last_inputs)  # on the CPU: faster (docs/speed.md)
         return self.forward_head(self.forward_features(x))
 
 
