@@ -108,6 +108,27 @@ def conv_repr_options(layer: nn.Module) -> str:
     return s
 
 
+def _laid_out(t: Tensor, channels_last: bool) -> Tensor:
+    """The 4-d ``t`` itself if it has the canonical contiguous (or channels-last) strides, size-1 dims
+    included, else a copy that has them.
+
+    torch counts a tensor as contiguous whatever the stride of a size-1 dim, and ``.contiguous()``
+    then returns it unchanged; the (out, r, 1, 1) view of ``U`` of a 1x1 or 1xk kernel is such a
+    tensor, and as a conv weight it got wrong, run-to-run different weight gradients from the CPU
+    conv backward (oneDNN on an AVX2 machine), and sent float16 backward on CUDA to a kernel that
+    refuses it (docs/speed.md)."""
+    n, c, h, w = t.shape
+    if channels_last:
+        want = [h * w * c, 1, w * c, c]
+        fmt = torch.channels_last
+    else:
+        want = [c * h * w, h * w, w, 1]
+        fmt = torch.contiguous_format
+    if list(t.stride()) == want:
+        return t
+    return t.clone(memory_format=fmt)
+
+
 class FactorizedConv2d(LowRankLayer):
     """A 2-d convolution whose kernel, as an (out*kh) x (in*kw) matrix, is ``U Vᵀ``.
 
@@ -207,8 +228,15 @@ class FactorizedConv2d(LowRankLayer):
     def factored_convs(self, x: Tensor, w_a: Tensor, w_b: Tensor, bias: Optional[Tensor]) -> Tensor:
         """The factored path with the given weights: the (1 x kw) conv with ``w_a`` and the horizontal
         stride / padding / dilation, then the (kh x 1) conv with ``w_b``, ``bias`` and the vertical ones."""
-        (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        # A conv 1 wide along a strided, unpadded axis reads every s-th pixel: subsample, then stride 1.
+        # The same numbers; and the CPU conv backward (oneDNN, AVX2) got the weight gradient of a
+        # strided 1x1 conv on a channels-last input with 2-7 input channels wrong (docs/speed.md).
+        if kw == 1 and sw > 1 and pw == 0:
+            x, sw = x[:, :, :, ::sw], 1
         h = F.conv2d(x, w_a, None, (1, sw), (0, pw), (1, dw))  # (B, r, H, W_out)
+        if kh == 1 and sh > 1 and ph == 0:
+            h, sh = h[:, :, ::sh], 1
         return F.conv2d(h, w_b, bias, (sh, 1), (ph, 0), (dh, 1))  # (B, out, H_out, W_out)
 
     def _factor_conv_weights(self, channels_last: bool = False) -> tuple[Tensor, Tensor]:
@@ -223,12 +251,9 @@ class FactorizedConv2d(LowRankLayer):
         (kh, kw), r = self.kernel_size, self.rank
         u = self.U if self.S is None else self.U @ self.S  # (out*kh, r)
         w_a = self.V.view(self.in_channels, kw, 1, r).permute(3, 0, 2, 1)  # (r, in, 1, kw)
-        # (out, r, kh, 1) with the canonical channels-last strides (a view with another stride on the
-        # size-1 dim counts as channels-last too, but sends float16 backward to a kernel that refuses it)
+        # (out, r, kh, 1): a view with the canonical channels-last strides
         w_b = u.view(self.out_channels, kh, 1, r).permute(0, 3, 1, 2)
-        if channels_last:
-            return w_a.contiguous(memory_format=torch.channels_last), w_b
-        return w_a.contiguous(), w_b.contiguous()
+        return _laid_out(w_a, channels_last), _laid_out(w_b, channels_last)
 
     @torch.jit.unused
     def _cached_factor_conv_weights(self, channels_last: bool = False) -> tuple[Tensor, Tensor]:
