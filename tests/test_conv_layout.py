@@ -1,13 +1,15 @@
 """How FactorizedConv2d lays out its two convs (docs/speed.md) changes no number: weights with canonical
-strides, and strided convs one pixel wide run as a subsample and a stride-1 conv. Each is checked
-against the dense conv with the rebuilt kernel, outputs and the factors' gradients, in both memory
-formats."""
+strides, strided convs one pixel wide run as a subsample and a stride-1 conv, and the rank channels
+zero-padded to a multiple of 8 on CUDA in 16-bit (``rank_align``). Each is checked against the dense conv with the
+rebuilt kernel, outputs and the factors' gradients, in both memory formats."""
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import fnl
 from fnl.conv import _laid_out
+from fnl.conv_bn import conv_bn
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -70,3 +72,90 @@ def test_laid_out_gives_canonical_strides(shape, channels_last):
         out = _laid_out(t, channels_last)
         assert out.stride() == want and torch.equal(out, t)
         assert (out.data_ptr() == t.data_ptr()) == (t.stride() == want)  # no copy when already laid out
+
+
+# --- rank padding ---------------------------------------------------------------------------------
+
+def _on_cpu(monkeypatch):
+    """Let the CPU take the padded path, as CUDA does with rank_align set."""
+    monkeypatch.setattr(fnl.FactorizedConv2d, '_rank_pad_devices', ('cuda', 'cpu'))
+    monkeypatch.setattr(fnl.FactorizedConv2d, 'rank_align', 8)
+
+
+def test_rank_padding_rule(monkeypatch):
+    layer = fnl.FactorizedConv2d(16, 16, 3, padding=1, rank=5)
+    x32, x16 = torch.randn(2, 16, 4, 4), torch.randn(2, 16, 4, 4, dtype=torch.bfloat16)
+    assert fnl.FactorizedConv2d.rank_align == 0  # off by default (docs/speed.md)
+    monkeypatch.setattr(fnl.FactorizedConv2d, '_rank_pad_devices', ('cuda', 'cpu'))
+    assert layer.rank_padding_for(x16) == 0
+    monkeypatch.setattr(fnl.FactorizedConv2d, 'rank_align', 8)
+    monkeypatch.setattr(fnl.FactorizedConv2d, '_rank_pad_devices', ('cuda',))
+    assert layer.rank_padding_for(x16) == 0  # the CPU is not padded
+    _on_cpu(monkeypatch)
+    assert layer.rank_padding_for(x32) == 0  # float32 without autocast
+    assert layer.rank_padding_for(x16) == 3  # 5 -> 8
+    assert layer.rank_padding_for(x16.half()) == 3
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert layer.rank_padding_for(x32) == 3
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=False):
+        assert layer.rank_padding_for(x32) == 0
+    for rank, pad in ((8, 0), (9, 7), (16, 0), (1, 7)):
+        assert fnl.FactorizedConv2d(16, 16, 3, rank=rank).rank_padding_for(x16) == pad
+    layer.rank_align = 0
+    assert layer.rank_padding_for(x16) == 0
+    layer.rank_align = 4
+    assert layer.rank_padding_for(x16) == 3  # 5 -> 8 as a multiple of 4
+
+
+@pytest.mark.parametrize('channels_last', [False, True], ids=['nchw', 'cl'])
+@pytest.mark.parametrize('square', [False, True])
+@pytest.mark.parametrize('geometry', [dict(kernel_size=3, padding=1), dict(kernel_size=(1, 5), stride=2, padding=(0, 2)),
+                                      dict(kernel_size=1, stride=2)])
+def test_padded_rank_matches_the_dense_conv(geometry, square, channels_last, monkeypatch):
+    """The padded path in float64 (the padding forced): the same output and factor gradients."""
+    torch.manual_seed(0)
+    layer = fnl.FactorizedConv2d(6, 16, rank=5, square=square, path='factored', dtype=torch.float64, **geometry)
+    with torch.no_grad():
+        layer.bias.normal_()
+        if square:
+            layer.S.add_(0.1 * torch.randn_like(layer.S))
+    monkeypatch.setattr(fnl.FactorizedConv2d, 'rank_padding_for', lambda self, x: 3)
+    x = torch.randn(4, 6, 9, 8, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=CL)
+    w_a, w_b = layer.conv_weights_for(x)
+    assert w_a.shape[0] == w_b.shape[1] == 8  # the padded path is the one taken
+    assert not w_a[5:].any() and not w_b[:, 5:].any()
+    _check(layer, x, 1e-12)
+    # eager inference reuses padded weights, made apart from the bare ones
+    with torch.no_grad():
+        y = layer(x)
+        assert layer.conv_weights_for(x)[0].shape[0] == 8
+        assert layer._cached_factor_conv_weights(channels_last, 0)[0].shape[0] == 5
+        assert layer._cached_factor_conv_weights(channels_last, 3)[0].shape[0] == 8
+        torch.testing.assert_close(layer(x), y, rtol=0, atol=0)
+
+
+def test_padded_rank_under_autocast_and_batchnorm_folding(monkeypatch):
+    """bfloat16 autocast takes the padded path (forced on the CPU) and gives the bare path's numbers up
+    to bfloat16 rounding; a folded BatchNorm scales the padded second weight."""
+    torch.manual_seed(0)
+    layer = fnl.FactorizedConv2d(16, 16, 3, padding=1, rank=5)
+    bn = nn.BatchNorm2d(16).eval()
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(4, 16, 8, 8).contiguous(memory_format=CL)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        bare = layer(x).float()
+    _on_cpu(monkeypatch)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert layer.conv_weights_for(x)[0].shape[0] == 8
+        padded = layer(x).float()
+    torch.testing.assert_close(padded, bare, rtol=2e-2, atol=2e-2)
+    x16 = x.bfloat16()
+    layer16, bn16 = layer.bfloat16().eval(), bn.bfloat16()
+    with torch.no_grad():
+        assert layer16.conv_weights_for(x16)[0].shape[0] == 8
+        torch.testing.assert_close(conv_bn(layer16, bn16, x16).float(), bn16(layer16(x16)).float(), rtol=2e-2,
+                                   atol=2e-2)

@@ -117,3 +117,24 @@ def test_fd_step_refuses_a_real_cuda_graph_capture():
     before = [p.detach().clone() for p in model.parameters()]
     opt.step()
     assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rank_padding_under_autocast_matches_the_bare_rank(dtype):
+    """With rank_align = 8, in 16-bit on CUDA the two convs run with the rank padded to a multiple of 8:
+    the numbers of the bare rank, up to 16-bit rounding, outputs and gradients, both memory formats."""
+    torch.manual_seed(0)
+    bare = fnl.FactorizedConv2d(16, 32, 3, stride=2, padding=1, rank=5).cuda()
+    padded = copy.deepcopy(bare)
+    padded.rank_align = 8
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(8, 16, 12, 12, device="cuda").contiguous(memory_format=fmt)
+        with torch.autocast("cuda", dtype=dtype):
+            assert padded.conv_weights_for(x)[0].shape[0] == 8 and bare.conv_weights_for(x)[0].shape[0] == 5
+            ys = [m(x).float() for m in (padded, bare)]
+        torch.testing.assert_close(ys[0], ys[1], rtol=1e-2, atol=1e-2)
+        for m, y in zip((padded, bare), ys):
+            m.zero_grad()
+            y.square().mean().backward()
+        for a, b in zip(padded.parameters(), bare.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, rtol=2e-2, atol=2e-3)
