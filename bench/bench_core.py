@@ -36,16 +36,17 @@ class TwoMatmul(nn.Module):
         return self.b(self.a(x))
 
 
-def bench_linear(device: str) -> None:
+def bench_linear(device: str, dtype: torch.dtype = torch.float32) -> None:
     n, batch, r = 4096, 1024, 512
     torch.manual_seed(0)
     # a layer inside a network: its input needs a gradient and a dense gradient comes from above, so
     # backward runs every product (dense 3 matmuls, factorized 6) and the multiply-add ratio is n / 2r.
     # (With a leaf input, as in runs before 2026-12-03, it is 2 vs 5 matmuls: a 3.2x ratio, not 4x.)
-    x = torch.randn(batch, n, device=device, requires_grad=True)
-    g = torch.randn(batch, n, device=device)
+    x = torch.randn(batch, n, device=device, dtype=dtype, requires_grad=True)
+    g = torch.randn(batch, n, device=device, dtype=dtype)
     layers = {"dense": nn.Linear(n, n, device=device), "fnl": fnl.FactorizedLinear(n, n, rank=r, device=device),
               "two-matmul": TwoMatmul(n, r, device)}
+    layers = {k: v.to(dtype) for k, v in layers.items()}
 
     def step(layer):
         def run():
@@ -56,7 +57,7 @@ def bench_linear(device: str) -> None:
 
     t = interleaved({k: step(v) for k, v in layers.items()}, device)
     macs_ratio = (3 * n * n) / (6 * n * r)
-    print(f"[linear] {n}x{n} batch {batch} rank {r} fwd+bwd: dense {t['dense']*1e3:.1f} ms, "
+    print(f"[linear] {n}x{n} batch {batch} rank {r} {str(dtype).replace('torch.', '')} fwd+bwd: dense {t['dense']*1e3:.1f} ms, "
           f"FactorizedLinear {t['fnl']*1e3:.1f} ms, two nn.Linear {t['two-matmul']*1e3:.1f} ms")
     print(f"[linear] speedup {t['dense']/t['fnl']:.2f}x (two-matmul {t['dense']/t['two-matmul']:.2f}x) vs MAC ratio "
           f"{macs_ratio:.1f}x -> {t['dense']/t['fnl']/macs_ratio:.2f} of the MAC ratio (target >= 0.90)")
@@ -180,6 +181,8 @@ def main() -> None:
                         help="where to run (default: cuda when available, else cpu)")
     parser.add_argument("--only", default=",".join(BENCHES),
                         help=f"comma-separated subset of {list(BENCHES)} (default: all)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="dtype of the linear benchmark's layers and data (default: float32; the others run float32)")
     args = parser.parse_args()
     names = args.only.split(",")
     unknown = [n for n in names if n not in BENCHES]
@@ -188,7 +191,10 @@ def main() -> None:
     desc = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"# fnl core benchmarks on {desc}, torch {torch.__version__}")
     for name in names:
-        BENCHES[name](args.device)
+        if name == "linear":
+            bench_linear(args.device, getattr(torch, args.dtype))
+        else:
+            BENCHES[name](args.device)
 
 
 if __name__ == "__main__":

@@ -40,19 +40,21 @@ FACTORIZED = ["--rank-scale", "0.5", "--spectral", "--spectral-quekey", "--spect
               "--wd2fd", "--wd2fd-quekey", "--wd2fd-outval"]
 
 
-def _build(extra, optimizer, vocab, device, seed=0):
+def _build(extra, optimizer, vocab, device, seed=0, amp=False):
     parser = options.get_training_parser()
     args = options.parse_args_and_arch(parser, input_args=[
         "/nonexistent-data", "--user-dir", fnl_fairseq.user_dir(), "--arch", "fnl_transformer_small",
         "--share-all-embeddings", "--optimizer", optimizer, "--lr", "0.25", "--weight-decay", "0.0001",
-        "--dropout", "0.2"] + extra)
+        "--dropout", "0.2"] + (["--amp"] if amp else []) + extra)
     d = Dictionary()
     for i in range(vocab - len(d)):
         d.add_symbol(f"w{i}")
     torch.manual_seed(seed)
     model = models.build_model(args, SimpleNamespace(source_dictionary=d, target_dictionary=d)).to(device)
-    opt = optim.build_optimizer(convert_namespace_to_omegaconf(args).optimizer,
-                                [p for p in model.parameters() if p.requires_grad])
+    cfg = convert_namespace_to_omegaconf(args)
+    params = [p for p in model.parameters() if p.requires_grad]
+    # --amp: fairseq's AMPOptimizer (float16 autocast, a GradScaler, unscaling in clip_grad_norm), as fairseq-train
+    opt = optim.AMPOptimizer.build_optimizer(cfg, params) if amp else optim.build_optimizer(cfg.optimizer, params)
     return model, opt, d
 
 
@@ -77,7 +79,8 @@ def bench_train(model, opt, vocab, a, device):
     def step(i):
         src, lengths, prev, tgt = batches[i % len(batches)]
         opt.zero_grad()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.bf16_autocast):
+        with torch.autocast(device.type, dtype=torch.float16 if a.amp else torch.bfloat16,
+                            enabled=a.bf16_autocast or a.amp):
             logits = model(src, lengths, prev)[0]
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), tgt.view(-1), label_smoothing=0.1,
                                reduction="sum")
@@ -99,7 +102,7 @@ def bench_train(model, opt, vocab, a, device):
 
 def fd_ms_per_step(opt, device, calls: int = 20):
     """Milliseconds of one Frobenius-decay gradient pass (every factor and QK/OV form) of ``opt``."""
-    inner = getattr(opt, "_optimizer", None)
+    inner = getattr(getattr(opt, "fp32_optimizer", opt), "_optimizer", None)  # under --amp: inside AMPOptimizer
     if not isinstance(inner, fnl.FrobeniusDecay):
         return None
     inner.apply_frobenius_decay()  # warm-up
@@ -144,6 +147,8 @@ def main(argv=None):
     p.add_argument("--gen-len", type=int, default=20, help="tokens generated per sentence (forced)")
     p.add_argument("--repeats", type=int, default=2, help="alternating measurements per model; best kept")
     p.add_argument("--bf16-autocast", action="store_true", help="train under torch.autocast(bfloat16)")
+    p.add_argument("--amp", action="store_true",
+                   help="fairseq's --amp: train under torch.autocast(float16) with fairseq's AMPOptimizer (loss scaling)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     a = p.parse_args(argv)
@@ -151,10 +156,12 @@ def main(argv=None):
                  "gen_len"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if a.amp and a.bf16_autocast:
+        p.error("--amp (float16) and --bf16-autocast exclude each other; give one")
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
-    built = {name: _build(extra, optimizer, a.vocab, device)
+    built = {name: _build(extra, optimizer, a.vocab, device, amp=a.amp)
              for name, extra, optimizer in (("dense", [], "nag"), ("factorized", FACTORIZED, "fd_nag"))}
     keys = ("train_words_per_s", "train_words_per_cpu_s", "gen_sentences_per_s", "gen_sentences_per_cpu_s")
     rows = {name: dict({"params": sum(q.numel() for q in m.parameters())}, **{k: 0.0 for k in keys})
@@ -168,7 +175,8 @@ def main(argv=None):
             for k, v in zip(keys, got):
                 r[k] = max(r[k], v)
     print(f"device {device} ({torch.get_num_threads()} threads), vocab {a.vocab}, {a.max_tokens} tokens/batch, "
-          f"beam 5, {a.gen_len} tokens/sentence")
+          f"beam 5, {a.gen_len} tokens/sentence, training precision "
+          f"{'amp (float16 autocast)' if a.amp else 'bfloat16 autocast' if a.bf16_autocast else 'float32'}")
     cols = [("params", "params", ",.0f")] + [(k, k.replace("_per_", "/").replace("_", " "), ".1f") for k in keys]
     print(f"{'model':<12}" + "".join(f"{title:>24}" for _, title, _ in cols))
     for name, r in rows.items():

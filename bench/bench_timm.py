@@ -39,11 +39,13 @@ def _sync(device: torch.device) -> None:
 
 
 def throughput(model: torch.nn.Module, device: torch.device, batch_size: int, iters: int, warmup: int,
-               train: bool, amp: bool) -> float:
+               train: bool, amp: bool, amp_dtype: Optional[torch.dtype] = None, channels_last: bool = False) -> float:
     """Images per second of ``iters`` timed steps after ``warmup`` untimed ones."""
     x = torch.randn(batch_size, 3, 32, 32, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch_size,), device=device)
-    dtype = torch.float16 if device.type == 'cuda' else torch.bfloat16
+    dtype = amp_dtype or (torch.float16 if device.type == 'cuda' else torch.bfloat16)
     ctx = torch.autocast(device.type, dtype=dtype) if amp else torch.autocast(device.type, enabled=False)
     if train:
         model.train()
@@ -75,7 +77,7 @@ def throughput(model: torch.nn.Module, device: torch.device, batch_size: int, it
 
 
 def bench_pair(key: str, device: torch.device, batch_size: int, iters: int, warmup: int,
-               amp: bool) -> List[Dict[str, Any]]:
+               amp: bool, amp_dtype: Optional[torch.dtype] = None, channels_last: bool = False) -> List[Dict[str, Any]]:
     name, kwargs = PAIRS[key]
     rows = []
     for label, kw in (('dense', {}), ('factorized', kwargs)):
@@ -83,10 +85,13 @@ def bench_pair(key: str, device: torch.device, batch_size: int, iters: int, warm
         model = timm.create_model(name, **kw)
         stats = fnl.summary(model, (3, 32, 32))
         model.to(device)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)  # in place: the same parameters, FD registration kept
+        kw_t = dict(amp_dtype=amp_dtype, channels_last=channels_last)
         rows.append(dict(
             model=name, variant=label, settings=kw, params=stats.total_params, macs=stats.total_macs,
-            train_ips=throughput(model, device, batch_size, iters, warmup, True, amp),
-            infer_ips=throughput(model, device, batch_size, iters, warmup, False, amp)))
+            train_ips=throughput(model, device, batch_size, iters, warmup, True, amp, **kw_t),
+            infer_ips=throughput(model, device, batch_size, iters, warmup, False, amp, **kw_t)))
     dense, fact = rows
     fact['train_speedup'] = fact['train_ips'] / dense['train_ips']
     fact['infer_speedup'] = fact['infer_ips'] / dense['infer_ips']
@@ -105,8 +110,14 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     p.add_argument('--iters', type=int, default=None, help='timed steps (default: 30 CUDA, 5 CPU)')
     p.add_argument('--warmup', type=int, default=2, help='untimed steps first (default: 2)')
     p.add_argument('--amp', action='store_true', help='autocast (float16 on CUDA, bfloat16 on CPU)')
+    p.add_argument('--amp-dtype', default=None, choices=['float16', 'bfloat16'],
+                   help='autocast dtype with --amp (default: float16 on CUDA, bfloat16 on CPU)')
+    p.add_argument('--channels-last', action='store_true', help='models and inputs in channels-last memory format')
     p.add_argument('--json', default=None, help='also write the rows to this file')
     args = p.parse_args(argv)
+    if args.amp_dtype and not args.amp:
+        p.error('--amp-dtype needs --amp')
+    amp_dtype = getattr(torch, args.amp_dtype) if args.amp_dtype else None
     device = torch.device(args.device)
     for name in ('batch_size', 'iters'):
         v = getattr(args, name)
@@ -119,9 +130,10 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         cpu_bs = 32 if key == 'resnet20' else 8
         bs = args.batch_size or (128 if device.type == 'cuda' else cpu_bs)
         iters = args.iters or (30 if device.type == 'cuda' else 5)
-        rows += bench_pair(key, device, bs, iters, args.warmup, args.amp)
+        rows += bench_pair(key, device, bs, iters, args.warmup, args.amp, amp_dtype, args.channels_last)
 
-    print(f'device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, amp {args.amp}')
+    print(f'device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, amp {args.amp} ({args.amp_dtype or "default dtype"}), '
+          f'channels-last {args.channels_last}')
     head = (f'{"model":<14} {"variant":<11} {"params":>11} {"MMACs":>9} {"train img/s":>12} {"infer img/s":>12} '
             f'{"train x":>8} {"infer x":>8} {"MAC x":>7}')
     print(head)
