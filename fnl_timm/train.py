@@ -269,6 +269,8 @@ def _train(args: argparse.Namespace, device: torch.device, stop: StopSignal) -> 
     if args.distributed:
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == 'cuda' else None)
+    if args.torchcompile:  # after DDP, as timm's train.py; saving, validation and the optimizer use `model`
+        train_model = torch.compile(train_model, backend=args.torchcompile, mode=args.torchcompile_mode)
 
     saver = writer = None
     if _is_main(args):

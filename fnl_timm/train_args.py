@@ -131,6 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help='channels-last memory format for model and inputs; unset: on for a model with 2-d convs '
                         'on the CPU (dense or factorized: 1.04-1.9x faster steps there, docs/speed.md), off '
                         'otherwise; --no-channels-last keeps the contiguous (NCHW) format')
+    g.add_argument('--torchcompile', nargs='?', const='inductor', default=None, metavar='BACKEND',
+                   help="torch.compile the training forward and backward (as timm's train.py; the optimizer step, "
+                        "Frobenius decay included, and validation stay eager; checkpoints hold the plain model's "
+                        "weights); BACKEND defaults to inductor. On a GPU with --torchcompile-mode reduce-overhead "
+                        "(CUDA graphs) fnl_resnet20's step was 3.3x faster than eager (docs/speed.md)")
+    g.add_argument('--torchcompile-mode', default=None,
+                   choices=['default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs'],
+                   help='torch.compile mode with --torchcompile (unset: torch\'s default)')
     g.add_argument('--sync-bn', action='store_true',
                    help='under torchrun on CUDA: BatchNorm statistics over all processes in every step (torch '
                         'SyncBatchNorm, as timm train.py); without it each process normalises with its own batch')
@@ -157,6 +165,14 @@ def validate_args(args: argparse.Namespace) -> None:
         positive(name.replace('_', '-'), getattr(args, name))
     if args.workers < 0:
         raise ValueError(f'--workers must be >= 0, got {args.workers}')
+    if args.torchcompile_mode is not None and args.torchcompile is None:
+        raise ValueError(f'--torchcompile-mode {args.torchcompile_mode!r} needs --torchcompile')
+    if args.torchcompile is not None:
+        import torch._dynamo
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if args.torchcompile not in backends:
+            raise ValueError(f'--torchcompile {args.torchcompile!r} is not a torch.compile backend; '
+                             f'choose from {", ".join(sorted(backends))}')
     initial = _initial_checkpoint(args.initial_checkpoint) if args.initial_checkpoint is not None else None
     compressed = initial is not None and is_compressed_checkpoint(initial)
     if compressed:
