@@ -72,7 +72,7 @@ def test_fnl_train_default_channels_last_and_opt_out_train_the_same(tmp_path):
     assert b['state_dict']['conv1.weight'].is_contiguous()
     assert a['state_dict'].keys() == b['state_dict'].keys()
     for k, v in a['state_dict'].items():
-        _close(v.float(), b['state_dict'][k].float(), atol=1e-5)
+        _close(v.float(), b['state_dict'][k].float(), atol=1e-4)
     model = _resnet(rank_scale=0.3)
     model.load_state_dict(a['state_dict'])
     assert all(p.is_contiguous() for p in model.parameters())  # loading keeps the model's own format
