@@ -92,9 +92,12 @@ def prefers_channels_last(model: nn.Module) -> bool:
 
 
 def _after_adoption(model: nn.Module) -> None:
-    """After a checkpoint's ranks were adopted on load: register the new factors (the input format
-    stays: the default is the same for dense and factorized convs)."""
+    """After a checkpoint's ranks were adopted on load: register the new factors. The input format
+    stays (the default is the same for dense and factorized convs, and a user's choice is kept), but
+    adopted tensor-format convs, which ``prefers_channels_last`` leaves contiguous, turn it off."""
     mark_factors(model)
+    if not prefers_channels_last(model):
+        model.channels_last_inputs = False
 
 
 def check_rank_args(rank_scale: Optional[float], target_ratio: Optional[float]) -> None:
