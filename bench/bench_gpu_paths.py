@@ -22,7 +22,6 @@ import argparse
 import copy
 import math
 import os
-import statistics
 import sys
 import time
 from typing import Callable, Optional
@@ -47,20 +46,10 @@ def _sync(device: torch.device) -> None:
 
 
 def timed(fns: dict, device: torch.device, iters: int, rounds: int) -> dict:
-    """Median over ``rounds`` interleaved rounds of the ms per call of each function (``iters`` calls)."""
-    out = {k: [] for k in fns}
-    for f in fns.values():  # warm-up
-        f()
-        f()
-    for _ in range(rounds):
-        for k, f in fns.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                f()
-            _sync(device)
-            out[k].append(1e3 * (time.perf_counter() - t0) / iters)
-    return {k: statistics.median(v) for k, v in out.items()}
+    """Median over ``rounds`` interleaved rounds of the ms per call of each function (``iters`` calls
+    per round; ``fnl.measure_latency`` with autograd on, the inference functions turn it off)."""
+    ms = fnl.measure_latency(list(fns.values()), device, repeats=rounds, warmup=1, inner=iters, grad=True)
+    return dict(zip(fns, ms))
 
 
 def graphed(fn: Callable[[], object], device: torch.device) -> Optional[Callable[[], object]]:
@@ -86,8 +75,7 @@ def round_ranks(model: nn.Module, multiple: int = 8) -> nn.Module:
             new = fnl.FactorizedConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
                                        1, m.bias is not None, rank=math.ceil(m.rank / multiple) * multiple,
                                        square=m.S is not None, path=m.path, device=m.U.device, dtype=m.U.dtype)
-            parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-            setattr(parent, name.rpartition(".")[2], new)
+            model.set_submodule(name, new)
     return model
 
 
