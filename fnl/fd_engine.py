@@ -196,10 +196,14 @@ def form_term(kind: str, left: Tensor, right: Tensor, heads: int, left_rows: Opt
 
 def _fd_grads(u: Tensor, s: Optional[Tensor], v: Tensor) -> tuple[Tensor, Optional[Tensor], Tensor]:
     """Batched FD gradients of ``(1/2)||U S Vᵀ||²`` (coefficient 1): O(b (m+n) r²)."""
-    gu, gv = u.mT @ u, v.mT @ v
+    # torch.bmm, not ``@``: on 3-d operands ``@`` adds four view / expand dispatches around each bmm,
+    # and this pass is host-bound (tiny matrices, one call per shape group)
+    bmm = torch.bmm
+    gu, gv = bmm(u.transpose(1, 2), u), bmm(v.transpose(1, 2), v)
     if s is None:
-        return u @ gv, None, v @ gu
-    return u @ (s @ gv @ s.mT), gu @ s @ gv, v @ (s.mT @ gu @ s)
+        return bmm(u, gv), None, bmm(v, gu)
+    st = s.transpose(1, 2)
+    return bmm(u, bmm(bmm(s, gv), st)), bmm(bmm(gu, s), gv), bmm(v, bmm(bmm(st, gu), s))
 
 
 CAPTURE_ERROR = ("Frobenius decay cannot run inside a CUDA graph capture: its coefficients, learning rates and "
@@ -301,8 +305,9 @@ class FDEngine:
             for j in range(3):
                 if first.tensors[j] is None:
                     stacked.append(None)
-                elif whole:
-                    stacked.append(torch.stack([self.terms[i].tensors[j] for i in active]).to(dtype))
+                elif whole:  # one layer: a view, no copy
+                    parts = [self.terms[i].tensors[j] for i in active]
+                    stacked.append((parts[0].unsqueeze(0) if len(parts) == 1 else torch.stack(parts)).to(dtype))
                 else:
                     parts = [self.terms[i].views[j](self.terms[i].tensors[j]) for i in active]
                     stacked.append((parts[0] if len(parts) == 1 else torch.cat(parts)).to(dtype))
@@ -332,6 +337,10 @@ class FDEngine:
                 if fd is not None:
                     emit(p, None, fd, i)
         if not fds:
+            return
+        if grad_scale is None and found_inf is None and all(m == mults[0] for m in mults):
+            # one coefficient, one mode (the usual case): scale inside the add, one foreach call
+            torch._foreach_add_(targets, fds, alpha=mults[0])
             return
         torch._foreach_mul_(fds, mults)
         coupled = [fd for fd, d in zip(fds, decoupled) if not d]
