@@ -6,10 +6,11 @@
 #     bash bench/gpu_checks.sh                         # every part, from the repository root
 #     bash bench/gpu_checks.sh test_cuda bench_fairseq   # only these parts
 #
-# Parts (default: all but bench_tensor): test_cuda bench_core bench_core_bf16 bench_fd bench_timm
+# Parts, by default: test_cuda bench_core bench_core_bf16 bench_fd bench_timm
 # bench_timm_bf16 bench_compress bench_fairseq bench_fairseq_bf16 bench_fairseq_amp bench_fairseq_big,
-# and bench_tensor and bench_gpu_paths on request. The default parts' time limits add up to 500 s, under the device
-# tool's 600 s per command. The fairseq parts run only where `import fairseq` works. A machine
+# and on request bench_tensor, bench_gpu_paths and bench_train_cli (fnl-train eager against
+# --torchcompile, 300 s). The default parts' time limits add up to 500 s, under the device tool's
+# 600 s per command. The fairseq parts run only where `import fairseq` works. A machine
 # without the project's Python packages gets them from wheels in .whl/ (installed into /tmp/site),
 # made beforehand on a machine with the package index for the device's Python, e.g. for 3.12:
 #     pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -55,6 +56,7 @@ run bench_timm 40 $PY bench/bench_timm.py --device cuda
 run bench_timm_bf16 40 $PY bench/bench_timm.py --device cuda --amp --amp-dtype bfloat16 --channels-last
 run bench_tensor 45 $PY bench/bench_tensor.py --device cuda --batch 128 --rounds 5 --repeat 5
 run bench_gpu_paths 120 $PY bench/bench_gpu_paths.py --only models linear fd profile --precisions bf16
+run bench_train_cli 300 $PY bench/bench_train_cli.py --device cuda --amp
 run bench_compress 40 $PY bench/bench_compress.py --device cuda --batch-sizes 1 32 --fold-bn
 if $PY -c "import fairseq" > /dev/null 2>&1; then
     FS="$PY bench/bench_fairseq.py --device cuda --steps 40 --gen-batches 8"
