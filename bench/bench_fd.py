@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fnl
 
 
-class _CountOps(TorchDispatchMode):
+class CountOps(TorchDispatchMode):
     """Counts the aten operations run inside it: those that compute (views and metadata ops excluded),
     and all dispatches (views included: each costs host time, which is what a launch-bound GPU step
     waits on)."""
@@ -81,7 +81,7 @@ def main() -> None:
 
     counts = {}
     for name, fn in (("grouped", grouped), ("per layer", per_layer)):
-        with _CountOps() as c:
+        with CountOps() as c:
             fn()
         counts[name] = c.count
         counts[name + " dispatches"] = c.dispatches

@@ -10,8 +10,9 @@ factorized: eager inference, eager forward+backward and the eager training step 
 ``--graphs`` the first two captured in CUDA graphs; the factorized model three ways: as it is, with
 its rank channels zero-padded to a multiple of 8 (``rank_align = 8``), and with every rank rounded
 up to a multiple of 8 (more parameters). Also FactorizedLinear eager and graphed, the FD pass's
-kernel time against its wall time, a profile of one training step, and torch.compile's
-"reduce-overhead" mode. bench/README.md records runs.
+kernel time against its wall time, a profile of one training step, torch.compile's
+"reduce-overhead" mode, and the aten operations a step dispatches (``dispatches``, which runs on the
+CPU as well). bench/README.md records runs.
 
     python bench/bench_gpu_paths.py                        # every part, on the GPU
     python bench/bench_gpu_paths.py --only models linear   # some parts
@@ -36,7 +37,7 @@ if _ROOT not in sys.path:
 
 import fnl  # noqa: E402
 
-PARTS = ("models", "linear", "fd", "profile", "compile")
+PARTS = ("models", "linear", "fd", "profile", "compile", "dispatches")
 MODELS = {"resnet20": ("fnl_resnet20", dict(rank_scale=0.111)), "wrn28_10": ("fnl_wrn28_10", dict(target_ratio=0.06667))}
 
 
@@ -259,6 +260,41 @@ def bench_profile(device: torch.device, a) -> None:
             _profile_table(step, device, 5, 14)
 
 
+def bench_dispatches(device: torch.device, a) -> None:
+    """Aten operations dispatched by one training step and one inference call, dense against factorized.
+
+    Where a step is bound by the host launching kernels, its time follows these counts (each compute op
+    is a kernel launch or more on a GPU; views cost host time too), not the multiply-adds. Counted on
+    any device, the CPU included (the CPU's conv and BatchNorm paths are not the GPU's, so the counts
+    differ a little between devices)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_fd import CountOps
+
+    for key in a.models:
+        name, kw = MODELS[key]
+        for prec in a.precisions:
+            dtype = {"bf16": torch.bfloat16, "fp32": None}[prec]
+            counts = {}
+            for label, kwargs in (("dense", {}), ("fnl", kw)):
+                m, opt, step = _fnl_step(name, kwargs, device, 8, dtype)
+                x = torch.randn(8, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+
+                def infer(m=m, x=x):
+                    m.eval()
+                    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                        m(x)
+                    m.train()
+                for what, fn in (("step", step), ("infer", infer)):
+                    fn()  # first call: lazy state (optimizer buffers, cached weights)
+                    with CountOps() as c:
+                        fn()
+                    counts[label, what] = (c.dispatches, c.count)
+            for what in ("step", "infer"):
+                (dd, dc), (fd, fc) = counts["dense", what], counts["fnl", what]
+                print(f"[dispatches] {name} {prec} {what:<5}: dense {dd:5d} dispatches ({dc:5d} compute), fnl "
+                      f"{fd:5d} ({fc:5d}): fnl/dense {fd / dd:.2f}x ({fc / dc:.2f}x compute)", flush=True)
+
+
 def bench_compile(device: torch.device, a) -> None:
     """torch.compile(mode='reduce-overhead') of the model (CUDA graphs through inductor), the optimizer
     step (FD included) eager, against the eager step."""
@@ -316,7 +352,7 @@ def main(argv=None) -> None:
     for part in a.only:
         t0 = time.perf_counter()
         {"models": bench_models, "linear": bench_linear, "fd": bench_fd, "profile": bench_profile,
-         "compile": bench_compile}[part](device, a)
+         "compile": bench_compile, "dispatches": bench_dispatches}[part](device, a)
         print(f"# part {part}: {time.perf_counter() - t0:.1f} s", flush=True)
 
 

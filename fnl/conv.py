@@ -108,6 +108,22 @@ def conv_repr_options(layer: nn.Module) -> str:
     return s
 
 
+def is_channels_last(x: Tensor) -> bool:
+    """Whether the 4-d ``x`` is laid out channels-last (and not also contiguous, as size-1 dims allow)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def version_key(tensors) -> Optional[tuple]:
+    """A host-side key that changes when any of ``tensors`` (None allowed) is changed in place
+    (optimizer steps and ``load_state_dict`` bump its version), replaced, moved or cast; no device
+    synchronisation. None where one of them is an inference tensor (made under
+    ``torch.inference_mode``): those have no version counter, so nothing made from them can be kept."""
+    tensors = [t for t in tensors if t is not None]
+    if any(t.is_inference() for t in tensors):
+        return None
+    return tuple((id(t), t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
+
+
 def _laid_out(t: Tensor, channels_last: bool) -> Tensor:
     """The 4-d ``t`` itself if it has the canonical contiguous (or channels-last) strides, size-1 dims
     included, else a copy that has them.
@@ -229,8 +245,7 @@ class FactorizedConv2d(LowRankLayer):
             return self._factor_conv_weights()
         # weights in the input's memory format: a channels-last conv otherwise re-lays out an NCHW
         # weight on every call (docs/speed.md), and the second weight is then a view of U, no copy
-        channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
-            memory_format=torch.channels_last)
+        channels_last = is_channels_last(x)
         pad = self.rank_padding_for(x)
         if not (torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling()):
             # eager inference: reuse (a trace or compiled graph must read the parameters)
@@ -285,7 +300,9 @@ class FactorizedConv2d(LowRankLayer):
     def _cached_factor_conv_weights(self, channels_last: bool = False, pad: int = 0) -> tuple[Tensor, Tensor]:
         # host-side key, no device sync: in-place updates (optimizer steps, load_state_dict) bump a
         # tensor's version; replaced or moved factors change identity or address
-        key = tuple((id(p), p.data_ptr(), p._version, p.device, p.dtype) for p in self.factor_parameters())
+        key = version_key(self.factor_parameters())
+        if key is None:  # inference tensors: nothing to key on
+            return self._factor_conv_weights(channels_last, pad)
         key += (channels_last, pad)
         cache = self.__dict__.get("_conv_weight_cache")
         if cache is None or cache[0] != key:

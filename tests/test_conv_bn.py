@@ -6,17 +6,21 @@ observed (autograd on, training mode, other layer types, hooks, traces, autocast
 use it for the stem and every block (``set_bn_folding``).
 """
 import copy
+import importlib
+import pickle
 
 import pytest
 import torch
 import timm
 from torch import nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fnl
 import fnl_timm  # noqa: F401  (registers the fnl_* models)
 
 CL = torch.channels_last
+FOLDED = importlib.import_module('fnl.conv_bn')._FOLDED  # conv -> its kept folded weights
 
 
 def _bn(channels: int, affine: bool = True) -> nn.BatchNorm2d:
@@ -121,6 +125,96 @@ def test_folded_path_follows_every_change():
     check()
     with torch.no_grad():
         assert not torch.allclose(fnl.conv_bn(conv, bn, x), before)
+
+
+class _Ops(TorchDispatchMode):
+    """The names of the aten operations that compute (views excluded) run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.names.append(func.__name__.split('.')[0])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize('kind', ['conv2d bias stride 2', 'factorized bias stride (2, 1)', 'factorized dense path'])
+def test_folded_weights_are_kept_until_something_changes(kind):
+    """The folded weight and bias are made once and reused: a later call runs the conv(s) alone, until a
+    parameter or statistic changes (the next call then makes them again: the check above)."""
+    conv, bn, x = _pair(kind)
+    with torch.no_grad():
+        first = fnl.conv_bn(conv, bn, x)
+        with _Ops() as ops:
+            again = fnl.conv_bn(conv, bn, x)
+    assert set(ops.names) == {'convolution'}, ops.names
+    assert torch.equal(again, first)
+    with torch.no_grad():
+        bn.running_var.mul_(4.0)
+        with _Ops() as ops:
+            changed = fnl.conv_bn(conv, bn, x)
+        torch.testing.assert_close(changed, bn(conv(x)), rtol=1e-5, atol=1e-5)
+    assert 'rsqrt_' in ops.names
+
+
+def test_kept_weights_follow_the_input_layout():
+    """A factorized conv's folded weights are laid out as its input (channels-last for a channels-last
+    input, docs/speed.md): switching the input's layout makes them again."""
+    conv, bn, x = _pair('factorized bias stride (2, 1)')
+    with torch.no_grad():
+        for fmt in (torch.contiguous_format, CL, torch.contiguous_format):
+            xi = x.contiguous(memory_format=fmt)
+            torch.testing.assert_close(fnl.conv_bn(conv, bn, xi), bn(conv(xi)), rtol=1e-5, atol=1e-5)
+            weights = FOLDED[conv][1][0]
+            assert all(w.is_contiguous(memory_format=fmt) for w in weights)
+
+
+def test_kept_weights_stay_out_of_pickles_and_copies():
+    """The kept weights are not part of the conv: a pickled or copied layer does not carry them (a dense
+    conv's would double its size), and they go when the conv goes."""
+    conv, bn, x = nn.Conv2d(64, 64, 3, bias=False).eval(), _bn(64), torch.randn(1, 64, 5, 5)
+    with torch.no_grad():
+        fnl.conv_bn(conv, bn, x)
+    assert conv in FOLDED
+    assert len(pickle.dumps(conv)) < 1.1 * len(pickle.dumps(conv.weight))  # the weight alone: 147 kB
+    assert copy.deepcopy(conv) not in FOLDED
+    n = len(FOLDED)
+    del conv
+    assert len(FOLDED) == n - 1
+
+
+@pytest.mark.parametrize('kwargs', [{}, {'rank_scale': 0.111}], ids=['dense', 'fnl@0.111'])
+def test_model_made_under_inference_mode(kwargs):
+    """Parameters made under ``torch.inference_mode`` have no version counter to key kept weights on:
+    the folded (and factor) weights are then made on every call, and the output is the usual one."""
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        inf = timm.create_model('fnl_resnet20', **kwargs).eval()
+        got = [inf(x) for _ in range(2)]
+    torch.manual_seed(0)
+    ref = timm.create_model('fnl_resnet20', **kwargs).eval()
+    with torch.no_grad():
+        want = ref(x)
+    for g in got:
+        torch.testing.assert_close(g, want, rtol=0, atol=0)
+
+
+def test_nothing_kept_without_a_batch_counter():
+    """A BatchNorm without ``num_batches_tracked`` (set to None) updates its statistics in training without
+    any version bump to show it: the folded weights are then made on every call, never kept."""
+    conv, bn, x = _pair('factorized bias stride (2, 1)')
+    bn.num_batches_tracked = None
+    for _ in range(2):
+        bn.train()
+        with torch.no_grad():
+            bn(conv(x) * 2 - 1)  # new running statistics, updated inside the kernel
+        bn.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(fnl.conv_bn(conv, bn, x), bn(conv(x)), rtol=1e-5, atol=1e-5)
+    assert conv not in FOLDED
 
 
 class _SubBN(nn.BatchNorm2d):
