@@ -92,10 +92,11 @@ def test_folded_equals_conv_then_batchnorm(kind, affine, channels_last, monkeypa
     assert got.is_contiguous(memory_format=CL if channels_last else torch.contiguous_format)
 
 
-def test_folded_path_follows_every_change():
+@pytest.mark.parametrize('kind', ['factorized bias stride (2, 1)', 'conv2d bias stride 2'])
+def test_folded_path_follows_every_change(kind):
     """No stale weights: a parameter step, new running statistics (a train-mode forward), eps,
     load_state_dict and the factorized layer's path all show in the next folded call."""
-    conv, bn, x = _pair('factorized bias stride (2, 1)')
+    conv, bn, x = _pair(kind)
     opt = torch.optim.SGD(list(conv.parameters()) + list(bn.parameters()), lr=0.1)
 
     def check():
@@ -114,15 +115,22 @@ def test_folded_path_follows_every_change():
     check()
     bn.eps = 0.5
     check()
-    other_conv, other_bn, _ = _pair('factorized bias stride (2, 1)')
+    other_conv, other_bn, _ = _pair(kind)
     with torch.no_grad():
         for p in list(other_conv.parameters()) + list(other_bn.parameters()):
             p.mul_(-2.0)
     conv.load_state_dict(other_conv.state_dict())
     bn.load_state_dict(other_bn.state_dict())
     check()
-    conv.path = 'dense'
+    with torch.no_grad():
+        conv.bias.add_(1.0)  # the conv's bias alone
     check()
+    with torch.no_grad():
+        (conv.U if isinstance(conv, fnl.FactorizedConv2d) else conv.weight).mul_(-1.5)  # its weight alone
+    check()
+    if isinstance(conv, fnl.FactorizedConv2d):
+        conv.path = 'dense'
+        check()
     with torch.no_grad():
         assert not torch.allclose(fnl.conv_bn(conv, bn, x), before)
 
