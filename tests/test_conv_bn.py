@@ -43,6 +43,8 @@ CONVS = {
     'factorized bias stride (2, 1)': lambda: fnl.FactorizedConv2d(6, 8, 3, stride=(2, 1), padding=1, rank=3),
     'factorized square': lambda: fnl.FactorizedConv2d(6, 8, (3, 1), padding=(1, 0), rank=2, square=True),
     'factorized dense path': lambda: fnl.FactorizedConv2d(6, 8, 3, padding=1, rank=2, path='dense'),
+    'factorized dense path dilation 2': lambda: fnl.FactorizedConv2d(6, 8, 3, padding=2, dilation=2, rank=2,
+                                                                     path='dense'),
     'factorized dilation 2x5 kernel': lambda: fnl.FactorizedConv2d(6, 8, (2, 5), padding=2, dilation=2, rank=4),
 }
 
