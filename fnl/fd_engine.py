@@ -339,7 +339,7 @@ class FDEngine:
         if not fds:
             return
         if grad_scale is None and found_inf is None and all(m == mults[0] for m in mults):
-            # one coefficient, one mode (the usual case): scale inside the add, one foreach call
+            # every term scaled alike (the usual case: one coefficient): the scale as the add's alpha, one call
             torch._foreach_add_(targets, fds, alpha=mults[0])
             return
         torch._foreach_mul_(fds, mults)
