@@ -355,6 +355,13 @@ def _promoted(factors: tuple[Tensor, Optional[Tensor], Tensor]) -> tuple[Tensor,
     return tuple(None if f is None else f.to(dtype) for f in factors)  # type: ignore[return-value]
 
 
+def cuda_graph_capturing() -> bool:
+    """Whether the current CUDA stream is capturing a CUDA graph: a host-side query, no device sync, and
+    never one that starts CUDA (no capture can run before CUDA is initialized, so a CPU-only process on
+    a GPU machine gets no CUDA context from it)."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
 def check_positive_int(name: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int >= 1, got {type(value).__name__} {value!r}")

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import InitFn, LowRankLayer, check_positive_int, resolve_rank
+from .base import InitFn, LowRankLayer, check_positive_int, cuda_graph_capturing, resolve_rank
 
 __all__ = ["FactorizedConv2d"]
 
@@ -247,8 +247,10 @@ class FactorizedConv2d(LowRankLayer):
         # weight on every call (docs/speed.md), and the second weight is then a view of U, no copy
         channels_last = is_channels_last(x)
         pad = self.rank_padding_for(x)
-        if not (torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling()):
-            # eager inference: reuse (a trace or compiled graph must read the parameters)
+        if not (torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+                or cuda_graph_capturing()):
+            # eager inference: reuse (a trace, a compiled graph or a captured CUDA graph must read the
+            # parameters, so that its replays see their in-place updates; docs/speed.md)
             return self._cached_factor_conv_weights(channels_last, pad)
         return self._factor_conv_weights(channels_last, pad)
 

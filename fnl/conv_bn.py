@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
+from .base import cuda_graph_capturing
 from .conv import FactorizedConv2d, is_channels_last, version_key
 
 __all__ = ["conv_bn", "folds_batchnorm", "sequential_conv_bn"]
@@ -88,7 +89,7 @@ def _folded(conv: nn.Module, bn: nn.BatchNorm2d, x: Tensor) -> tuple[tuple[Tenso
     A train-mode forward updates the running statistics inside the BatchNorm kernel, which does not bump
     their version counters; it also counts the batch in ``num_batches_tracked`` (an in-place add, which
     does), so that counter is part of the key; without it nothing is kept, nor for inference tensors
-    (no version counters)."""
+    (no version counters), nor inside a CUDA graph capture."""
     tensors = [bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.weight, bn.bias, conv.bias]
     if isinstance(conv, FactorizedConv2d):
         tensors += conv.factor_parameters()
@@ -97,7 +98,10 @@ def _folded(conv: nn.Module, bn: nn.BatchNorm2d, x: Tensor) -> tuple[tuple[Tenso
         tensors.append(conv.weight)
         mode = ()
     versions = version_key(tensors)
-    keep = bn.num_batches_tracked is not None and versions is not None
+    # nothing kept or reused inside a CUDA graph capture: the graph then records the folding, and its
+    # replays see the parameters' in-place updates (a kept result would be frozen into the graph, and
+    # one made in the capture holds values only after a replay)
+    keep = bn.num_batches_tracked is not None and versions is not None and not cuda_graph_capturing()
     key = (id(bn), bn.eps, mode, versions)
     cache = _FOLDED.get(conv) if keep else None
     if cache is not None and cache[0] == key:

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .base import FactorizedLayer
+from .base import FactorizedLayer, cuda_graph_capturing
 
 __all__ = ["FDEngine", "FDTerm", "factor_owner", "form_term", "layer_term", "mark_factors"]
 
@@ -215,9 +215,7 @@ CAPTURE_ERROR = ("Frobenius decay cannot run inside a CUDA graph capture: its co
 def _refuse_graph_capture() -> None:
     """Raise where the current CUDA stream is capturing a graph (host-side check, no sync; skipped while
     ``torch.compile`` traces, whose graphs keep the host values as guards)."""
-    if torch.compiler.is_compiling() or not torch.cuda.is_available():
-        return
-    if torch.cuda.is_current_stream_capturing():
+    if not torch.compiler.is_compiling() and cuda_graph_capturing():
         raise RuntimeError(CAPTURE_ERROR)
 
 

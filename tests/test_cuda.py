@@ -138,3 +138,46 @@ def test_rank_padding_under_autocast_matches_the_bare_rank(dtype):
             y.square().mean().backward()
         for a, b in zip(padded.parameters(), bare.parameters()):
             torch.testing.assert_close(a.grad, b.grad, rtol=2e-2, atol=2e-3)
+
+
+class _ConvBN(nn.Module):
+    def __init__(self, conv):
+        super().__init__()
+        self.conv, self.bn = conv, nn.BatchNorm2d(conv.out_channels)
+
+    def forward(self, x):
+        return fnl.conv_bn(self.conv, self.bn, x)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+def test_inference_graph_replays_see_in_place_weight_updates(fmt):
+    """An eager inference pass captured in a CUDA graph reads the parameters, not the weights kept
+    between eager calls: after ``load_state_dict`` (an in-place copy), a replay gives the new model's
+    output (docs/speed.md). Both caches: a factorized conv's two weights, folded BatchNorms."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_ConvBN(fnl.FactorizedConv2d(8, 16, 3, padding=1, rank=3)), nn.ReLU(),
+                          fnl.FactorizedConv2d(16, 16, 3, padding=1, rank=4),
+                          _ConvBN(nn.Conv2d(16, 8, 3, padding=1))).cuda().eval()
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in list(other.parameters()) + list(other.buffers()):
+            if p.is_floating_point():
+                p.mul_(1.5).add_(0.1)
+    x = torch.randn(4, 8, 10, 10, device="cuda").contiguous(memory_format=fmt)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():  # warm-up: the eager caches are filled here
+        for _ in range(2):
+            model(x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        out = model(x)
+    graph.replay()
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x))
+        model.load_state_dict(other.state_dict())
+        graph.replay()
+        want = other(x)
+        torch.testing.assert_close(out, want)
+        torch.testing.assert_close(model(x), want)
