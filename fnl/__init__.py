@@ -13,7 +13,7 @@ from .compress import (
     select_fastest_paths, to_inference_form,
 )
 from .conv import FactorizedConv2d
-from .conv_bn import conv_bn, folds_batchnorm, sequential_conv_bn
+from .conv_bn import conv_bn, folds_batchnorm, keep_inference_weights, sequential_conv_bn
 from .deploy import compile_for_inference
 from .embedding import FactorizedEmbedding
 from .fd_engine import FDEngine, FDTerm, factor_owner, form_term, layer_term, mark_factors
@@ -35,7 +35,7 @@ __all__ = [
     "FDEngine", "FDTerm", "FrobeniusDecay", "FrobeniusNormRecorder", "FrobeniusNormalizer", "LayerDecision", "ModelSummary",
     "adopt_on_load", "adopt_state_dict_shapes", "add_factor_fd_grad_", "add_outval_fd_grad_", "add_quekey_fd_grad_", "apply_ranks", "balance_outval_",
     "balance_quekey_", "cache_cpu_allocations", "collapse", "compile_for_inference", "compress", "conv_bn", "cpu_allocations_cached", "count_macs", "count_parameters", "factor_owner", "factor_parameter_names", "factorize",
-    "form_term", "layer_term", "mark_factors",
+    "form_term", "keep_inference_weights", "layer_term", "mark_factors",
     "fold_batchnorm", "folds_batchnorm",
     "factorized_layers", "frobenius_norm", "frobenius_penalty", "load_frobnorms", "measure_latency",
     "outval_norm_sq", "param_groups", "quekey_norm_sq", "rescale_to_norm_", "resolve_rank", "round_rank",

@@ -124,6 +124,12 @@ def version_key(tensors) -> Optional[tuple]:
     return tuple((id(t), t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
 
 
+def keeps_inference_weights(conv: nn.Module) -> bool:
+    """Whether weights made from ``conv``'s parameters in eager inference may be kept between calls
+    (a plain attribute lookup: this runs on every call); :func:`fnl.keep_inference_weights` sets it."""
+    return conv.__dict__.get("keep_inference_weights", True)
+
+
 def _laid_out(t: Tensor, channels_last: bool) -> Tensor:
     """The 4-d ``t`` itself if it has the canonical contiguous (or channels-last) strides, size-1 dims
     included, else a copy that has them.
@@ -248,7 +254,7 @@ class FactorizedConv2d(LowRankLayer):
         channels_last = is_channels_last(x)
         pad = self.rank_padding_for(x)
         if not (torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling()
-                or cuda_graph_capturing()):
+                or cuda_graph_capturing() or not keeps_inference_weights(self)):
             # eager inference: reuse (a trace, a compiled graph or a captured CUDA graph must read the
             # parameters, so that its replays see their in-place updates; docs/speed.md)
             return self._cached_factor_conv_weights(channels_last, pad)

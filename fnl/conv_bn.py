@@ -20,9 +20,9 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
 from .base import cuda_graph_capturing
-from .conv import FactorizedConv2d, is_channels_last, version_key
+from .conv import FactorizedConv2d, is_channels_last, keeps_inference_weights, version_key
 
-__all__ = ["conv_bn", "folds_batchnorm", "sequential_conv_bn"]
+__all__ = ["conv_bn", "folds_batchnorm", "keep_inference_weights", "sequential_conv_bn"]
 
 # conv -> (key, (weights, shift)): the folded weights last made for it. Held beside the conv, not in
 # it, so that pickling or copying a model does not carry them.
@@ -101,7 +101,8 @@ def _folded(conv: nn.Module, bn: nn.BatchNorm2d, x: Tensor) -> tuple[tuple[Tenso
     # nothing kept or reused inside a CUDA graph capture: the graph then records the folding, and its
     # replays see the parameters' in-place updates (a kept result would be frozen into the graph, and
     # one made in the capture holds values only after a replay)
-    keep = bn.num_batches_tracked is not None and versions is not None and not cuda_graph_capturing()
+    keep = (bn.num_batches_tracked is not None and versions is not None and not cuda_graph_capturing()
+            and keeps_inference_weights(conv))
     key = (id(bn), bn.eps, mode, versions)
     cache = _FOLDED.get(conv) if keep else None
     if cache is not None and cache[0] == key:
@@ -147,3 +148,28 @@ def sequential_conv_bn(seq: nn.Sequential, x: Tensor) -> Tensor:
             x = layers[i](x)
             i += 1
     return x
+
+
+def keep_inference_weights(model: nn.Module, enable: bool = True) -> nn.Module:
+    """Let the convs of ``model`` keep the weights they make in eager inference (the default), or
+    make them afresh on every call (``enable=False``, which also drops those kept now); returns ``model``.
+
+    Kept are a :class:`fnl.FactorizedConv2d`'s two conv weights and the weights of a conv with its
+    BatchNorm folded in (:func:`conv_bn`); they are made again when a parameter or running statistic
+    changes in a way torch tracks (optimizer steps, ``load_state_dict``, ``.to()``, in-place
+    operations). Turn keeping off for a model whose parameters your code edits in place through
+    ``.data`` (``p.data.mul_(...)``, an old idiom of hand-written EMA updates): ``.data`` has its own
+    version counter, so such edits are not seen (docs/speed.md). The setting is stored on each conv
+    (pickles and copies carry it).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(enable, bool):
+        raise TypeError(f"enable must be True or False, got {enable!r}")
+    for m in model.modules():
+        if isinstance(m, (FactorizedConv2d, nn.Conv2d)):
+            m.keep_inference_weights = enable
+            if not enable:
+                _FOLDED.pop(m, None)
+                m.__dict__.pop("_conv_weight_cache", None)
+    return model
