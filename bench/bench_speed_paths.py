@@ -14,6 +14,10 @@ Parts (``--only``, default all), timed with ``fnl.measure_latency`` (interleaved
 - ``compile_train``: a training step (batch 128, channels-last) with ``torch.compile`` of the model
   and of the whole step (forward, backward and the optimizer step in one compiled function),
   against the eager steps; the compiled steps' first losses are checked against eager.
+- ``pad``: the rank channels zero-padded to a multiple of 8 in eager inference (the default on a
+  channels-last CPU input, ``cpu_inference_rank_align``; forced for NCHW): each ResNet-20 stage's conv
+  pair alone against the dense 3x3 conv (channels-last, batch 256, with the multiply-add rate), and
+  the zoo models, bare rank (``cpu_inference_rank_align = 0``) against padded (the same numbers).
 - ``linear``: ``FactorizedLinear`` 4096x4096 rank 512, batch 1024, fwd+bwd, against ``nn.Linear`` and two
   plain ``nn.Linear``: with the input's gradient (a layer inside a network: 6 vs 3 matmuls, the 4x
   multiply-add ratio) and without it (the input a leaf: 5 vs 2 matmuls, a 3.2x ratio), each with a
@@ -46,7 +50,7 @@ import fnl  # noqa: E402
 import fnl_timm  # noqa: E402,F401  (registers the models)
 
 CL = torch.channels_last
-PARTS = ('model', 'stage1', 'compile', 'compile_train', 'linear')
+PARTS = ('model', 'stage1', 'compile', 'compile_train', 'pad', 'linear')
 
 
 def _resnet(rank_scale: Optional[float] = 0.111) -> nn.Module:
@@ -126,6 +130,8 @@ def part_model(rounds: int) -> None:
         if not grad:  # the zoo folds BatchNorm into the convs in eager inference only
             fns['dense NCHW, BatchNorm not folded (set_bn_folding(False))'] = step(_unfolded(_resnet(None)), x)
             fns['fnl channels_last, BatchNorm not folded'] = step(_unfolded(_resnet()).to(memory_format=CL), xc)
+            fns['fnl channels_last, bare rank (cpu_inference_rank_align = 0)'] = step(
+                _bare(_resnet()).to(memory_format=CL), xc)
         _table(f'fnl_resnet20 @0.111, {title}', fns, rounds, grad, 'dense NCHW')
 
 
@@ -254,6 +260,60 @@ class _TwoLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.b(self.a(x))
+
+
+def _padded(model: nn.Module, multiple: int = 8) -> nn.Module:
+    """A copy of ``model`` whose factorized convs run with the rank padded to ``multiple`` on any input."""
+    model = copy.deepcopy(model)
+    for m in model.modules():
+        if isinstance(m, fnl.FactorizedConv2d):
+            m.rank_padding_for = lambda x, m=m: -m.rank % multiple
+    return model
+
+
+def _bare(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose factorized convs keep the bare rank (no CPU inference padding)."""
+    model = copy.deepcopy(model)
+    for m in model.modules():
+        if isinstance(m, fnl.FactorizedConv2d):
+            m.cpu_inference_rank_align = 0
+    return model
+
+
+def part_pad(rounds: int) -> None:
+    torch.manual_seed(0)
+    fns, macs = {}, {}
+    for c, hw, r in ((16, 32, 5), (32, 16, 11), (64, 8, 21)):
+        x = torch.randn(256, c, hw, hw).contiguous(memory_format=CL)
+        layer = fnl.FactorizedConv2d(c, c, 3, padding=1, bias=False, rank=r).eval()
+        dense = nn.Conv2d(c, c, 3, padding=1, bias=False).to(memory_format=CL).eval()
+        with torch.no_grad():
+            assert layer.conv_weights_for(x)[0].shape[0] == -(-r // 8) * 8
+            assert torch.allclose(layer(x), _bare(layer)(x), atol=1e-5)
+        for label, mod, mac in ((f'{c}ch {hw}x{hw}: dense 3x3', dense, c * c * 9),
+                                (f'{c}ch {hw}x{hw}: pair, rank {r}', _bare(layer), 6 * c * r),
+                                (f'{c}ch {hw}x{hw}: pair, rank {r} padded to {-(-r // 8) * 8}', layer, 6 * c * r)):
+            fns[label] = _infer(mod, x)
+            macs[label] = 256 * hw * hw * mac
+    ms = _table('one conv layer of each ResNet-20 stage, channels-last, inference, batch 256', fns, rounds, False,
+                next(iter(fns)))
+    print('multiply-add rate (useful multiply-adds, GMAC/s): ' + ', '.join(f'{n} {macs[n] / ms[n] / 1e6:.1f}' for n in fns))
+    for name, rank_scale, batch in (('fnl_resnet20', 0.111, 256), ('fnl_resnet20', 0.111, 16), ('fnl_resnet32_x2', 0.1, 128),
+                                    ('fnl_vgg19', 0.1, 128), ('fnl_wrn28_10', 0.06667, 32)):
+        torch.manual_seed(0)
+        model = timm.create_model(name, num_classes=10, rank_scale=rank_scale).eval()
+        x = torch.randn(batch, 3, 32, 32)
+        fns = {}
+        for fmt, inp in (('channels_last', x.contiguous(memory_format=CL)), ('NCHW', x)):
+            if name != 'fnl_resnet20' and fmt == 'NCHW':
+                continue
+            m = copy.deepcopy(model)
+            m.channels_last_inputs = False  # the input's format decides
+            fns[f'{fmt}, bare rank'] = _infer(_bare(m), inp)
+            fns[f'{fmt}, rank padded to a multiple of 8'] = _infer(m if fmt == 'channels_last' else _padded(m), inp)
+        ranks = sorted({m.rank for m in model.modules() if isinstance(m, fnl.FactorizedConv2d)})
+        _table(f'{name} @{rank_scale} inference, batch {batch}, ranks {ranks}', fns, rounds, False,
+               'channels_last, bare rank')
 
 
 def part_linear(rounds: int) -> None:

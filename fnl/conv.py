@@ -185,12 +185,20 @@ class FactorizedConv2d(LowRankLayer):
     tensor-core kernels want channel counts in multiples of 8 and otherwise pad the activations
     themselves on every call or take a generic kernel. The zero channels change no number. Off by
     default: on an H200 it made WRN-28-10 faster and ResNet-20 slower (docs/speed.md).
+
+    ``cpu_inference_rank_align = 8`` (the default; 0 turns it off) does the same in eager float32
+    inference on a channels-last CPU input, where the padded weights are made once and kept: oneDNN
+    runs the small convs faster at a multiple of 8 channels (measured in docs/speed.md). Training,
+    NCHW inputs, traces and compiled graphs keep the bare rank.
     """
 
     #: 0, or zero-pad the two convs' rank channels to a multiple of this on CUDA in 16-bit
     rank_align: int = 0
     #: device types on which the rank is padded (tests add 'cpu' to check the padded path)
     _rank_pad_devices: tuple = ("cuda",)
+    #: 0, or zero-pad the rank channels to a multiple of this in eager float32 CPU inference on a
+    #: channels-last input (oneDNN's kernels for 5-21 channels are faster at a multiple of 8)
+    cpu_inference_rank_align: int = 8
 
     def __init__(
             self,
@@ -253,22 +261,31 @@ class FactorizedConv2d(LowRankLayer):
         # weight on every call (docs/speed.md), and the second weight is then a view of U, no copy
         channels_last = is_channels_last(x)
         pad = self.rank_padding_for(x)
-        if not (torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling()
-                or cuda_graph_capturing() or not keeps_inference_weights(self)):
-            # eager inference: reuse (a trace, a compiled graph or a captured CUDA graph must read the
-            # parameters, so that its replays see their in-place updates; docs/speed.md)
+        if self._keeps_weights_now():
             return self._cached_factor_conv_weights(channels_last, pad)
         return self._factor_conv_weights(channels_last, pad)
 
+    def _keeps_weights_now(self) -> bool:
+        """Eager inference, where the conv weights are made once and reused: not under autograd, and not
+        in a trace, a compiled graph or a captured CUDA graph (those must read the parameters, so that
+        their replays see in-place updates; docs/speed.md), unless turned off for this layer."""
+        return not (torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+                    or cuda_graph_capturing() or not keeps_inference_weights(self))
+
     def rank_padding_for(self, x: Tensor) -> int:
         """Zero rank channels the two convs get for the input ``x``: with :attr:`rank_align` set, up to
-        a multiple of it on CUDA in 16-bit (a float16 / bfloat16 input or autocast on); else 0."""
+        a multiple of it on CUDA in 16-bit (a float16 / bfloat16 input or autocast on); with
+        :attr:`cpu_inference_rank_align` set, up to a multiple of that in eager float32 inference on
+        a channels-last CPU input (the padded weights made once); else 0."""
         align = self.rank_align
-        if not align or x.device.type not in self._rank_pad_devices:
-            return 0
-        if x.dtype not in (torch.float16, torch.bfloat16) and not torch.is_autocast_enabled(x.device.type):
-            return 0
-        return -self.rank % align
+        if align and x.device.type in self._rank_pad_devices and (
+                x.dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled(x.device.type)):
+            return -self.rank % align
+        align = self.cpu_inference_rank_align
+        if (align and x.device.type == "cpu" and x.dtype == torch.float32 and is_channels_last(x)
+                and not torch.is_autocast_enabled("cpu") and self._keeps_weights_now()):
+            return -self.rank % align
+        return 0
 
     def factored_convs(self, x: Tensor, w_a: Tensor, w_b: Tensor, bias: Optional[Tensor]) -> Tensor:
         """The factored path with the given weights: the (1 x kw) conv with ``w_a`` and the horizontal

@@ -159,3 +159,59 @@ def test_padded_rank_under_autocast_and_batchnorm_folding(monkeypatch):
         assert layer16.conv_weights_for(x16)[0].shape[0] == 8
         torch.testing.assert_close(conv_bn(layer16, bn16, x16).float(), bn16(layer16(x16)).float(), rtol=2e-2,
                                    atol=2e-2)
+
+
+def test_cpu_inference_rank_padding_rule(monkeypatch):
+    """Eager float32 inference on a channels-last CPU input pads the rank to a multiple of
+    ``cpu_inference_rank_align`` (8 by default, measured faster: docs/speed.md); everything else keeps
+    the bare rank (training, NCHW, other dtypes, autocast, compiled graphs, weights not kept)."""
+    layer = fnl.FactorizedConv2d(16, 16, 3, padding=1, rank=5)
+    x = torch.randn(2, 16, 6, 6)
+    xc = x.contiguous(memory_format=CL)
+    assert fnl.FactorizedConv2d.cpu_inference_rank_align == 8
+    assert layer.rank_padding_for(xc) == 0  # autograd on
+    with torch.no_grad():
+        assert layer.rank_padding_for(xc) == 3
+        assert layer.rank_padding_for(x) == 0
+        assert layer.rank_padding_for(xc.double()) == 0
+        assert layer.rank_padding_for(xc.bfloat16()) == 0
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            assert layer.rank_padding_for(xc) == 0
+        for rank, pad in ((8, 0), (11, 5), (21, 3), (1, 7)):
+            assert fnl.FactorizedConv2d(16, 16, 3, rank=rank).rank_padding_for(xc) == pad
+        fnl.keep_inference_weights(layer, False)  # weights made on every call: no padded copies then
+        assert layer.rank_padding_for(xc) == 0
+        fnl.keep_inference_weights(layer)
+        assert layer.rank_padding_for(xc) == 3
+        layer.cpu_inference_rank_align = 4
+        assert layer.rank_padding_for(xc) == 3  # 5 -> 8 as a multiple of 4
+        layer.cpu_inference_rank_align = 0
+        assert layer.rank_padding_for(xc) == 0
+        layer.cpu_inference_rank_align = 8
+        monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
+        assert layer.rank_padding_for(xc) == 0
+
+
+@pytest.mark.parametrize('fold', [False, True], ids=['conv', 'conv_bn'])
+def test_cpu_inference_padding_gives_the_bare_numbers(fold):
+    torch.manual_seed(0)
+    layer = fnl.FactorizedConv2d(16, 24, 3, stride=2, padding=1, rank=5).eval()
+    bn = nn.BatchNorm2d(24).eval()
+    with torch.no_grad():
+        layer.bias.normal_()
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+    xc = torch.randn(4, 16, 9, 9).contiguous(memory_format=CL)
+
+    def run():
+        return conv_bn(layer, bn, xc) if fold else layer(xc)
+    with torch.no_grad():
+        padded = run()
+        assert layer.conv_weights_for(xc)[0].shape[0] == 8
+        layer.cpu_inference_rank_align = 0
+        bare = run()
+        assert layer.conv_weights_for(xc)[0].shape[0] == 5
+    torch.testing.assert_close(padded, bare, rtol=1e-5, atol=1e-5)
+    with torch.enable_grad():
+        want = (bn(layer(xc)) if fold else layer(xc)).detach()
+    torch.testing.assert_close(padded, want, rtol=1e-5, atol=1e-5)
