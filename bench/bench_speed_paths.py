@@ -18,6 +18,12 @@ Parts (``--only``, default all), timed with ``fnl.measure_latency`` (interleaved
   channels-last CPU input, ``cpu_inference_rank_align``; forced for NCHW): each ResNet-20 stage's conv
   pair alone against the dense 3x3 conv (channels-last, batch 256, with the multiply-add rate), and
   the zoo models, bare rank (``cpu_inference_rank_align = 0``) against padded (the same numbers).
+- ``convs``: each ResNet-20 stage's two convs timed one by one (the 1x3 conv in -> r and the 3x1 conv
+  r -> out, channels-last, inference, batch 256) at the bare rank, padded to a multiple of 8 and at 16,
+  next to the dense 3x3 conv, with the multiply-add rate: which of the two convs takes the time.
+- ``train_pair``: the training step (batch 128, channels-last) of ``fnl_resnet20`` against the two plain
+  convs, in several blocks of interleaved rounds, each block's ratio printed: how far apart the two are
+  against the run-to-run spread.
 - ``linear``: ``FactorizedLinear`` 4096x4096 rank 512, batch 1024, fwd+bwd, against ``nn.Linear`` and two
   plain ``nn.Linear``: with the input's gradient (a layer inside a network: 6 vs 3 matmuls, the 4x
   multiply-add ratio) and without it (the input a leaf: 5 vs 2 matmuls, a 3.2x ratio), each with a
@@ -50,7 +56,7 @@ import fnl  # noqa: E402
 import fnl_timm  # noqa: E402,F401  (registers the models)
 
 CL = torch.channels_last
-PARTS = ('model', 'stage1', 'compile', 'compile_train', 'pad', 'linear')
+PARTS = ('model', 'stage1', 'compile', 'compile_train', 'pad', 'convs', 'train_pair', 'linear')
 
 
 def _resnet(rank_scale: Optional[float] = 0.111) -> nn.Module:
@@ -314,6 +320,43 @@ def part_pad(rounds: int) -> None:
         ranks = sorted({m.rank for m in model.modules() if isinstance(m, fnl.FactorizedConv2d)})
         _table(f'{name} @{rank_scale} inference, batch {batch}, ranks {ranks}', fns, rounds, False,
                'channels_last, bare rank')
+
+
+def part_convs(rounds: int) -> None:
+    torch.manual_seed(0)
+    for c, hw, r in ((16, 32, 5), (32, 16, 11), (64, 8, 21)):
+        x = torch.randn(256, c, hw, hw).contiguous(memory_format=CL)
+        fns, macs = {}, {}
+        dense = torch.randn(c, c, 3, 3).contiguous(memory_format=CL)
+        fns['dense 3x3'], macs['dense 3x3'] = (lambda: F.conv2d(x, dense, None, 1, 1)), c * c * 9
+        for rank in sorted({r, -(-r // 8) * 8, 16}):
+            h = torch.randn(256, rank, hw, hw).contiguous(memory_format=CL)
+            w_a = torch.randn(rank, c, 1, 3).contiguous(memory_format=CL)
+            w_b = torch.randn(c, rank, 3, 1).contiguous(memory_format=CL)
+            fns[f'1x3 {c} -> {rank}'] = lambda x=x, w=w_a: F.conv2d(x, w, None, 1, (0, 1))
+            fns[f'3x1 {rank} -> {c}'] = lambda h=h, w=w_b: F.conv2d(h, w, None, 1, (1, 0))
+            macs[f'1x3 {c} -> {rank}'] = macs[f'3x1 {rank} -> {c}'] = 3 * c * rank
+        ms = _table(f'the convs of a {c}-channel {hw}x{hw} layer (model rank {r}), one by one, channels-last, '
+                    'inference, batch 256', fns, rounds, False, 'dense 3x3')
+        print('multiply-add rate (GMAC/s): ' + ', '.join(f'{n} {256 * hw * hw * macs[n] / ms[n] / 1e6:.1f}'
+                                                       for n in fns))
+
+
+def part_train_pair(rounds: int, blocks: int = 4) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(128, 3, 32, 32).contiguous(memory_format=CL)
+    y = torch.randint(0, 10, (128,))
+    fnl_step = _train(_resnet().to(memory_format=CL), x, y)
+    plain_step = _train(fnl.to_inference_form(_resnet()).to(memory_format=CL), x, y)
+    print(f'\n## fnl_resnet20 @0.111 training step, batch 128, channels-last: fnl / two plain convs, '
+          f'{blocks} blocks of {rounds} interleaved rounds (load average {os.getloadavg()[0]:.2f})')
+    print('| block | fnl ms | two plain convs ms | fnl / plain |\n|---|---|---|---|')
+    ratios = []
+    for b in range(blocks):
+        t_fnl, t_plain = fnl.measure_latency([fnl_step, plain_step], 'cpu', repeats=rounds, warmup=1, grad=True)
+        ratios.append(t_fnl / t_plain)
+        print(f'| {b + 1} | {t_fnl:.1f} | {t_plain:.1f} | {ratios[-1]:.3f} |')
+    print(f'median fnl / plain {sorted(ratios)[len(ratios) // 2]:.3f}, range {min(ratios):.3f}-{max(ratios):.3f}')
 
 
 def part_linear(rounds: int) -> None:
