@@ -14,8 +14,8 @@ Parts (``--only``, default all), timed with ``fnl.measure_latency`` (interleaved
 - ``compile_train``: a training step (batch 128, channels-last) with ``torch.compile`` of the model
   and of the whole step (forward, backward and the optimizer step in one compiled function),
   against the eager steps; the compiled steps' first losses are checked against eager.
-- ``pad``: the rank channels zero-padded to a multiple of 8 in eager inference (the default on a
-  channels-last CPU input, ``cpu_inference_rank_align``; forced for NCHW): each ResNet-20 stage's conv
+- ``pad``: the rank channels zero-padded to a multiple of 8 in eager inference (``cpu_inference_rank_align
+  = 8``, the default on a channels-last input on an AVX2 CPU; forced for NCHW): each ResNet-20 stage's conv
   pair alone against the dense 3x3 conv (channels-last, batch 256, with the multiply-add rate), and
   the zoo models, bare rank (``cpu_inference_rank_align = 0``) against padded (the same numbers).
 - ``convs``: each ResNet-20 stage's two convs timed one by one (the 1x3 conv in -> r and the 3x1 conv
@@ -138,6 +138,7 @@ def part_model(rounds: int) -> None:
             fns['fnl channels_last, BatchNorm not folded'] = step(_unfolded(_resnet()).to(memory_format=CL), xc)
             fns['fnl channels_last, bare rank (cpu_inference_rank_align = 0)'] = step(
                 _bare(_resnet()).to(memory_format=CL), xc)
+            fns['fnl channels_last, rank padded to a multiple of 8'] = step(_bare(_resnet(), 8).to(memory_format=CL), xc)
         _table(f'fnl_resnet20 @0.111, {title}', fns, rounds, grad, 'dense NCHW')
 
 
@@ -277,12 +278,13 @@ def _padded(model: nn.Module, multiple: int = 8) -> nn.Module:
     return model
 
 
-def _bare(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose factorized convs keep the bare rank (no CPU inference padding)."""
+def _bare(model: nn.Module, align: int = 0) -> nn.Module:
+    """A copy of ``model`` whose factorized convs keep the bare rank in CPU inference (with ``align``, pad
+    it to a multiple of that on a channels-last input instead, whatever this CPU's default)."""
     model = copy.deepcopy(model)
     for m in model.modules():
         if isinstance(m, fnl.FactorizedConv2d):
-            m.cpu_inference_rank_align = 0
+            m.cpu_inference_rank_align = align
     return model
 
 
@@ -291,7 +293,7 @@ def part_pad(rounds: int) -> None:
     fns, macs = {}, {}
     for c, hw, r in ((16, 32, 5), (32, 16, 11), (64, 8, 21)):
         x = torch.randn(256, c, hw, hw).contiguous(memory_format=CL)
-        layer = fnl.FactorizedConv2d(c, c, 3, padding=1, bias=False, rank=r).eval()
+        layer = _bare(fnl.FactorizedConv2d(c, c, 3, padding=1, bias=False, rank=r).eval(), 8)
         dense = nn.Conv2d(c, c, 3, padding=1, bias=False).to(memory_format=CL).eval()
         with torch.no_grad():
             assert layer.conv_weights_for(x)[0].shape[0] == -(-r // 8) * 8
@@ -316,7 +318,8 @@ def part_pad(rounds: int) -> None:
             m = copy.deepcopy(model)
             m.channels_last_inputs = False  # the input's format decides
             fns[f'{fmt}, bare rank'] = _infer(_bare(m), inp)
-            fns[f'{fmt}, rank padded to a multiple of 8'] = _infer(m if fmt == 'channels_last' else _padded(m), inp)
+            fns[f'{fmt}, rank padded to a multiple of 8'] = _infer(_bare(m, 8) if fmt == 'channels_last' else _padded(m),
+                                                                  inp)
         ranks = sorted({m.rank for m in model.modules() if isinstance(m, fnl.FactorizedConv2d)})
         _table(f'{name} @{rank_scale} inference, batch {batch}, ranks {ranks}', fns, rounds, False,
                'channels_last, bare rank')
@@ -395,7 +398,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             p.error(f'--threads must be >= 1, got {args.threads}')
         torch.set_num_threads(args.threads)
     print(f'# CPU speed paths, torch {torch.__version__}, {torch.get_num_threads()} threads, '
-          f'load average {os.getloadavg()}')
+          f'CPU capability {torch.backends.cpu.get_cpu_capability()} (default cpu_inference_rank_align '
+          f'{fnl.FactorizedConv2d.cpu_inference_rank_align}), load average {os.getloadavg()}')
     for part in args.only:
         globals()[f'part_{part}'](args.rounds)
     print(f'\nload average at the end {os.getloadavg()}')

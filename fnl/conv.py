@@ -130,6 +130,18 @@ def keeps_inference_weights(conv: nn.Module) -> bool:
     return conv.__dict__.get("keep_inference_weights", True)
 
 
+#: CPU capabilities (``torch.backends.cpu.get_cpu_capability()``) on which zero-padding the rank in
+#: channels-last inference was measured faster: 1.04-1.10x for ``fnl_resnet20`` on an AVX2 CPU, where an
+#: AVX-512 one ran 0.89-0.97x (docs/speed.md); elsewhere the rank stays bare
+RANK_PAD_CPU_CAPABILITIES = ("AVX2",)
+
+
+def default_cpu_inference_rank_align() -> int:
+    """8 where this CPU's capability is one of :data:`RANK_PAD_CPU_CAPABILITIES`, else 0 (the default of
+    :attr:`FactorizedConv2d.cpu_inference_rank_align`, read once at import)."""
+    return 8 if torch.backends.cpu.get_cpu_capability() in RANK_PAD_CPU_CAPABILITIES else 0
+
+
 def _laid_out(t: Tensor, channels_last: bool) -> Tensor:
     """The 4-d ``t`` itself if it has the canonical contiguous (or channels-last) strides, size-1 dims
     included, else a copy that has them.
@@ -186,10 +198,11 @@ class FactorizedConv2d(LowRankLayer):
     themselves on every call or take a generic kernel. The zero channels change no number. Off by
     default: on an H200 it made WRN-28-10 faster and ResNet-20 slower (docs/speed.md).
 
-    ``cpu_inference_rank_align = 8`` (the default; 0 turns it off) does the same in eager float32
-    inference on a channels-last CPU input, where the padded weights are made once and kept: oneDNN
-    runs the small convs faster at a multiple of 8 channels (measured in docs/speed.md). Training,
-    NCHW inputs, traces and compiled graphs keep the bare rank.
+    ``cpu_inference_rank_align = 8`` (0 turns it off) does the same in eager float32 inference on a
+    channels-last CPU input, where the padded weights are made once and kept. It is the default on an
+    AVX2 CPU, where oneDNN ran the small convs faster at a multiple of 8 channels, and 0 elsewhere
+    (slower on an AVX-512 CPU; docs/speed.md). Training, NCHW inputs, traces and compiled graphs keep
+    the bare rank.
     """
 
     #: 0, or zero-pad the two convs' rank channels to a multiple of this on CUDA in 16-bit
@@ -197,8 +210,9 @@ class FactorizedConv2d(LowRankLayer):
     #: device types on which the rank is padded (tests add 'cpu' to check the padded path)
     _rank_pad_devices: tuple = ("cuda",)
     #: 0, or zero-pad the rank channels to a multiple of this in eager float32 CPU inference on a
-    #: channels-last input (oneDNN's kernels for 5-21 channels are faster at a multiple of 8)
-    cpu_inference_rank_align: int = 8
+    #: channels-last input (8 on an AVX2 CPU, where oneDNN's kernels for 5-21 channels were faster at a
+    #: multiple of 8; 0 elsewhere)
+    cpu_inference_rank_align: int = default_cpu_inference_rank_align()
 
     def __init__(
             self,

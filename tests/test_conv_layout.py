@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fnl
+from fnl import conv as fnl_conv
 from fnl.conv import _laid_out
 from fnl.conv_bn import conv_bn
 
@@ -161,14 +162,26 @@ def test_padded_rank_under_autocast_and_batchnorm_folding(monkeypatch):
                                    atol=2e-2)
 
 
+@pytest.mark.parametrize('capability, align', [('AVX2', 8), ('AVX512', 0), ('DEFAULT', 0), ('ZVECTOR', 0)])
+def test_cpu_inference_rank_align_default_follows_the_cpu(monkeypatch, capability, align):
+    """Padding the rank is the default only where it was measured faster (an AVX2 CPU; slower with
+    AVX-512, unmeasured elsewhere: docs/speed.md)."""
+    monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: capability)
+    assert fnl_conv.default_cpu_inference_rank_align() == align
+    # the class default is this machine's
+    monkeypatch.undo()
+    assert fnl.FactorizedConv2d.cpu_inference_rank_align == fnl_conv.default_cpu_inference_rank_align()
+
+
 def test_cpu_inference_rank_padding_rule(monkeypatch):
     """Eager float32 inference on a channels-last CPU input pads the rank to a multiple of
-    ``cpu_inference_rank_align`` (8 by default, measured faster: docs/speed.md); everything else keeps
-    the bare rank (training, NCHW, other dtypes, autocast, compiled graphs, weights not kept)."""
+    ``cpu_inference_rank_align`` (8 by default on an AVX2 CPU, measured faster there: docs/speed.md);
+    everything else keeps the bare rank (training, NCHW, other dtypes, autocast, compiled graphs,
+    weights not kept)."""
+    monkeypatch.setattr(fnl.FactorizedConv2d, 'cpu_inference_rank_align', 8)
     layer = fnl.FactorizedConv2d(16, 16, 3, padding=1, rank=5)
     x = torch.randn(2, 16, 6, 6)
     xc = x.contiguous(memory_format=CL)
-    assert fnl.FactorizedConv2d.cpu_inference_rank_align == 8
     assert layer.rank_padding_for(xc) == 0  # autograd on
     with torch.no_grad():
         assert layer.rank_padding_for(xc) == 3
@@ -202,6 +215,7 @@ def test_cpu_inference_padding_gives_the_bare_numbers(fold):
         bn.running_mean.normal_()
         bn.running_var.uniform_(0.5, 2)
     xc = torch.randn(4, 16, 9, 9).contiguous(memory_format=CL)
+    layer.cpu_inference_rank_align = 8
 
     def run():
         return conv_bn(layer, bn, xc) if fold else layer(xc)
