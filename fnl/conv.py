@@ -132,7 +132,7 @@ def keeps_inference_weights(conv: nn.Module) -> bool:
 
 #: CPU capabilities (``torch.backends.cpu.get_cpu_capability()``) on which zero-padding the rank in
 #: channels-last inference was measured faster: 1.04-1.10x for ``fnl_resnet20`` on an AVX2 CPU, where an
-#: AVX-512 one ran 0.89-0.97x (docs/speed.md); elsewhere the rank stays bare
+#: AVX-512 one ran 0.89-0.98x (docs/speed.md); elsewhere the rank stays bare
 RANK_PAD_CPU_CAPABILITIES = ("AVX2",)
 
 
