@@ -22,8 +22,8 @@ Parts (``--only``, default all), timed with ``fnl.measure_latency`` (interleaved
   r -> out, channels-last, inference, batch 256) at the bare rank, padded to a multiple of 8 and at 16,
   next to the dense 3x3 conv, with the multiply-add rate: which of the two convs takes the time.
 - ``train_pair``: the training step (batch 128, channels-last) of ``fnl_resnet20`` against the two plain
-  convs, in several blocks of interleaved rounds, each block's ratio printed: how far apart the two are
-  against the run-to-run spread.
+  convs, in several blocks of interleaved rounds, each block's ratio printed beside an A/A control (a
+  second copy of the factorized model): how far apart the two are against the run-to-run spread.
 - ``linear``: ``FactorizedLinear`` 4096x4096 rank 512, batch 1024, fwd+bwd, against ``nn.Linear`` and two
   plain ``nn.Linear``: with the input's gradient (a layer inside a network: 6 vs 3 matmuls, the 4x
   multiply-add ratio) and without it (the input a leaf: 5 vs 2 matmuls, a 3.2x ratio), each with a
@@ -351,15 +351,20 @@ def part_train_pair(rounds: int, blocks: int = 4) -> None:
     y = torch.randint(0, 10, (128,))
     fnl_step = _train(_resnet().to(memory_format=CL), x, y)
     plain_step = _train(fnl.to_inference_form(_resnet()).to(memory_format=CL), x, y)
+    control = _train(_resnet().to(memory_format=CL), x, y)  # the same model again: the A/A spread
     print(f'\n## fnl_resnet20 @0.111 training step, batch 128, channels-last: fnl / two plain convs, '
-          f'{blocks} blocks of {rounds} interleaved rounds (load average {os.getloadavg()[0]:.2f})')
-    print('| block | fnl ms | two plain convs ms | fnl / plain |\n|---|---|---|---|')
-    ratios = []
+          f'{blocks} blocks of {rounds} interleaved rounds, with an A/A control (a second fnl model) '
+          f'(load average {os.getloadavg()[0]:.2f})')
+    print('| block | fnl ms | two plain convs ms | fnl / plain | control / fnl |\n|---|---|---|---|---|')
+    ratios, controls = [], []
     for b in range(blocks):
-        t_fnl, t_plain = fnl.measure_latency([fnl_step, plain_step], 'cpu', repeats=rounds, warmup=1, grad=True)
+        t_fnl, t_plain, t_control = fnl.measure_latency([fnl_step, plain_step, control], 'cpu', repeats=rounds,
+                                                        warmup=1, grad=True)
         ratios.append(t_fnl / t_plain)
-        print(f'| {b + 1} | {t_fnl:.1f} | {t_plain:.1f} | {ratios[-1]:.3f} |')
-    print(f'median fnl / plain {sorted(ratios)[len(ratios) // 2]:.3f}, range {min(ratios):.3f}-{max(ratios):.3f}')
+        controls.append(t_control / t_fnl)
+        print(f'| {b + 1} | {t_fnl:.1f} | {t_plain:.1f} | {ratios[-1]:.3f} | {controls[-1]:.3f} |')
+    print(f'median fnl / plain {sorted(ratios)[len(ratios) // 2]:.3f}, range {min(ratios):.3f}-{max(ratios):.3f}; '
+          f'control / fnl {min(controls):.3f}-{max(controls):.3f}')
 
 
 def part_linear(rounds: int) -> None:
