@@ -137,8 +137,9 @@ def part_model(rounds: int) -> None:
             fns['dense NCHW, BatchNorm not folded (set_bn_folding(False))'] = step(_unfolded(_resnet(None)), x)
             fns['fnl channels_last, BatchNorm not folded'] = step(_unfolded(_resnet()).to(memory_format=CL), xc)
             fns['fnl channels_last, bare rank (cpu_inference_rank_align = 0)'] = step(
-                _bare(_resnet()).to(memory_format=CL), xc)
-            fns['fnl channels_last, rank padded to a multiple of 8'] = step(_bare(_resnet(), 8).to(memory_format=CL), xc)
+                _cpu_rank_aligned(_resnet(), 0).to(memory_format=CL), xc)
+            fns['fnl channels_last, rank padded to a multiple of 8'] = step(
+                _cpu_rank_aligned(_resnet(), 8).to(memory_format=CL), xc)
         _table(f'fnl_resnet20 @0.111, {title}', fns, rounds, grad, 'dense NCHW')
 
 
@@ -278,9 +279,9 @@ def _padded(model: nn.Module, multiple: int = 8) -> nn.Module:
     return model
 
 
-def _bare(model: nn.Module, align: int = 0) -> nn.Module:
-    """A copy of ``model`` whose factorized convs keep the bare rank in CPU inference (with ``align``, pad
-    it to a multiple of that on a channels-last input instead, whatever this CPU's default)."""
+def _cpu_rank_aligned(model: nn.Module, align: int) -> nn.Module:
+    """A copy of ``model`` whose factorized convs pad the rank to a multiple of ``align`` in channels-last
+    CPU inference, whatever this CPU's default (0: the bare rank)."""
     model = copy.deepcopy(model)
     for m in model.modules():
         if isinstance(m, fnl.FactorizedConv2d):
@@ -293,13 +294,13 @@ def part_pad(rounds: int) -> None:
     fns, macs = {}, {}
     for c, hw, r in ((16, 32, 5), (32, 16, 11), (64, 8, 21)):
         x = torch.randn(256, c, hw, hw).contiguous(memory_format=CL)
-        layer = _bare(fnl.FactorizedConv2d(c, c, 3, padding=1, bias=False, rank=r).eval(), 8)
+        layer = _cpu_rank_aligned(fnl.FactorizedConv2d(c, c, 3, padding=1, bias=False, rank=r).eval(), 8)
         dense = nn.Conv2d(c, c, 3, padding=1, bias=False).to(memory_format=CL).eval()
         with torch.no_grad():
             assert layer.conv_weights_for(x)[0].shape[0] == -(-r // 8) * 8
-            assert torch.allclose(layer(x), _bare(layer)(x), atol=1e-5)
+            assert torch.allclose(layer(x), _cpu_rank_aligned(layer, 0)(x), atol=1e-5)
         for label, mod, mac in ((f'{c}ch {hw}x{hw}: dense 3x3', dense, c * c * 9),
-                                (f'{c}ch {hw}x{hw}: pair, rank {r}', _bare(layer), 6 * c * r),
+                                (f'{c}ch {hw}x{hw}: pair, rank {r}', _cpu_rank_aligned(layer, 0), 6 * c * r),
                                 (f'{c}ch {hw}x{hw}: pair, rank {r} padded to {-(-r // 8) * 8}', layer, 6 * c * r)):
             fns[label] = _infer(mod, x)
             macs[label] = 256 * hw * hw * mac
@@ -317,9 +318,9 @@ def part_pad(rounds: int) -> None:
                 continue
             m = copy.deepcopy(model)
             m.channels_last_inputs = False  # the input's format decides
-            fns[f'{fmt}, bare rank'] = _infer(_bare(m), inp)
-            fns[f'{fmt}, rank padded to a multiple of 8'] = _infer(_bare(m, 8) if fmt == 'channels_last' else _padded(m),
-                                                                  inp)
+            fns[f'{fmt}, bare rank'] = _infer(_cpu_rank_aligned(m, 0), inp)
+            padded = _cpu_rank_aligned(m, 8) if fmt == 'channels_last' else _padded(m)
+            fns[f'{fmt}, rank padded to a multiple of 8'] = _infer(padded, inp)
         ranks = sorted({m.rank for m in model.modules() if isinstance(m, fnl.FactorizedConv2d)})
         _table(f'{name} @{rank_scale} inference, batch {batch}, ranks {ranks}', fns, rounds, False,
                'channels_last, bare rank')
