@@ -231,6 +231,12 @@ class FDEngine:
         for t in self.terms:
             if not isinstance(t, FDTerm):
                 raise TypeError(f"terms must be FDTerm objects, got {type(t).__name__}")
+        # per term, computed once: its distinct tensors, its batch, whether it is whole tensors (a layer's
+        # factors: stacked and unbound directly, no per-step views)
+        self._params = [t.params() for t in self.terms]
+        self._batch = [t.batch() for t in self.terms]
+        self._whole = [t.layer is None and all(f is _batch1 for f, x in zip(t.views, t.tensors) if x is not None)
+                       for t in self.terms]
         groups: dict = {}
         self._layer_terms: list[int] = []
         for i, t in enumerate(self.terms):
@@ -238,14 +244,10 @@ class FDEngine:
             if key is None:
                 self._layer_terms.append(i)
             else:
-                groups.setdefault(key, []).append(i)
+                # whole tensors and views never share a batch: a layer's (m, r) factors and an attention's
+                # per-head (d, d_h) views can have the same shapes, but only the views map a weight to them
+                groups.setdefault((key, self._whole[i]), []).append(i)
         self._groups = list(groups.values())
-        # per term, computed once: its distinct tensors, its batch, whether it is whole tensors (a layer's
-        # factors: stacked and unbound directly, no per-step views)
-        self._params = [t.params() for t in self.terms]
-        self._batch = [t.batch() for t in self.terms]
-        self._whole = [t.layer is None and all(f is _batch1 for f, x in zip(t.views, t.tensors) if x is not None)
-                       for t in self.terms]
 
     def __len__(self) -> int:
         return len(self.terms)

@@ -159,7 +159,10 @@ class FrobeniusDecay(torch.optim.Optimizer):
 
     Args:
         optimizer: any ``torch.optim.Optimizer``; build it with ``fnl.param_groups`` so that the
-            factors carry no plain weight decay.
+            factors carry no plain weight decay. Refused (ValueError, at construction and at any step,
+            before anything moves): plain weight decay on a regularised tensor, an optimizer that
+            applies FD itself (groups with ``fd_coef``), ``maximize=True`` with coupled FD, and with
+            decoupled FD one term's tensors at different learning rates (docs/method.md#frobenius-decay).
         model: the module whose factorized layers get FD.
         coef: the FD coefficient ``lambda`` (>= 0; 0 disables FD).
         extra: further callables ``f(coef)`` run before each step to add (coupled) FD gradients of
@@ -198,33 +201,66 @@ class FrobeniusDecay(torch.optim.Optimizer):
         if not len(self.engine) and not self.extra:
             raise ValueError("model has no factorized layers and no extra FD terms were given; "
                              "FrobeniusDecay would do nothing")
-        if decoupled:
-            if self.extra:
-                raise ValueError("decoupled=True applies FD through the optimizer's learning rates; extra callables "
-                                 "can only add gradients (coupled): pass FDTerm objects as terms= instead")
-            self._term_groups()  # every regularised tensor must be in a group
+        self._check_decoupled_extra()
+        self._term_lrs()  # refuses what this optimizer's groups cannot support (below), before the first step
         for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
                      "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
                      "_optimizer_load_state_dict_post_hooks"):
             setattr(self, name, OrderedDict())
         self._patch_step_function()
 
-    def _term_groups(self) -> list[dict[str, Any]]:
-        """The param group of each term (for its ``lr``), cached until the groups change."""
+    def _check_decoupled_extra(self) -> None:
+        if self.decoupled and self.extra:
+            raise ValueError("decoupled=True applies FD through the optimizer's learning rates; extra callables "
+                             "can only add gradients (coupled): pass FDTerm objects as terms= instead")
+
+    def _groups_per_term(self) -> list[list[Optional[dict[str, Any]]]]:
+        """For each term, the param group of each of its tensors (None: in no group), cached until the
+        groups change (``add_param_group``, ``load_state_dict``)."""
         key = tuple(id(g) for g in self.optimizer.param_groups)
         cache = self.__dict__.get("_group_cache")
         if cache is None or cache[0] != key:
             where = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
-            found = []
-            for term in self.engine.terms:
-                group = where.get(id(term.params()[0]))
-                if group is None:
-                    raise ValueError(f"decoupled Frobenius decay: a {term.name} tensor is not in the optimizer's "
-                                     "param_groups, so it has no learning rate; optimize it or use decoupled=False")
-                found.append(group)
-            cache = (key, found)
+            cache = (key, [[where.get(id(p)) for p in term.params()] for term in self.engine.terms])
             self._group_cache = cache
         return cache[1]
+
+    def _term_lrs(self) -> Optional[list[float]]:
+        """Check the groups of the regularised tensors and return each term's learning rate (decoupled),
+        or None (coupled). Refused, as each would make the regulariser silently differ from the one asked
+        for (docs/method.md#frobenius-decay): plain weight decay on a regularised tensor (it would get both),
+        a group that applies FD itself (``fd_coef``: a timm ``fd*`` optimizer), ``maximize=True`` with
+        coupled FD (the optimizer would negate the FD gradient: growth, not decay), and with decoupled FD
+        a tensor in no group or the tensors of one term at different learning rates."""
+        lrs: list[float] = []
+        for term, groups in zip(self.engine.terms, self._groups_per_term()):
+            for g in groups:
+                if g is None:
+                    continue
+                if g.get("weight_decay", 0.0):
+                    raise ValueError(f"a {term.name} tensor is in a param group with weight_decay="
+                                     f"{g['weight_decay']}: it would get plain weight decay and Frobenius decay. "
+                                     "Build the optimizer with fnl.param_groups(model, weight_decay), which puts "
+                                     "the factors in a group without weight decay")
+                if g.get("fd_coef", 0.0):
+                    raise ValueError("the optimizer applies Frobenius decay itself (a param group has fd_coef="
+                                     f"{g['fd_coef']}); wrapping it in FrobeniusDecay would apply it twice")
+                if g.get("maximize", False) and not self.decoupled:
+                    raise ValueError("maximize=True with coupled Frobenius decay: the optimizer would negate the FD "
+                                     "gradient and grow the factors' product instead of decaying it; use "
+                                     "decoupled=True, or minimize the negated objective")
+            if self.decoupled:
+                if any(g is None for g in groups):
+                    raise ValueError(f"decoupled Frobenius decay: a {term.name} tensor is not in the optimizer's "
+                                     "param_groups, so it has no learning rate; optimize it or use decoupled=False")
+                lr = groups[0]["lr"]
+                if any(float(g["lr"]) != float(lr) for g in groups[1:]):
+                    raise ValueError(f"decoupled Frobenius decay moves the tensors of one {term.name} by one "
+                                     "learning rate, but they are in param groups with lr "
+                                     f"{sorted({float(g['lr']) for g in groups})}: put them in groups with one lr, "
+                                     "or use decoupled=False")
+                lrs.append(lr)
+        return lrs if self.decoupled else None
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
@@ -255,8 +291,7 @@ class FrobeniusDecay(torch.optim.Optimizer):
         """Apply FD (``step`` calls this): add the gradients (coupled) or move the factors (decoupled)."""
         if self.coef == 0:
             return
-        lr = [g["lr"] for g in self._term_groups()] if self.decoupled else None
-        self.engine.apply_(self.coef, lr=lr)
+        self.engine.apply_(self.coef, lr=self._term_lrs())
         for fn in self.extra:
             fn(self.coef)
 
@@ -294,8 +329,17 @@ class FrobeniusDecay(torch.optim.Optimizer):
         if not isinstance(state_dict, dict) or set(state_dict) != {"optimizer", "frobenius_decay"}:
             raise ValueError("state_dict must be a FrobeniusDecay.state_dict() (keys 'optimizer' and "
                              "'frobenius_decay'); for the wrapped optimizer's own state use .optimizer.load_state_dict")
+        saved = state_dict["frobenius_decay"]
+        decoupled = saved.get("decoupled", self.decoupled)
+        if not isinstance(decoupled, bool):
+            raise ValueError(f"state_dict['frobenius_decay']['decoupled'] must be True or False, got {decoupled!r}")
+        if decoupled and self.extra:  # checked before anything is loaded
+            raise ValueError("the state_dict is of decoupled Frobenius decay, which applies FD through the optimizer's "
+                             "learning rates; this wrapper's extra callables can only add gradients (coupled)")
         self.optimizer.load_state_dict(state_dict["optimizer"])
-        self.coef = float(state_dict["frobenius_decay"]["coef"])
+        # the saved settings win, as torch restores each group's hyper-parameters: a resumed run goes on as it ran
+        self.coef = float(saved["coef"])
+        self.decoupled = decoupled
 
     def __repr__(self) -> str:
         return (f"FrobeniusDecay(coef={self.coef}, decoupled={self.decoupled}, layers={len(self.layers)}, "

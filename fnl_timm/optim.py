@@ -79,7 +79,7 @@ def _split_factor_groups(
 ) -> Tuple[List[Dict[str, Any]], float, float]:
     """Split every group into its factor, attention-form and other parameters.
 
-    Returns (groups, wd, coef) where wd is the weight decay used for factors when not wd2fd.
+    Returns (groups, wd, coef): wd the largest weight decay among the groups (the default FD coefficient).
     """
     if isinstance(params, torch.Tensor):
         raise TypeError('params must be an iterable of tensors or of dicts, got a single tensor')
@@ -117,8 +117,8 @@ def _split_factor_groups(
         if factors:
             if wd2fd:
                 out.append(dict(rest, params=factors, weight_decay=0.0, fd_coef=coef, fd_decoupled=fd_decoupled))
-            else:
-                out.append(dict(rest, params=factors, weight_decay=wd, fd_coef=0.0))
+            else:  # each group's own weight decay, as a stock optimizer given the same groups applies it
+                out.append(dict(rest, params=factors, fd_coef=0.0))
     if (quekey or outval) and n_forms == 0:
         asked = ' and '.join(n for n, on in (('wd2fd_quekey', quekey), ('wd2fd_outval', outval)) if on)
         raise ValueError(f'{asked}: no registered timm attention among the parameters, so Frobenius decay on the '
@@ -130,7 +130,7 @@ def _split_factor_groups(
                          'Frobenius decay would do nothing. Factorize the model (an fnl_* model with rank_scale > 0) '
                          'or call fnl_timm.mark_factors(model) before creating the optimizer; for a dense model use '
                          'a stock optimizer (sgd, momentum, adamw) or wd2fd=False')
-    if wd2fd and coef == 0 and fd_coef is None:
+    if (wd2fd or quekey or outval) and coef == 0 and fd_coef is None:
         raise ValueError('Frobenius-decay optimizer: the FD coefficient (default: the weight decay) is 0, so Frobenius '
                          'decay would do nothing. Give weight_decay > 0 (or fd_coef > 0); for factors without any '
                          'regulariser (the paper\'s --no-frob) pass fd_coef=0.0 explicitly')
@@ -156,6 +156,7 @@ class _FrobeniusDecayMixin:
         self.wd2fd = bool(wd2fd)
         self.wd2fd_quekey, self.wd2fd_outval = wd2fd_quekey, wd2fd_outval
         self._check_decoupled_lr()
+        _check_maximize(self.param_groups)
 
     def _check_decoupled_lr(self) -> None:
         """Decoupled FD moves all the weights of one FD term (a layer's factors, an attention's ``qkv`` and
@@ -218,6 +219,7 @@ class _FrobeniusDecayMixin:
             return
         coefs = [float(g.get('fd_coef', 0.0)) for g in groups]
         lrs = [g['lr'] if g.get('fd_decoupled', False) else None for g in groups]
+        _check_maximize(groups)
         engine.apply_(coefs, lr=lrs, grad_scale=getattr(self, 'grad_scale', None),
                       found_inf=getattr(self, 'found_inf', None))
 
@@ -230,6 +232,17 @@ class _FrobeniusDecayMixin:
         self.add_frobenius_grads_()
         super().step()
         return loss
+
+
+def _check_maximize(groups: Iterable[Dict[str, Any]]) -> None:
+    """Refuse ``maximize=True`` in a group with coupled FD: the optimizer would negate the FD gradient
+    with the task's, so the factors' product would grow instead of decay (decoupled FD moves the
+    weights itself and still decays)."""
+    for g in groups:
+        if g.get('maximize', False) and g.get('fd_coef', 0.0) and not g.get('fd_decoupled', False):
+            raise ValueError('maximize=True with coupled Frobenius decay: the optimizer would negate the FD gradient '
+                             "and grow the factors' product instead of decaying it; pass fd_decoupled=True, or "
+                             'minimize the negated objective')
 
 
 def _check_common(lr: float, weight_decay: float) -> None:

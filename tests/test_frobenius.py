@@ -319,7 +319,7 @@ def test_frobenius_decay_default_coupling_and_refusals():
     assert fnl.FrobeniusDecay(torch.optim.AdamW(params, lr=0.1), model, 0.1, decoupled=False).decoupled is False
     outside = [p for n, p in model.named_parameters() if not n.endswith(".U")]
     with pytest.raises(ValueError, match="not in the optimizer's param_groups"):
-        fnl.FrobeniusDecay(torch.optim.AdamW(outside, lr=0.1), model, 0.1)
+        fnl.FrobeniusDecay(torch.optim.AdamW(outside, lr=0.1, weight_decay=0.0), model, 0.1)
     with pytest.raises(ValueError, match="extra callables can only add gradients"):
         fnl.FrobeniusDecay(torch.optim.AdamW(params, lr=0.1), model, 0.1, extra=[lambda c: None])
     with pytest.raises(TypeError, match="decoupled must be"):

@@ -34,7 +34,7 @@ def _core(kind):
     if kind == "sgd":
         opt = fnl.FrobeniusDecay(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, 0.1)
     else:
-        opt = fnl.FrobeniusDecay(torch.optim.AdamW(model.parameters(), lr=0.1), model, 0.1)
+        opt = fnl.FrobeniusDecay(torch.optim.AdamW(fnl.param_groups(model, 0.01), lr=0.1), model, 0.1)
         assert opt.decoupled
     return model, opt
 

@@ -120,7 +120,7 @@ def test_decoupled_learning_rates_are_cached_until_the_groups_change():
     inner = torch.optim.AdamW(fnl.param_groups(model, 0.0), lr=0.1, weight_decay=0.0)
     opt = fnl.FrobeniusDecay(inner, model, 0.5)
     assert opt.decoupled is True
-    assert opt._term_groups() is opt._term_groups()  # not rebuilt between steps
+    assert opt._groups_per_term() is opt._groups_per_term()  # not rebuilt between steps
     # new group dicts (same number): the next step must use their learning rate
     inner.param_groups = [dict(g, lr=0.3) for g in inner.param_groups]
     for p in model.parameters():
@@ -137,7 +137,7 @@ def test_decoupled_refusal_message():
     with pytest.raises(ValueError, match=r"^decoupled Frobenius decay: a .+ tensor is not in the optimizer's "
                                          r"param_groups, so it has no learning rate; optimize it or use "
                                          r"decoupled=False$"):
-        fnl.FrobeniusDecay(torch.optim.AdamW(outside, lr=0.1), model, 0.1)
+        fnl.FrobeniusDecay(torch.optim.AdamW(outside, lr=0.1, weight_decay=0.0), model, 0.1)
 
 
 def test_decoupled_extra_refusal_message():

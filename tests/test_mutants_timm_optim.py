@@ -191,7 +191,8 @@ def test_constructor_defaults(cls, lr, wd, extra):
 
 
 @pytest.mark.parametrize('cls,kwargs', [
-    (FDSGD, dict(momentum=0.7, nesterov=True, dampening=0.0, maximize=True)),
+    (FDSGD, dict(momentum=0.7, nesterov=True, dampening=0.0, foreach=False)),
+    (FDSGD, dict(momentum=0.7, maximize=True, fd_decoupled=True)),  # maximize: only with decoupled FD
     (FDAdamW, dict(betas=(0.5, 0.6), eps=1e-4, amsgrad=True, maximize=True)),
     (FDAdam, dict(betas=(0.5, 0.6), eps=1e-4, amsgrad=True, maximize=True)),
 ])
@@ -200,6 +201,9 @@ def test_constructor_passes_every_argument_on(cls, kwargs):
     groups / the torch optimizer."""
     model = _resnet()
     opt = cls(model.parameters(), lr=0.03, weight_decay=0.02, fd_coef=COEF, **kwargs)
+    fd_decoupled = kwargs.pop('fd_decoupled', None)
+    if fd_decoupled is not None:
+        assert {g['fd_decoupled'] for g in opt.param_groups if g['fd_coef']} == {fd_decoupled}
     assert {k: opt.defaults[k] for k in kwargs} == kwargs
     assert (opt.defaults['lr'], opt.defaults['weight_decay']) == (0.03, 0.02)
     assert sorted({(g['fd_coef'], g['weight_decay']) for g in opt.param_groups}) == [(0.0, 0.02), (COEF, 0.0)]
@@ -498,20 +502,21 @@ def test_wd2fd_attribute():
     assert FDAdamW(model.parameters(), lr=LR, weight_decay=WD, wd2fd=0).wd2fd is False
 
 
-def test_wd2fd_false_factors_keep_their_group_and_get_the_weight_decay():
-    """The baseline (wd2fd=False): the factors keep their group's settings (lr) and get the largest weight
-    decay among the groups, even from a group without decay (what timm's factory passes: weight_decay=0
-    to the constructor, the decay in the groups); no FD. One SGD step is the closed form."""
+@pytest.mark.parametrize('factor_wd', [WD, 0.0, WD / 2])
+def test_wd2fd_false_factors_keep_their_group_and_its_weight_decay(factor_wd):
+    """The baseline (wd2fd=False): the factors keep their group's settings, its weight decay included, as a
+    stock optimizer given the same groups does (timm's factory passes weight_decay=0 to the constructor and
+    the decay in the groups); no FD. One SGD step is the closed form."""
     model = _resnet()
     factors = _factor_names(model)
     params = dict(model.named_parameters())
-    opt = FDSGD([{'params': [params[n] for n in sorted(factors)], 'weight_decay': 0.0, 'lr': 0.2},
+    opt = FDSGD([{'params': [params[n] for n in sorted(factors)], 'weight_decay': factor_wd, 'lr': 0.2},
                  {'params': [p for n, p in params.items() if n not in factors], 'weight_decay': WD}],
                 lr=LR, weight_decay=0.0, wd2fd=False)
     assert [(len(g['params']), g['weight_decay'], g['fd_coef'], g['lr']) for g in opt.param_groups] == [
-        (len(factors), WD, 0.0, 0.2), (len(params) - len(factors), WD, 0.0, LR)]
+        (len(factors), factor_wd, 0.0, 0.2), (len(params) - len(factors), WD, 0.0, LR)]
     before, after = _step_from_zero_grads(model, opt)
-    expected = {n: p * (1 - (0.2 if n in factors else LR) * WD) for n, p in before.items()}
+    expected = {n: p * (1 - (0.2 * factor_wd if n in factors else LR * WD)) for n, p in before.items()}
     _check(after, expected)
 
 
