@@ -17,10 +17,13 @@ one line what is wrong with it (missing, a folder, empty, truncated, not a torch
 that only the full unpickler reads, not a fairseq checkpoint). A successful load is unchanged.
 
 **No eval of checkpoint strings.** A checkpoint's config is data from whoever wrote the file, but
-fairseq reads a few model settings with ``eval()`` when it builds a model
-(``utils.eval_str_list`` / ``eval_str_dict``). The wrapper refuses a checkpoint in which one of
-them is not a plain Python literal (for which ``eval`` and ``ast.literal_eval`` agree and nothing
-runs), and ``fnl_transformer`` checks its own settings the same way when it is built.
+fairseq reads some settings with ``eval()`` when it builds a model, an optimizer or a criterion
+(``utils.eval_str_list`` / ``eval_str_dict`` / ``eval_bool`` and direct ``eval`` calls, in any
+architecture). Every loaded fairseq module gets an ``eval`` that evaluates literals only
+(:mod:`fnl_fairseq.safe_eval`), installed at plugin import and again before each checkpoint load.
+The wrapper also refuses, at load time and naming the flag, a checkpoint in which one of the
+settings of :data:`EVALUATED_SETTINGS` is not a plain Python literal, and ``fnl_transformer``
+checks its own settings the same way when it is built.
 """
 from __future__ import annotations
 
@@ -34,6 +37,8 @@ from typing import Any, Callable
 import torch
 
 from fnl._serialization import load_file
+
+from . import safe_eval
 
 __all__ = ["EVALUATED_SETTINGS", "SAFE_GLOBALS", "check_literal_settings", "register_safe_globals",
            "wrap_checkpoint_loading"]
@@ -131,6 +136,7 @@ def wrap_checkpoint_loading() -> None:
         # registered again on every load: torch's ``safe_globals`` context (timm's ``load_checkpoint``
         # uses one) removes its globals on exit, the plugin's registration at import included
         register_safe_globals()
+        safe_eval.install()  # fairseq modules imported since the plugin was
         try:
             state = original(path, *args, **kwargs)
         except Exception as e:  # noqa: BLE001 - explained below, or re-raised as it was
@@ -145,4 +151,5 @@ def wrap_checkpoint_loading() -> None:
 
 
 register_safe_globals()
+safe_eval.install()
 wrap_checkpoint_loading()

@@ -328,6 +328,54 @@ def test_fairseq_checkpoint_strings_are_not_evaluated(fairseq_run, reader, tmp_p
         and 'is not a Python literal' in str(e.value), repr(e.value)
 
 
+@pytest.mark.parametrize('reader', ['fairseq-generate --path', 'FNLTransformerModel.from_pretrained'])
+def test_fairseq_checkpoint_of_another_architecture_cannot_run_code(fairseq_run, reader, tmp_path):
+    """The checkpoint's config names fairseq's lstm, whose --decoder-attention fairseq reads with eval()
+    (utils.eval_bool), a setting no list of names in the plugin held: refused, the code never runs."""
+    from fairseq import options
+    marker = tmp_path / 'MARKER'
+    state = torch.load(fairseq_run / 'ckpt' / 'checkpoint_last.pt', map_location='cpu', weights_only=True)
+    lstm = options.parse_args_and_arch(options.get_training_parser(), input_args=[
+        str(fairseq_run / 'bin'), '--arch', 'lstm', '--task', 'translation', '--optimizer', 'adam', '--lr', '0.001'])
+    lstm.decoder_attention = f"__import__('pathlib').Path({str(marker)!r}).touch() or '1'"
+    state['cfg']['model'] = lstm
+    path = tmp_path / 'in' / 'lstm_cfg.pt'
+    path.parent.mkdir()
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"^fairseq setting .*__import__.* is not a literal value"):
+        FAIRSEQ_READERS[reader](path, fairseq_run)
+    assert not marker.exists(), 'the configuration string ran'
+
+
+def test_fairseq_settings_are_evaluated_as_literals_only(tmp_path):
+    """Every loaded fairseq module evaluates setting strings with fnl_fairseq.safe_eval.config_eval: fairseq's
+    own defaults (convolution specs with + and *, betas, booleans) keep their values; code, names and
+    huge repetitions are refused before anything is evaluated."""
+    import sys
+
+    import fairseq.utils
+    from fnl_fairseq.safe_eval import MAX_ITEMS, config_eval
+    fairseq_modules = [m for n, m in sys.modules.items() if m is not None and n.split('.')[0] == 'fairseq']
+    assert len(fairseq_modules) > 50 and all(m.__dict__.get('eval') is config_eval for m in fairseq_modules)
+    for text in ('[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512,2,2)] * 2', '[(512, 3)] * 20', '(0.9, 0.98)', 'True',
+                 'False', 'None', "{'beam': 5, 'lenpen': -1.5e-1}", '-3', '1 - 2', "('a', b'x', {1, 2})", ' [4] '):
+        assert config_eval(text) == eval(text), text
+    assert fairseq.utils.eval_str_list('[10, 20]', int) == [10, 20]
+    assert fairseq.utils.eval_bool('1') is True and fairseq.utils.eval_bool(None) is False
+    with pytest.raises(TypeError, match='must be a string'):
+        config_eval(1.0)
+    marker = tmp_path / 'MARKER'
+    for text in (f"__import__('pathlib').Path({str(marker)!r}).touch()", "open('/etc/passwd')", 'os', 'relu',
+                 'a.b', '2 ** 10', 'lambda: 0', '[x for x in (1,)]', '{**{}}', f'[0] * {MAX_ITEMS + 1}', '-"a"',
+                 '[1] + (2,)', 'f"{1}"', 'x := 1', '(1,'):
+        with pytest.raises(ValueError, match='is not a literal value'):
+            config_eval(text)
+        with pytest.raises(ValueError, match='is not a literal value'):
+            fairseq.utils.eval_str_dict(text)
+    assert config_eval(f'[0] * {MAX_ITEMS}') == [0] * MAX_ITEMS
+    assert not marker.exists()
+
+
 def test_fairseq_trained_checkpoint_still_loads(fairseq_run):
     """The wrapped loader leaves good checkpoints alone (generation scores the test set), and fd_adam ran
     with the literal --adam-betas."""
