@@ -50,9 +50,9 @@ from .models._factorize import prefers_channels_last
 from .optim import FD_OPTIMIZERS, mark_factors
 from .train_args import _experiment_name, _initial_checkpoint, build_parser, validate_args
 from .train_checkpoint import (
-    Saver, TrainingStopped, atomic_torch_save, check_resume_args, check_writable, load_resume_checkpoint,
-    new_run_dir, remove_stale_tmp, restore_training_state, resume_position, save_best_for_timm, strict_json,
-    update_summary, write_results,
+    Saver, TrainingStopped, atomic_torch_save, check_resume_args, check_resume_is_latest, check_writable,
+    load_resume_checkpoint, new_run_dir, remove_stale_tmp, restore_training_state, resume_position,
+    save_best_for_timm, strict_json, update_summary, write_results,
 )
 from .train_loop import (
     Diverged, StopSignal, _collapse, _create_loader, _is_main, _max_diff_across_ranks, all_finite, train_one_epoch,
@@ -149,6 +149,7 @@ def _read_resume(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
         return None
     ckpt = load_resume_checkpoint(args.resume)
     check_resume_args(args, ckpt.get('args'), args.resume)
+    check_resume_is_latest(args.resume, ckpt, args.model)
     mid = (ckpt.get('fnl') or {}).get('mid_epoch')
     if mid and mid['world_size'] != args.world_size:
         raise ValueError(f'--resume {args.resume!r} was written mid-epoch by {mid["world_size"]} process(es); '
@@ -256,10 +257,16 @@ def _train(args: argparse.Namespace, device: torch.device, stop: StopSignal) -> 
     stop_epoch = num_epochs if args.stop_epoch is None else min(num_epochs, args.stop_epoch)
     if resumed is not None:
         out_dir = os.path.dirname(args.resume) or '.'
-        if start_epoch >= stop_epoch:
+        # trained to the end: done, unless the end (timm folder, results) was cut short by a kill
+        finishing = start_epoch >= stop_epoch
+        if finishing and _finished_results(out_dir) == start_epoch:
+            if _is_main(args):
+                remove_stale_tmp(out_dir)  # a kill while the timm folder was replaced: the previous one is put back
             return _nothing_to_do(args, resumed, out_dir, start_epoch, stop_epoch)
-    elif _is_main(args):
-        out_dir = new_run_dir(args.output, args.experiment or _experiment_name(args))
+    else:
+        finishing = False
+        if _is_main(args):
+            out_dir = new_run_dir(args.output, args.experiment or _experiment_name(args))
     if args.distributed:
         shared = [out_dir if _is_main(args) else None]
         dist.broadcast_object_list(shared, src=0)
@@ -293,7 +300,11 @@ def _train(args: argparse.Namespace, device: torch.device, stop: StopSignal) -> 
         _logger.info(f'{args.model}: {stats.total_params:,} params ({stats.param_ratio:.4f} of dense '
                      f'{stats.dense_params:,}), rank_scale {getattr(model, "rank_scale", 0.0):.6g}, '
                      f'{"channels-last" if args.channels_last else "contiguous (NCHW)"} memory format')
-        if resumed is not None:
+        if finishing:
+            _logger.warning(f'--resume {args.resume}: the run has trained its {start_epoch} epoch(s), but its '
+                            'results.json is missing or older (stopped while finishing): evaluating the model and '
+                            'writing what the end of the run writes')
+        elif resumed is not None:
             _logger.info(f'resuming at epoch {start_epoch}' + (f', step {start_step}' if start_step else '')
                          + f' of {num_epochs}')
 
@@ -340,6 +351,8 @@ def _train(args: argparse.Namespace, device: torch.device, stop: StopSignal) -> 
                 raise TrainingStopped(f'stopped by {signal.Signals(_signum(stop)).name} after epoch {epoch}: resume '
                                       f'with --resume {last} (continues at epoch {epoch + 1})',
                                       128 + _signum(stop))
+        if finishing:  # no epoch left: the final metrics of the model as it is
+            eval_metrics = validate(model, val_loader, loss_fn, args, device, amp_ctx, args.limit_val_batches)
     finally:
         if writer is not None:
             writer.close()
@@ -433,6 +446,17 @@ def _diverged(args: argparse.Namespace, e: Diverged, out_dir: str) -> TrainingSt
         hint += ' or gradient clipping (--clip-grad 1.0)'
     return TrainingStopped(f'training diverged: {e.what} at epoch {e.epoch}, step {e.step}; nothing of this epoch '
                            f'was saved and {kept}. Try {hint}', 1)
+
+
+def _finished_results(out_dir: str) -> Optional[int]:
+    """``epochs_run`` of the run folder's ``results.json`` (the epoch the run had reached when it was written),
+    or None where there is none (or it cannot be read)."""
+    try:
+        with open(os.path.join(out_dir, 'results.json')) as f:
+            epochs = json.load(f).get('epochs_run')
+    except (OSError, ValueError, AttributeError):
+        return None
+    return epochs if isinstance(epochs, int) else None
 
 
 def _nothing_to_do(args: argparse.Namespace, resumed: Dict[str, Any], out_dir: str, start_epoch: int,

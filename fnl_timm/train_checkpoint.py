@@ -138,14 +138,75 @@ def check_writable(folder: str) -> None:
     os.remove(probe)
 
 
+# the files fnl-train writes in a run folder through a temporary ``<name>.tmp`` (atomic_write)
+_RUN_FILES = ('results.json', 'summary.csv', 'frobnorms.pt', 'model_collapsed.pth')
+
+
+def _own_tmp(name: str) -> bool:
+    """Whether ``name`` is a temporary file fnl-train's own writes leave behind (nothing else is touched)."""
+    if name == 'tmp.pth.tar':  # timm's CheckpointSaver
+        return True
+    if not name.endswith('.tmp'):
+        return False
+    base = name[:-len('.tmp')]
+    return base in _RUN_FILES or base.endswith('.pth.tar') or base == '.fnl-write-test'
+
+
 def remove_stale_tmp(folder: str) -> None:
-    """Remove temporary files a killed or failed earlier write left in the run folder."""
+    """Tidy a run folder after a killed or failed earlier write: remove the temporary files of fnl-train's
+    own writes (no other ``*.tmp``), and finish an interrupted replacement of the ``hf`` folder: where
+    ``hf`` is missing, the previous one (moved aside to ``.old-hf-*/hf`` just before) is put back; the
+    unverified new one (``.tmp-hf-*``) and the emptied ``.old-hf-*`` folders are removed."""
     for name in os.listdir(folder):
-        if name.endswith('.tmp') or name == 'tmp.pth.tar':
+        if _own_tmp(name):
             try:
                 os.remove(os.path.join(folder, name))
             except OSError:
                 pass
+    hf = os.path.join(folder, 'hf')
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name.startswith('.old-hf-') and os.path.isdir(path):
+            kept = os.path.join(path, 'hf')
+            if os.path.isdir(kept) and not os.path.lexists(hf):
+                os.replace(kept, hf)
+            if not os.path.exists(kept):
+                shutil.rmtree(path, ignore_errors=True)
+        elif name.startswith('.tmp-hf-') and os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def check_resume_is_latest(path: str, ckpt: Dict[str, Any], model: str) -> None:
+    """Refuse ``--resume`` where the resumed run, which writes into the checkpoint's folder, would overwrite
+    results that are not its own to replace: a checkpoint older than the folder's ``last.pth.tar`` (the later
+    epochs' checkpoints, summary rows and results), or a folder whose ``results.json`` is not an fnl-train
+    run's of ``model`` (fnl-train writes ``summary.csv`` before any ``results.json``)."""
+    folder = os.path.dirname(path) or '.'
+    results = os.path.join(folder, 'results.json')
+    if os.path.exists(results):
+        try:
+            with open(results) as f:
+                owner = json.load(f).get('model')
+        except (OSError, ValueError, AttributeError):
+            owner = None
+        if owner != model or not os.path.exists(os.path.join(folder, 'summary.csv')):
+            raise ValueError(f'--resume {path!r}: its folder holds a results.json that is not of an fnl-train run of '
+                             f'{model} (the resumed run would overwrite it); copy the checkpoint into a folder of '
+                             'its own and resume it from there')
+    last = os.path.join(folder, 'last.pth.tar')
+    if not os.path.exists(last) or os.path.samefile(last, path):
+        return
+    try:
+        newest = load_file(last, 'the run folder\'s last.pth.tar', hint=WEIGHTS_ONLY_HINT)
+        newest_at = resume_position(newest)
+    except (ValueError, KeyError, TypeError):
+        return  # an unreadable last.pth.tar: the checkpoint resumed is the best one left
+    at = resume_position(ckpt)
+    if newest_at > at:
+        raise ValueError(f'--resume {path!r} continues at epoch {at[0]}, but its run folder\'s {last} continues at '
+                         f'epoch {newest_at[0]}' + (f', step {newest_at[1]}' if newest_at[1] else '') + ': resuming '
+                         'the earlier checkpoint there would overwrite the later epochs\' checkpoints and results. '
+                         f'Resume {last}, or copy {os.path.basename(path)} into a new folder and resume it from there')
 
 
 def load_resume_checkpoint(path: str) -> Dict[str, Any]:
