@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._kept import version_key
 from .base import InitFn, LowRankLayer, check_positive_int, cuda_graph_capturing, resolve_rank
 
 __all__ = ["FactorizedConv2d"]
@@ -111,17 +112,6 @@ def conv_repr_options(layer: nn.Module) -> str:
 def is_channels_last(x: Tensor) -> bool:
     """Whether the 4-d ``x`` is laid out channels-last (and not also contiguous, as size-1 dims allow)."""
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-
-
-def version_key(tensors) -> Optional[tuple]:
-    """A host-side key that changes when any of ``tensors`` (None allowed) is changed in place
-    (optimizer steps and ``load_state_dict`` bump its version), replaced, moved or cast; no device
-    synchronisation. None where one of them is an inference tensor (made under
-    ``torch.inference_mode``): those have no version counter, so nothing made from them can be kept."""
-    tensors = [t for t in tensors if t is not None]
-    if any(t.is_inference() for t in tensors):
-        return None
-    return tuple((id(t), t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
 
 
 def keeps_inference_weights(conv: nn.Module) -> bool:
@@ -337,12 +327,14 @@ class FactorizedConv2d(LowRankLayer):
 
     @torch.jit.unused
     def _cached_factor_conv_weights(self, channels_last: bool = False, pad: int = 0) -> tuple[Tensor, Tensor]:
-        # host-side key, no device sync: in-place updates (optimizer steps, load_state_dict) bump a
-        # tensor's version; replaced or moved factors change identity or address
+        # host-side key, no device sync (fnl._kept): in-place updates, optimizer steps, replaced, moved or
+        # cast factors; and autocast, under which U @ S (square) is made in its lower precision
         key = version_key(self.factor_parameters())
         if key is None:  # inference tensors: nothing to key on
             return self._factor_conv_weights(channels_last, pad)
-        key += (channels_last, pad)
+        device = self.U.device.type
+        autocast = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device)
+        key += (channels_last, pad, autocast)
         cache = self.__dict__.get("_conv_weight_cache")
         if cache is None or cache[0] != key:
             cache = (key, self._factor_conv_weights(channels_last, pad))

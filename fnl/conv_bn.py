@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
 from .base import cuda_graph_capturing
-from .conv import FactorizedConv2d, is_channels_last, keeps_inference_weights, version_key
+from ._kept import Ref, version_key
+from .conv import FactorizedConv2d, is_channels_last, keeps_inference_weights
 
 __all__ = ["conv_bn", "folds_batchnorm", "keep_inference_weights", "sequential_conv_bn"]
 
@@ -103,7 +104,7 @@ def _folded(conv: nn.Module, bn: nn.BatchNorm2d, x: Tensor) -> tuple[tuple[Tenso
     # one made in the capture holds values only after a replay)
     keep = (bn.num_batches_tracked is not None and versions is not None and not cuda_graph_capturing()
             and keeps_inference_weights(conv))
-    key = (id(bn), bn.eps, mode, versions)
+    key = (Ref(bn), bn.eps, mode, versions)
     cache = _FOLDED.get(conv) if keep else None
     if cache is not None and cache[0] == key:
         return cache[1]

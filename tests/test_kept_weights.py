@@ -88,3 +88,73 @@ def test_keep_inference_weights_rejects_bad_arguments():
         fnl.keep_inference_weights(object())
     with pytest.raises(TypeError, match="enable must be True or False"):
         fnl.keep_inference_weights(nn.Conv2d(1, 1, 1), enable="no")
+
+
+def _zoo(**kwargs):
+    timm = pytest.importorskip("timm")
+    import fnl_timm  # noqa: F401  (registers the zoo models)
+    torch.manual_seed(0)
+    return timm.create_model("fnl_resnet20", **kwargs).eval()
+
+
+def _fresh(model, x):
+    """The output with nothing kept: a copy with keeping off."""
+    reference = fnl.keep_inference_weights(copy.deepcopy(model), False)
+    with torch.no_grad():
+        return reference(x)
+
+
+@pytest.mark.parametrize("opt_cls", [torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW])
+def test_kept_weights_follow_fused_optimizer_steps(opt_cls):
+    """A fused optimizer updates the parameters without bumping their version counters: the optimizer
+    step itself must make the kept weights (factor convs and folded BatchNorms) be made again."""
+    model = _zoo(rank_scale=0.111)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)  # kept here
+    opt = opt_cls(model.parameters(), lr=1e-3, fused=True)
+    version = model.layer1[0].conv1.U._version
+    model.train()  # batch statistics: gradients of a sane size
+    model(x).logsumexp(1).mean().backward()
+    model.eval()
+    opt.step()
+    assert model.layer1[0].conv1.U._version == version  # nothing for a version key to see
+    with torch.no_grad():
+        after = model(x)
+    assert not torch.allclose(before, after, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(after, _fresh(model, x), rtol=1e-5, atol=1e-5)
+
+
+def test_kept_weights_of_a_square_layer_under_autocast_are_not_reused_in_float32():
+    """U @ S is made in bfloat16 under autocast: a later float32 call must not reuse it."""
+    model = _zoo(rank_scale=0.111, square=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)
+    with torch.no_grad():
+        out = model(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, _fresh(model, x), rtol=1e-5, atol=1e-5)
+    layer = fnl.FactorizedConv2d(4, 4, 3, padding=1, rank=2, square=True).eval()
+    y = torch.randn(1, 4, 5, 5)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(y)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(y), _fresh(layer, y))  # ran: no bfloat16 weight kept for it
+
+
+@pytest.mark.parametrize("name", ["layer1.0.conv1.V", "conv1.weight"], ids=["factor", "folded-stem"])
+def test_kept_weights_follow_tensors_passed_to_functional_call(name):
+    """A new tensor per call (torch.func.functional_call) often gets the address and id of the one freed
+    after the previous call, with the same version 0: every call must compute with the tensor it gets."""
+    from torch.func import functional_call
+    model = _zoo(rank_scale=0.111)
+    x = torch.randn(2, 3, 32, 32)
+    base = model.get_parameter(name).detach().clone()
+    scales = [1.0 + 0.05 * i for i in range(40)]
+    with torch.no_grad():
+        outs = [functional_call(model, {name: base * s}, (x,)) for s in scales]
+    with torch.enable_grad():  # nothing is kept or folded with autograd on
+        refs = [functional_call(model, {name: base * s}, (x,)).detach() for s in scales]
+    stale = [i for i, (o, r) in enumerate(zip(outs, refs)) if not torch.allclose(o, r, rtol=1e-4, atol=1e-3)]
+    assert stale == []
