@@ -21,7 +21,7 @@ from typing import Any, Iterable, Optional
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-__all__ = ["Ref", "optimizer_steps", "version_key"]
+__all__ = ["Ref", "version_key"]
 
 _STEPS = [0]
 
@@ -31,11 +31,6 @@ def _count_step(optimizer: Any, args: Any, kwargs: Any) -> None:
 
 
 register_optimizer_step_post_hook(_count_step)
-
-
-def optimizer_steps() -> int:
-    """How many optimizer steps (of any ``torch.optim.Optimizer``) this process has taken since fnl's import."""
-    return _STEPS[0]
 
 
 class Ref:

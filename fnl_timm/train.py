@@ -50,8 +50,8 @@ from .models._factorize import prefers_channels_last
 from .optim import FD_OPTIMIZERS, mark_factors
 from .train_args import _experiment_name, _initial_checkpoint, build_parser, validate_args
 from .train_checkpoint import (
-    Saver, TrainingStopped, atomic_torch_save, check_resume_args, check_resume_is_latest, check_writable,
-    load_resume_checkpoint, new_run_dir, remove_stale_tmp, restore_training_state, resume_position,
+    Saver, TrainingStopped, atomic_torch_save, check_resume_args, check_resume_folder, check_writable,
+    load_resume_checkpoint, new_run_dir, read_results, remove_stale_tmp, restore_training_state, resume_position,
     save_best_for_timm, strict_json, update_summary, write_results,
 )
 from .train_loop import (
@@ -149,7 +149,7 @@ def _read_resume(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
         return None
     ckpt = load_resume_checkpoint(args.resume)
     check_resume_args(args, ckpt.get('args'), args.resume)
-    check_resume_is_latest(args.resume, ckpt, args.model)
+    check_resume_folder(args.resume, ckpt, args.model)
     mid = (ckpt.get('fnl') or {}).get('mid_epoch')
     if mid and mid['world_size'] != args.world_size:
         raise ValueError(f'--resume {args.resume!r} was written mid-epoch by {mid["world_size"]} process(es); '
@@ -259,10 +259,11 @@ def _train(args: argparse.Namespace, device: torch.device, stop: StopSignal) -> 
         out_dir = os.path.dirname(args.resume) or '.'
         # trained to the end: done, unless the end (timm folder, results) was cut short by a kill
         finishing = start_epoch >= stop_epoch
-        if finishing and _finished_results(out_dir) == start_epoch:
+        finished = read_results(out_dir) if finishing else None
+        if finished is not None and finished.get('epochs_run') == start_epoch:
             if _is_main(args):
                 remove_stale_tmp(out_dir)  # a kill while the timm folder was replaced: the previous one is put back
-            return _nothing_to_do(args, resumed, out_dir, start_epoch, stop_epoch)
+            return _nothing_to_do(args, finished, out_dir, start_epoch, stop_epoch)
     else:
         finishing = False
         if _is_main(args):
@@ -448,31 +449,15 @@ def _diverged(args: argparse.Namespace, e: Diverged, out_dir: str) -> TrainingSt
                            f'was saved and {kept}. Try {hint}', 1)
 
 
-def _finished_results(out_dir: str) -> Optional[int]:
-    """``epochs_run`` of the run folder's ``results.json`` (the epoch the run had reached when it was written),
-    or None where there is none (or it cannot be read)."""
-    try:
-        with open(os.path.join(out_dir, 'results.json')) as f:
-            epochs = json.load(f).get('epochs_run')
-    except (OSError, ValueError, AttributeError):
-        return None
-    return epochs if isinstance(epochs, int) else None
-
-
-def _nothing_to_do(args: argparse.Namespace, resumed: Dict[str, Any], out_dir: str, start_epoch: int,
+def _nothing_to_do(args: argparse.Namespace, results: Dict[str, Any], out_dir: str, start_epoch: int,
                    stop_epoch: int) -> Dict[str, Any]:
-    """A resume of a run that has no epoch left below --epochs / --stop-epoch: say so, change nothing."""
+    """A resume of a finished run (``results`` its ``results.json``) with no epoch left below --epochs /
+    --stop-epoch: say so, change nothing, return its results."""
     limit = f'--stop-epoch {args.stop_epoch}' if stop_epoch < args.epochs else f'--epochs {args.epochs}'
     if _is_main(args):
         _logger.warning(f'--resume {args.resume}: the run has trained {start_epoch} epoch(s), {limit}: nothing left '
                         f'to train; {out_dir} is unchanged (give a larger --epochs to train on)')
-    path = os.path.join(out_dir, 'results.json')
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    return OrderedDict(model=args.model, dataset=args.dataset, experiment=os.path.basename(os.path.abspath(out_dir)),
-                       epochs=args.epochs, epochs_run=start_epoch, best_top1=(resumed.get('saver') or {}).get(
-                           'best_metric'))
+    return results
 
 
 def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:

@@ -176,19 +176,24 @@ def remove_stale_tmp(folder: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def check_resume_is_latest(path: str, ckpt: Dict[str, Any], model: str) -> None:
+def read_results(folder: str) -> Optional[Dict[str, Any]]:
+    """The run folder's ``results.json`` as a dict, or None where there is none or it cannot be read."""
+    try:
+        with open(os.path.join(folder, 'results.json')) as f:
+            results = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return results if isinstance(results, dict) else None
+
+
+def check_resume_folder(path: str, ckpt: Dict[str, Any], model: str) -> None:
     """Refuse ``--resume`` where the resumed run, which writes into the checkpoint's folder, would overwrite
     results that are not its own to replace: a checkpoint older than the folder's ``last.pth.tar`` (the later
     epochs' checkpoints, summary rows and results), or a folder whose ``results.json`` is not an fnl-train
     run's of ``model`` (fnl-train writes ``summary.csv`` before any ``results.json``)."""
     folder = os.path.dirname(path) or '.'
-    results = os.path.join(folder, 'results.json')
-    if os.path.exists(results):
-        try:
-            with open(results) as f:
-                owner = json.load(f).get('model')
-        except (OSError, ValueError, AttributeError):
-            owner = None
+    if os.path.exists(os.path.join(folder, 'results.json')):
+        owner = (read_results(folder) or {}).get('model')
         if owner != model or not os.path.exists(os.path.join(folder, 'summary.csv')):
             raise ValueError(f'--resume {path!r}: its folder holds a results.json that is not of an fnl-train run of '
                              f'{model} (the resumed run would overwrite it); copy the checkpoint into a folder of '

@@ -6,7 +6,6 @@ finished by the next ``--resume`` of its last checkpoint, with the previous ``hf
 ``results.json`` is not an fnl-train run's, leaving every file as it was; the temporary files of
 other programs are never removed. Tiny model, 8x8 inputs, 3 steps an epoch.
 """
-import hashlib
 import json
 import os
 import shutil
@@ -19,18 +18,11 @@ import fnl_timm  # noqa: E402,F401
 from fnl_timm import _hf  # noqa: E402
 from fnl_timm import train as fnl_train  # noqa: E402
 from fnl_timm import train_checkpoint  # noqa: E402
+from test_faults import _checksums, one_thread  # noqa: E402,F401  (one_thread: the module's autouse fixture)
 
 BASE = ['--model', 'fnl_test_resnet', '--img-size', '8', '--batch-size', '16', '--workers', '0',
         '--limit-train-batches', '3', '--limit-val-batches', '1', '--no-progress', '--no-tensorboard',
         '--lr', '0.05', '--rank-scale', '0.3', '--wd2fd', '--checkpoint-hist', '3', '--epochs', '2']
-
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope='module')
@@ -39,11 +31,6 @@ def finished(tmp_path_factory, one_thread):
     out = tmp_path_factory.mktemp('finished')
     fnl_train.run(BASE + ['--output', str(out), '--experiment', 'r'])
     return out / 'r'
-
-
-def _checksums(folder):
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob('*')) if p.is_file()}
 
 
 def _main(argv, capsys):
