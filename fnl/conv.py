@@ -333,13 +333,20 @@ class FactorizedConv2d(LowRankLayer):
         if key is None:  # inference tensors: nothing to key on
             return self._factor_conv_weights(channels_last, pad)
         device = self.U.device.type
-        autocast = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device)
+        autocast = (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+                    and torch.get_autocast_dtype(device))
         key += (channels_last, pad, autocast)
         cache = self.__dict__.get("_conv_weight_cache")
         if cache is None or cache[0] != key:
             cache = (key, self._factor_conv_weights(channels_last, pad))
             self.__dict__["_conv_weight_cache"] = cache
         return cache[1]
+
+    def __getstate__(self) -> dict:
+        # the kept weights stay behind: a copy or a pickle makes its own (their key holds weak references)
+        state = super().__getstate__()
+        state.pop("_conv_weight_cache", None)
+        return state
 
     # --- layout --------------------------------------------------------------------------------
     def _dense_weight_shape(self) -> Sequence[int]:
